@@ -1,0 +1,44 @@
+# The two commands of the README: `make run` and `make test`. Everything they need is
+# installed here, so a fresh machine (and CI) needs nothing by hand.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# compat mode puts the checkout on sys.path, which is how twistd finds twisted/plugins/ here.
+EDITABLE := --config-settings editable_mode=compat
+
+.PHONY: run test install install-test test-deps lint typecheck bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e . $(EDITABLE)
+
+install-test: $(BIN)/python test-deps
+	$(BIN)/pip install -q -e '.[test]' $(EDITABLE)
+
+# Real third-party clients for the end-to-end tests (Debian packages).
+test-deps:
+	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks msmtp >/dev/null; \
+	  else \
+	    echo "swaks and msmtp are needed: sudo apt-get install swaks msmtp" >&2; exit 1; \
+	  fi; \
+	fi
+
+run: install
+	$(BIN)/twistd -n smarthost
+
+lint:
+	$(BIN)/ruff check smarthost tests twisted
+	$(BIN)/mypy
+
+test: install-test
+	$(BIN)/ruff check smarthost tests twisted
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) var build *.egg-info

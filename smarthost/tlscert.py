@@ -1,0 +1,97 @@
+"""Certificates: the self-signed pair of the embedded default, and test CAs.
+
+Generated with ``cryptography`` in-process (no ``openssl`` subprocess), written with 0600
+permissions for keys so a fresh install never leaves a readable private key behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@attrs.frozen
+class KeyPair:
+    cert_pem: bytes
+    key_pem: bytes = attrs.field(repr=False)
+
+
+def _names(hostnames: tuple[str, ...]) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = []
+    for name in hostnames:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            names.append(x509.DNSName(name))
+    return names
+
+
+def issue(
+    hostnames: tuple[str, ...],
+    *,
+    ca: KeyPair | None = None,
+    is_ca: bool = False,
+    days: int = 825,
+    now: datetime.datetime | None = None,
+) -> KeyPair:
+    """A certificate for ``hostnames``: self-signed when ``ca`` is None, else signed by it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+    start = (now or datetime.datetime.now(datetime.UTC)) - datetime.timedelta(minutes=5)
+    if ca is None:
+        issuer, signing_key = subject, key
+    else:
+        ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+        loaded = serialization.load_pem_private_key(ca.key_pem, password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        issuer, signing_key = ca_cert.subject, loaded
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+    )
+    if not is_ca:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(_names(hostnames)), critical=False
+        ).add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    cert = builder.sign(signing_key, hashes.SHA256())
+    return KeyPair(
+        cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def write_pair(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pair.key_pem)
+    cert_path.write_bytes(pair.cert_pem)
+
+
+def ensure_self_signed(hostname: str, cert_path: Path, key_path: Path) -> bool:
+    """Generate a self-signed pair when neither file exists; True when one was made."""
+    if cert_path.exists() or key_path.exists():
+        return False
+    write_pair(issue((hostname, "localhost", "127.0.0.1", "::1")), cert_path, key_path)
+    return True
