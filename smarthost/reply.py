@@ -62,9 +62,8 @@ AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authent
 TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
-BARE_LINE_ENDING = Reply(
-    550, "5.6.0", "Bare CR or LF in message data; lines must end with CRLF"
-)
+# Fatal: the session answers this and closes (as Postfix smtpd_forbid_bare_newline).
+BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF in message data; lines must end with CRLF")
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message line longer than 1000 octets")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
