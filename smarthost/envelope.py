@@ -337,3 +337,14 @@ class Outcome:
     reply: str  # the remote reply as received ("550 5.1.1 No such user"), or our own reason
     remote: str = ""  # "mx.example.test[192.0.2.1]", "maildir", ... for logs and DSN Remote-MTA
     status: str = ""  # RFC 3463 code for the DSN Status field, e.g. "5.1.1"
+
+
+@attrs.frozen
+class Client:
+    """What is known about the connected client when a check runs (policy, plugins)."""
+
+    address: str  # IP address as text (the proxied one behind HAProxy)
+    role: str  # "submission" | "submissions" | "smtp"
+    tls: bool = False
+    user: str | None = None  # authenticated user name
+    helo: str = ""

@@ -1,2 +1,222 @@
-from twisted.application.service import ServiceMaker
-service_maker = ServiceMaker("smarthost", "smarthost.tap", "An authenticated SMTP smart host", "smarthost")
+"""twistd glue: ``twistd -n smarthost [--config PATH]``.
+
+The only module that touches the global reactor: everything else receives the reactor (or a
+clock, an endpoint, a ``run_blocking``) as an argument, so tests can pass their own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+from OpenSSL import SSL
+from twisted.application.service import IServiceMaker, MultiService, Service
+from twisted.internet import ssl
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+from smarthost import auth, listen, sasl, tlscert
+from smarthost.config import Config, ConfigError, load_config
+from smarthost.maillog import EventFile, MailLog
+from smarthost.policy import RelayPolicy
+from smarthost.session import SMTP, SUBMISSION, SUBMISSIONS, Session, SessionSettings
+from smarthost.spool import Spool
+
+
+class Options(usage.Options):
+    optParameters = [
+        ["config", "c", None, "Path to the TOML configuration (default: the embedded one)."],
+    ]
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        try:
+            self.config = load_config(
+                Path(path) if path else None, validate_mechanism=_validate_mechanism
+            )
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}") from None
+
+
+class SessionFactory(Factory):
+    """Builds one :class:`Session` per connection for one role."""
+
+    def __init__(self, build: Any) -> None:
+        self._build = build
+
+    def buildProtocol(self, addr: Any) -> Session:
+        session: Session = self._build()
+        session.factory = self
+        return session
+
+
+class ListenerService(Service):
+    """Opens every configured listener on start and closes them on stop."""
+
+    def __init__(
+        self, reactor: Any, maillog: MailLog, listeners: list[tuple[str, str, Factory, Any]]
+    ) -> None:
+        self._reactor = reactor
+        self._log = maillog
+        self._listeners = listeners
+        self._ports: list[IListeningPort] = []
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._start()).addErrback(self._failed)
+
+    async def _start(self) -> None:
+        for role, description, factory, tls in self._listeners:
+            port = await listen.start_listener(
+                self._reactor, description, factory, implicit_tls=tls, clock=self._reactor
+            )
+            self._ports.append(port)
+            host = port.getHost()
+            self._log.notice(
+                "{role} listening on {address} ({description})",
+                role=role,
+                address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}",
+                description=description,
+            )
+        self._log.notice("ready")
+
+    def _failed(self, failure: Any) -> None:
+        # A port that cannot be opened is fatal: an MTA silently missing a listener is worse.
+        self._log.failure("cannot open a listener", failure=failure)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        ports, self._ports = self._ports, []
+        return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+async def _stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+@attrs.frozen
+class Parts:
+    """The long-lived objects of one running smart host, built from its config."""
+
+    config: Config
+    spool: Spool
+    maillog: MailLog
+    policy: RelayPolicy
+    portal: Any
+    server_tls: ssl.CertificateOptions
+
+
+def build_parts(config: Config, reactor: Any) -> Parts:
+    from twisted.internet.threads import deferToThread
+
+    events = EventFile(str(config.log.events)) if config.log.events else None
+    maillog = MailLog(reactor, events)
+    if tlscert.ensure_self_signed(config.hostname, config.tls.certificate, config.tls.key):
+        maillog.notice(
+            "generated a self-signed certificate for {hostname} in {path}",
+            hostname=config.hostname,
+            path=str(config.tls.certificate),
+        )
+    try:
+        server_tls = listen.server_tls_options(config.tls.certificate, config.tls.key)
+    except (OSError, ValueError, SSL.Error) as e:
+        raise usage.UsageError(f"tls: cannot load certificate/key: {e}") from None
+    spool, report = Spool.open(config.queue.directory, clock=reactor, run_blocking=deferToThread)
+    maillog.notice(
+        "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
+        "{orphans} orphan bodies removed, {corrupt} moved to corrupt/",
+        directory=str(config.queue.directory),
+        queued=report.queued,
+        tmp=len(report.removed_tmp),
+        orphans=len(report.removed_orphans),
+        corrupt=len(report.corrupt),
+    )
+    users = auth.UsersFile(config.auth.users)
+    for problem in users.reload().problems:
+        maillog.warning("users file {path}: {problem}", path=str(users.path), problem=problem)
+    if auth.users_file_is_insecure(config.auth.users):
+        maillog.warning(
+            "users file {path} is readable by other users; chmod 600 it", path=str(users.path)
+        )
+    relay = config.relay
+    local_recipients = None
+    if relay.local_recipients is not None:
+        from smarthost.maildir import LocalRecipients
+
+        local_recipients = LocalRecipients(relay.local_recipients)
+    policy = RelayPolicy(
+        relay.local_domains, relay.trusted_networks, relay.senders, local_recipients
+    )
+    return Parts(
+        config=config,
+        spool=spool,
+        maillog=maillog,
+        policy=policy,
+        portal=auth.build_portal(users, deferToThread),
+        server_tls=server_tls,
+    )
+
+
+def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
+    config = parts.config
+    settings = SessionSettings(
+        role=role,
+        hostname=config.hostname,
+        max_size=config.queue.max_size,
+        max_recipients=config.limits.recipients_per_message,
+        command_timeout=config.limits.command_timeout,
+        allow_plaintext_auth=config.auth.allow_plaintext,
+        tls=parts.server_tls,
+        mechanisms=sasl.build_mechanisms(config.auth.mechanisms) if role != SMTP else (),
+    )
+
+    login = auth.PortalLogin(parts.portal)
+
+    def build() -> Session:
+        return Session(settings, parts.policy, login, parts.spool, parts.maillog, reactor)
+
+    return SessionFactory(build)
+
+
+def make_service(config: Config, reactor: Any) -> MultiService:
+    parts = build_parts(config, reactor)
+    top = MultiService()
+    listeners: list[tuple[str, str, Factory, Any]] = []
+    for role, descriptions in (
+        (SUBMISSION, config.listen.submission),
+        (SUBMISSIONS, config.listen.submissions),
+        (SMTP, config.listen.smtp),
+    ):
+        factory = session_factory(parts, role, reactor)
+        tls = parts.server_tls if role == SUBMISSIONS else None
+        listeners += [(role, description, factory, tls) for description in descriptions]
+    ListenerService(reactor, parts.maillog, listeners).setServiceParent(top)
+    return top
+
+
+@implementer(IServiceMaker, IPlugin)
+class ServiceMaker:
+    tapname = "smarthost"
+    description = "An authenticated SMTP smart host (submission, relay, delivery)."
+    options = Options
+
+    def makeService(self, options: Options) -> MultiService:
+        from twisted.internet import reactor
+
+        return make_service(options.config, reactor)
+
+
+service_maker = ServiceMaker()
+
+
+def _validate_mechanism(name: str) -> None:
+    sasl.build_mechanisms([name])

@@ -1,0 +1,676 @@
+"""The ESMTP server protocol: one instance per connection.
+
+Written on ``Protocol`` rather than ``twisted.mail.smtp.ESMTP`` because that one executes
+commands pipelined behind STARTTLS after the handshake, accepts bare LF/CR and over-long lines
+in DATA, and offers AUTH before TLS (measured on Twisted 26.10).
+
+Replies always go out in command order, even when a check is pending: while one command is
+being answered asynchronously (a policy check, a password check, the spool commit), later
+pipelined commands wait in the buffer.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+import attrs
+from twisted.cred.credentials import ICredentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    ITLSTransport,
+)
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+
+from smarthost import reply
+from smarthost.dotreader import DataReader, DataResult
+from smarthost.envelope import (
+    NOTIFY_KEYWORDS,
+    Address,
+    AddressError,
+    Client,
+    Envelope,
+    Recipient,
+    parse_path,
+)
+from smarthost.interfaces import IIncomingMessage, ISpool
+from smarthost.maillog import MailLog
+from smarthost.policy import RelayPolicy
+from smarthost.reply import Reply
+from smarthost.sasl import Challenge, Credentials, ISASLMechanism, Rejected
+
+SUBMISSION, SUBMISSIONS, SMTP = "submission", "submissions", "smtp"
+
+MAX_COMMAND_LINE = 16384  # RFC 5321 says 512; AUTH responses and long parameters need more
+MAX_BUFFER = 1 << 20  # pipelined bytes held while a reply is pending, before we stop reading
+
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
+NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+AUTH_NOT_OFFERED = Reply(503, "5.5.1", "Authentication not enabled")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
+NOT_ACCEPTED = Reply(502, "5.5.1", "Command not implemented")
+HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
+
+
+class Login(TypingProtocol):
+    """Checks credentials through the cred portal; fires with the user name, fails with
+    ``UnauthorizedLogin`` for wrong credentials (anything else is our fault: 454)."""
+
+    def __call__(self, credentials: ICredentials) -> Deferred[str]: ...
+
+
+@attrs.frozen
+class SessionSettings:
+    """What a listener's sessions share; one per role."""
+
+    role: str
+    hostname: str
+    max_size: int
+    max_recipients: int = 1000
+    command_timeout: float = 300
+    allow_plaintext_auth: bool = False
+    tls: Any = None  # server TLS options (for STARTTLS); None: STARTTLS is not offered
+    mechanisms: Sequence[ISASLMechanism] = ()
+
+    @property
+    def offers_auth(self) -> bool:
+        return self.role != SMTP and bool(self.mechanisms)
+
+
+@attrs.define
+class Transaction:
+    """Per-transaction state (MAIL ... DATA), cleared by RSET, EHLO and after each message."""
+
+    sender: Address | None = None
+    sender_given: bool = False
+    smtputf8: bool = False
+    body: str | None = None
+    ret: str | None = None
+    envid: str | None = None
+    recipients: list[Recipient] = attrs.Factory(list)
+
+
+class Session(Protocol):
+    def __init__(
+        self,
+        settings: SessionSettings,
+        policy: RelayPolicy,
+        login: Login,
+        spool: ISpool,
+        maillog: MailLog,
+        clock: IReactorTime,
+    ) -> None:
+        self._settings = settings
+        self._policy = policy
+        self._login = login
+        self._spool = spool
+        self._log = maillog
+        self._clock = clock
+        # Per-connection state.
+        self._address = ""
+        self._helo = ""
+        self._esmtp = False
+        self._tls = settings.role == SUBMISSIONS
+        self._user: str | None = None
+        self._buffer = b""
+        self._busy = False  # a reply is pending; later pipelined commands wait
+        self._closed = False
+        self._discard_line = False  # skipping the rest of an over-long command line
+        self._auth_step: Callable[[bytes], None] | None = None
+        self._reader: DataReader | None = None
+        self._incoming: IIncomingMessage | None = None
+        self._timeout: IDelayedCall | None = None
+        self._paused = False
+        self._txn = Transaction()
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "")
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        self._address = host
+        self._send(Reply(220, "", f"{self._settings.hostname} ESMTP smarthost"))
+        self._reset_timeout()
+
+    def connectionLost(self, reason: Failure = Protocol.connectionLost.__defaults__[0]) -> None:  # type: ignore[index]
+        self._closed = True
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = None
+        if self._incoming is not None:
+            self._incoming.abort()
+            self._incoming = None
+
+    def _client(self) -> Client:
+        return Client(
+            address=self._address,
+            role=self._settings.role,
+            tls=self._tls,
+            user=self._user,
+            helo=self._helo,
+        )
+
+    def _send(self, r: Reply, extra: tuple[str, ...] = ()) -> None:
+        if not self._closed and self.transport is not None:
+            self.transport.write(r.to_bytes(extra))
+
+    def _close(self, r: Reply | None = None) -> None:
+        if r is not None:
+            self._send(r)
+        self._closed = True
+        self._buffer = b""
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _reset_timeout(self) -> None:
+        if self._timeout is not None and self._timeout.active():
+            self._timeout.cancel()
+        self._timeout = self._clock.callLater(self._settings.command_timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timeout = None
+        if self._busy:  # we are the slow one (spool, password check): not the client's fault
+            self._reset_timeout()
+            return
+        self._close(reply.TIMEOUT)
+
+    # -- input -----------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._reset_timeout()
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        """Handle buffered input until it runs out or a reply is pending."""
+        while not self._busy and not self._closed and self._buffer:
+            if self._reader is not None:
+                data, self._buffer = self._buffer, b""
+                result = self._reader.feed(data)
+                if result is not None:
+                    self._end_of_data(result)
+                continue
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_COMMAND_LINE:
+                    self._buffer = b""
+                    if not self._discard_line:
+                        self._discard_line = True
+                        self._send(reply.LINE_TOO_LONG)
+                break
+            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            if self._discard_line:
+                self._discard_line = False
+                continue
+            if len(line) > MAX_COMMAND_LINE:
+                self._send(reply.LINE_TOO_LONG)
+                continue
+            self._line(line.removesuffix(b"\r"))
+        self._flow_control()
+
+    def _flow_control(self) -> None:
+        """Stop reading from a client that pipelines more than we hold while busy."""
+        if self.transport is None:
+            return
+        want_pause = self._busy and len(self._buffer) > MAX_BUFFER
+        if want_pause and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        elif self._paused and not want_pause:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _line(self, raw: bytes) -> None:
+        if self._auth_step is not None:
+            step, self._auth_step = self._auth_step, None
+            step(raw)
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._send(reply.SYNTAX)
+            return
+        verb, _, arg = line.partition(" ")
+        handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
+        if handler is None:
+            self._send(reply.SYNTAX)
+            return
+        handler(arg.strip())
+
+    def _await(
+        self, work: Coroutine[Any, Any, Reply | None], then: Callable[[Reply | None], None]
+    ) -> None:
+        """Run async work for one command; later commands wait until it has answered."""
+        self._busy = True
+        outer = True  # still inside the _process loop that called us
+
+        def done(result: Reply | None) -> None:
+            self._busy = False
+            then(result)
+            if not outer:
+                self._process()
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("session error", failure=failure)
+            done(reply.LOCAL_ERROR)
+
+        Deferred.fromCoroutine(work).addCallbacks(done, failed)
+        outer = False
+
+    # -- commands --------------------------------------------------------------------------
+
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            self._send(reply.PARAM_SYNTAX)
+            return
+        self._helo, self._esmtp = arg, True
+        self._txn = Transaction()
+        self._send(Reply(250, "", self._settings.hostname), self._extensions())
+
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            self._send(reply.PARAM_SYNTAX)
+            return
+        self._helo, self._esmtp = arg, False
+        self._txn = Transaction()
+        self._send(Reply(250, "", self._settings.hostname))
+
+    def _extensions(self) -> tuple[str, ...]:
+        s = self._settings
+        ext = [f"SIZE {s.max_size}", "8BITMIME", "PIPELINING", "ENHANCEDSTATUSCODES"]
+        if self._can_starttls():
+            ext.append("STARTTLS")
+        if self._auth_available():
+            ext.append("AUTH " + " ".join(m.name for m in s.mechanisms))
+        ext += ["SMTPUTF8", "DSN"]
+        return tuple(ext)
+
+    def _can_starttls(self) -> bool:
+        return (
+            not self._tls
+            and self._settings.tls is not None
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _auth_available(self) -> bool:
+        s = self._settings
+        return s.offers_auth and self._user is None and (self._tls or s.allow_plaintext_auth)
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self._send(reply.PARAM_SYNTAX)
+        elif self._tls:
+            self._send(ALREADY_TLS)
+        elif not self._can_starttls():
+            self._send(reply.TLS_UNAVAILABLE)
+        else:
+            self._send(reply.READY_TLS)
+            # RFC 3207 4.2 and CVE-2011-0411: nothing sent before the handshake may be
+            # acted on, and the client must start over with EHLO.
+            self._buffer = b""
+            self._helo, self._esmtp, self._user = "", False, None
+            self._txn = Transaction()
+            self._tls = True
+            self.transport.startTLS(self._settings.tls)  # type: ignore[union-attr]
+
+    def smtp_AUTH(self, arg: str) -> None:
+        s = self._settings
+        if not s.offers_auth:
+            self._send(AUTH_NOT_OFFERED)
+            return
+        if not self._tls and not s.allow_plaintext_auth:
+            self._send(reply.AUTH_NEEDS_TLS)
+            return
+        if not self._esmtp:
+            self._send(NEED_HELO)
+            return
+        if self._user is not None:
+            self._send(ALREADY_AUTHENTICATED)
+            return
+        if self._txn.sender_given:
+            self._send(AUTH_IN_TRANSACTION)
+            return
+        name, _, initial = arg.partition(" ")
+        factory = next((m for m in s.mechanisms if m.name == name.upper()), None)
+        if factory is None:
+            self._send(UNKNOWN_MECHANISM)
+            return
+        exchange = factory.new()
+        mechanism = factory.name
+
+        def respond(raw: bytes | None) -> None:
+            if raw is not None and raw.strip() == b"*":
+                self._send(reply.AUTH_CANCELLED)  # RFC 4954 4: "*" cancels
+                return
+            data: bytes | None = None
+            if raw is not None:
+                try:
+                    # RFC 4954 4: "=" is an empty initial response.
+                    data = b"" if raw == b"=" else base64.b64decode(raw, validate=True)
+                except (binascii.Error, ValueError):
+                    self._send(BAD_BASE64)
+                    return
+            step = exchange.step(data)
+            if isinstance(step, Challenge):
+                self._send(Reply(334, "", base64.b64encode(step.data).decode("ascii")))
+                self._auth_step = respond
+            elif isinstance(step, Credentials):
+                self._await(self._check(step, mechanism), self._send_reply)
+            else:
+                assert isinstance(step, Rejected)
+                if step.malformed:
+                    self._send(BAD_BASE64)
+                self._auth_failed(step.username or "", mechanism, send=not step.malformed)
+
+        respond(initial.encode("ascii", "replace") if initial else None)
+
+    async def _check(self, step: Credentials, mechanism: str) -> Reply:
+        try:
+            user = await self._login(step.credentials)
+        except UnauthorizedLogin:
+            self._auth_failed(step.username, mechanism, send=False)
+            return reply.AUTH_FAILED
+        except Exception:
+            self._log.failure("password check failed")
+            return reply.AUTH_TEMP
+        self._user = user
+        self._log.auth_succeeded(self._address, user, mechanism)
+        return reply.AUTH_OK
+
+    def _auth_failed(self, user: str, mechanism: str, send: bool = True) -> None:
+        self._log.auth_failed(self._address, user, mechanism)
+        if send:
+            self._send(reply.AUTH_FAILED)
+
+    def _send_reply(self, r: Reply | None) -> None:
+        if r is not None:
+            self._send(r)
+
+    def smtp_MAIL(self, arg: str) -> None:
+        if not self._helo:
+            self._send(NEED_HELO)
+            return
+        if self._txn.sender_given:
+            self._send(NESTED_MAIL)
+            return
+        if not arg[:5].upper() == "FROM:":
+            self._send(reply.PARAM_SYNTAX)
+            return
+        path, params = _split_path(arg[5:])
+        try:
+            options = _parse_params(params)
+        except ValueError:
+            self._send(reply.PARAM_SYNTAX)
+            return
+        txn = Transaction()
+        for key, value in options.items():
+            problem = self._mail_param(txn, key, value)
+            if problem is not None:
+                self._send(problem)
+                return
+        try:
+            sender = parse_path(path, utf8=txn.smtputf8, allow_null=True)
+        except AddressError:
+            self._send(_address_error(path, txn.smtputf8, BAD_SENDER))
+            return
+        client = self._client()
+        refusal = self._policy.check_sender(client, sender)
+        if refusal is not None:
+            self._log.refused(self._address, "MAIL", str(sender or ""), str(refusal))
+            self._send(refusal)
+            return
+        txn.sender, txn.sender_given = sender, True
+        self._txn = txn
+        self._send(reply.SENDER_OK)
+
+    def _mail_param(self, txn: Transaction, key: str, value: str | None) -> Reply | None:
+        if key == "SIZE":
+            if value is None or not value.isdigit():
+                return reply.PARAM_SYNTAX
+            if int(value) > self._settings.max_size:
+                return reply.TOO_BIG
+        elif key == "BODY":
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return reply.PARAM_SYNTAX
+            txn.body = value.upper()
+        elif key == "SMTPUTF8" and value is None:
+            txn.smtputf8 = True
+        elif key == "RET":
+            if value is None or value.upper() not in ("FULL", "HDRS"):
+                return reply.PARAM_SYNTAX
+            txn.ret = value.upper()
+        elif key == "ENVID":
+            decoded = _xtext_decode(value)
+            if decoded is None or len(decoded) > 100:
+                return reply.PARAM_SYNTAX
+            txn.envid = decoded
+        elif key == "AUTH":
+            pass  # RFC 4954 5: accepted and not trusted; Postfix relays send AUTH=<>
+        else:
+            return reply.PARAM_UNKNOWN
+        return None
+
+    def smtp_RCPT(self, arg: str) -> None:
+        if not self._txn.sender_given:
+            self._send(NEED_MAIL)
+            return
+        if not arg[:3].upper() == "TO:":
+            self._send(reply.PARAM_SYNTAX)
+            return
+        if len(self._txn.recipients) >= self._settings.max_recipients:
+            self._send(TOO_MANY_RECIPIENTS)
+            return
+        path, params = _split_path(arg[3:])
+        try:
+            options = _parse_params(params)
+            notify, orcpt = _rcpt_params(options)
+        except ValueError:
+            self._send(reply.PARAM_SYNTAX)
+            return
+        try:
+            address = parse_path(path, utf8=self._txn.smtputf8)
+        except AddressError:
+            self._send(_address_error(path, self._txn.smtputf8, BAD_RECIPIENT))
+            return
+        assert address is not None
+        refusal = self._policy.check_recipient(self._client(), address)
+        if refusal is not None:
+            self._log.refused(self._address, "RCPT", str(address), str(refusal))
+            self._send(refusal)
+            return
+        self._txn.recipients.append(Recipient(str(address), notify, orcpt))
+        self._send(reply.RECIPIENT_OK)
+
+    def smtp_DATA(self, arg: str) -> None:
+        if arg:
+            self._send(reply.PARAM_SYNTAX)
+            return
+        if not self._txn.sender_given:
+            self._send(NEED_MAIL)
+            return
+        if not self._txn.recipients:
+            self._send(NO_RECIPIENTS)
+            return
+        self._incoming = self._spool.receive()
+        self._incoming.write(self._received_header(self._incoming.queue_id.value))
+        self._reader = DataReader(self._incoming.write, self._settings.max_size)
+        self._send(reply.START_DATA)
+
+    def _end_of_data(self, result: DataResult) -> None:
+        self._reader = None
+        incoming, self._incoming = self._incoming, None
+        assert incoming is not None
+        txn, self._txn = self._txn, Transaction()
+        if result.error is not None:
+            incoming.abort()
+            if result.fatal:
+                self._close(result.error)
+                return
+            self._send(result.error)
+            self._buffer = result.leftover + self._buffer
+            return
+        self._buffer = result.leftover + self._buffer
+        client = self._client()
+        envelope = Envelope(
+            sender=str(txn.sender) if txn.sender is not None else "",
+            recipients=tuple(txn.recipients),
+            client_address=self._address,
+            client_name=self._helo,
+            user=self._user,
+            ret=txn.ret,
+            envid=txn.envid,
+            body=txn.body,
+            smtputf8=txn.smtputf8,
+            received_at=self._clock.seconds(),
+        )
+
+        async def commit() -> Reply:
+            entry = await incoming.commit(envelope)
+            self._log.accepted(entry, self._policy.describe(client))
+            return Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
+
+        self._await(commit(), self._send_reply)
+
+    def _received_header(self, queue_id: str) -> bytes:
+        """RFC 5321 4.4 trace header; protocol names per RFC 3848 (ESMTPS, ESMTPSA, ...)."""
+        protocol = ("ESMTP" if self._esmtp else "SMTP") + ("S" if self._tls else "")
+        if self._user is not None:
+            protocol += "A"
+        if self._txn.smtputf8:
+            protocol = "UTF8" + protocol
+        tls = ""
+        if self._tls:
+            version, cipher = _tls_details(self.transport)
+            tls = f"\r\n\t(using {version} with cipher {cipher})"
+        recipients = self._txn.recipients
+        rcpt = f"\r\n\tfor <{recipients[0].address}>" if len(recipients) == 1 else ""
+        date = email.utils.formatdate(self._clock.seconds(), localtime=True)
+        helo = _header_safe(self._helo)
+        return (
+            f"Received: from {helo} ([{self._address}])\r\n"
+            f"\tby {self._settings.hostname} (smarthost) with {protocol} id {queue_id}"
+            f"{tls}{rcpt};\r\n\t{date}\r\n"
+        ).encode()
+
+    def smtp_RSET(self, arg: str) -> None:
+        self._txn = Transaction()
+        self._send(reply.RESET)
+
+    def smtp_NOOP(self, arg: str) -> None:
+        self._send(reply.OK)
+
+    def smtp_QUIT(self, arg: str) -> None:
+        self._close(reply.BYE)
+
+    def smtp_VRFY(self, arg: str) -> None:
+        self._send(reply.VRFY if arg else reply.PARAM_SYNTAX)
+
+    def smtp_EXPN(self, arg: str) -> None:
+        self._send(NOT_ACCEPTED)
+
+    def smtp_HELP(self, arg: str) -> None:
+        self._send(HELP)
+
+
+def _split_path(text: str) -> tuple[str, str]:
+    """``<path> PARAMS`` after the colon; tolerates the common space after ``FROM:``."""
+    text = text.lstrip(" ")
+    if text.startswith("<"):
+        end = text.find(">")
+        if end < 0:
+            return text, ""
+        return text[: end + 1], text[end + 1 :].strip()
+    path, _, params = text.partition(" ")
+    return path, params.strip()
+
+
+def _parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not key or not key.replace("-", "").isalnum() or key.upper() in params:
+            raise ValueError(item)
+        params[key.upper()] = value if eq else None
+    return params
+
+
+def _rcpt_params(options: dict[str, str | None]) -> tuple[tuple[str, ...], str | None]:
+    """RFC 3461 NOTIFY and ORCPT; anything else is unknown."""
+    notify: tuple[str, ...] = ()
+    orcpt = None
+    for key, value in options.items():
+        if key == "NOTIFY" and value:
+            words = tuple(w.upper() for w in value.split(","))
+            if words != ("NEVER",) and not set(words) <= NOTIFY_KEYWORDS:
+                raise ValueError(value)
+            notify = words
+        elif key == "ORCPT" and value:
+            addr_type, semi, xtext = value.partition(";")
+            decoded = _xtext_decode(xtext)
+            if not semi or not addr_type or decoded is None:
+                raise ValueError(value)
+            orcpt = f"{addr_type};{decoded}"
+        else:
+            raise ValueError(key)
+    return notify, orcpt
+
+
+def _xtext_decode(text: str | None) -> str | None:
+    """RFC 3461 4: xtext, "+" followed by two upper-case hex digits."""
+    if text is None:
+        return None
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "+":
+            hexpair = text[i + 1 : i + 3]
+            if len(hexpair) != 2 or not all(h in "0123456789ABCDEF" for h in hexpair):
+                return None
+            out.append(chr(int(hexpair, 16)))
+            i += 3
+            continue
+        if not ("!" <= c <= "~") or c == "=":
+            return None
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _address_error(path: str, utf8: bool, default: Reply) -> Reply:
+    if not utf8 and not path.isascii():
+        return reply.SMTPUTF8_REQUIRED
+    return default
+
+
+def _header_safe(text: str) -> str:
+    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text) or "unknown"
+
+
+def _tls_details(transport: object) -> tuple[str, str]:
+    try:
+        handle = transport.getHandle()  # type: ignore[attr-defined]
+        return handle.get_protocol_version_name(), handle.get_cipher_name()
+    except Exception:
+        return "TLS", "unknown"

@@ -1,0 +1,126 @@
+"""Runs ``twistd -n smarthost`` as a subprocess for end-to-end tests.
+
+Every listener is bound to port 0 on 127.0.0.1; the real ports are read from the daemon's own
+"listening on" log lines, and readiness is its "ready" line: the harness waits on those
+events (with a deadline), never on a sleep.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+SMARTHOST = str(Path(sys.executable).with_name("smarthost"))
+LISTENING = re.compile(r"(submission|submissions|smtp) listening on ([\d.:a-f]+):(\d+)")
+
+BASE_CONFIG = """\
+hostname = "mx.smarthost.test"
+[listen]
+submission = ["tcp:0:interface=127.0.0.1"]
+submissions = ["tcp:0:interface=127.0.0.1"]
+smtp = ["tcp:0:interface=127.0.0.1"]
+"""
+
+
+class Daemon:
+    """One smarthost daemon in ``directory`` (config, certs, var/ all live there)."""
+
+    def __init__(self, directory: Path, config: str = "") -> None:
+        self.directory = directory
+        self.config_path = directory / "smarthost.toml"
+        self.config_path.write_text(BASE_CONFIG + config)
+        self.ports: dict[str, int] = {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: list[str] = []
+        self._pending = b""
+
+    def start(self, timeout: float = 30.0) -> Daemon:
+        self.ports = {}
+        self.proc = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "--logfile=-", "smarthost", "--config",
+             str(self.config_path)],
+            cwd=self.directory,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.wait_for("ready", timeout)
+        return self
+
+    def wait_for(self, text: str | re.Pattern[str], timeout: float = 30.0) -> str:
+        """Read the daemon's log until a line matches; fail on exit or deadline."""
+        assert self.proc is not None and self.proc.stdout is not None
+        pattern = re.compile(re.escape(text)) if isinstance(text, str) else text
+        for line in self.log:
+            if pattern.search(line):
+                return line
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_READ)
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"no log line {pattern.pattern!r}:\n" + self.text())
+                if not sel.select(remaining):
+                    continue
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise RuntimeError(f"daemon exited waiting for {pattern.pattern!r}:\n"
+                                       + self.text())
+                self._pending += chunk
+                *lines, self._pending = self._pending.split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace")
+                    self.log.append(line)
+                    m = LISTENING.search(line)
+                    if m:
+                        self.ports.setdefault(m.group(1), int(m.group(3)))
+                    if pattern.search(line):
+                        return line
+
+    def text(self) -> str:
+        return "\n".join(self.log)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+        self._drain()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(15)
+        self._drain()
+
+    def _drain(self) -> None:
+        if self.proc is not None and self.proc.stdout is not None:
+            rest = self._pending + self.proc.stdout.read()
+            self.log += rest.decode("utf-8", "replace").splitlines()
+            self._pending = b""
+            self.proc.stdout.close()
+
+    def admin(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the ``smarthost`` admin command against this daemon's config."""
+        argv = [SMARTHOST, *args]
+        return subprocess.run(
+            argv, cwd=self.directory, input=stdin, capture_output=True, text=True, timeout=60
+        )
+
+    def add_user(self, name: str, password: str) -> None:
+        result = self.admin("passwd", "--users", "var/users", name, stdin=password + "\n")
+        assert result.returncode == 0, result.stderr

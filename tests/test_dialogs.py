@@ -1,0 +1,134 @@
+"""SMTP dialogs as transcripts: ``tests/dialogs/*.txt``.
+
+Format, one directive per line:
+  ``@ key=value ...``  session setup (role, client, allow_plaintext, max_size, local, trusted)
+  ``C: text``          the client sends text + CRLF
+  ``C! text``          the client sends text with \\r \\n \\x00 escapes decoded, nothing added
+  ``S: text``          the next reply line; ``*`` matches any run of characters
+  ``S: <closed>``      the server has closed the connection
+  ``Q: n``             n messages are now committed to the spool
+  ``# ...``            comment
+The session runs on a StringTransport with a real spool (in a temporary directory, fsync
+included) and a real cred portal over a bcrypt users file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from smarthost import auth, sasl
+from smarthost.maillog import MailLog
+from smarthost.policy import RelayPolicy
+from smarthost.session import Session, SessionSettings
+from smarthost.spool import Spool
+
+DIALOGS = sorted((Path(__file__).parent / "dialogs").glob("*.txt"))
+HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+
+
+def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+    return maybeDeferred(f, *args, **kwargs)
+
+
+class Dialog:
+    def __init__(self, tmp: Path, settings: dict[str, str]) -> None:
+        users = tmp / "users"
+        users.write_text(f"alice@example.test:{HASH}\nbob:{HASH}\n")
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)
+        self.spool, _ = Spool.open(tmp / "spool", clock=self.clock, run_blocking=run_now)
+        portal = auth.build_portal(auth.UsersFile(users), run_now)
+        role = settings.get("role", "submission")
+        session_settings = SessionSettings(
+            role=role,
+            hostname="mx.smarthost.test",
+            max_size=int(settings.get("max_size", "10000")),
+            max_recipients=int(settings.get("max_recipients", "5")),
+            command_timeout=300,
+            allow_plaintext_auth=settings.get("allow_plaintext", "no") == "yes",
+            tls=None,
+            mechanisms=() if role == "smtp" else sasl.build_mechanisms(["PLAIN", "LOGIN"]),
+        )
+        policy = RelayPolicy(
+            local_domains=frozenset(settings.get("local", "example.test").split(",")),
+            trusted_networks=tuple(
+                ipaddress.ip_network(n) for n in settings.get("trusted", "").split(",") if n
+            ),
+            senders={"bob": frozenset({"bob@example.test", "@bob.test"})},
+        )
+
+        def login(credentials: Any) -> Deferred[str]:
+            return auth.PortalLogin(portal)(credentials)
+
+        self.session = Session(
+            session_settings, policy, login, self.spool, MailLog(self.clock), self.clock
+        )
+        host, port = settings.get("client", "192.0.2.7:4321").rsplit(":", 1)
+        from twisted.internet.address import IPv4Address
+
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, int(port)))
+        self.session.makeConnection(self.transport)
+        self.replies: list[str] = []
+
+    def read_replies(self) -> None:
+        data = self.transport.value().decode("utf-8")
+        self.transport.clear()
+        self.replies += data.split("\r\n")[:-1] if data else []
+
+
+def matches(pattern: str, line: str) -> bool:
+    return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), line) is not None
+
+
+def parse(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    settings: dict[str, str] = {}
+    steps: list[tuple[str, str]] = []
+    for raw in path.read_text().splitlines():
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        if raw.startswith("@ "):
+            settings.update(item.split("=", 1) for item in raw[2:].split())
+            continue
+        kind, text = raw[:2], raw[3:]
+        assert kind in ("C:", "C!", "S:", "Q:"), f"{path.name}: bad line {raw!r}"
+        steps.append((kind, text))
+    return settings, steps
+
+
+@pytest.mark.parametrize("path", DIALOGS, ids=[p.stem for p in DIALOGS])
+def test_dialog(path: Path, tmp_path: Path) -> None:
+    settings, steps = parse(path)
+    dialog = Dialog(tmp_path, settings)
+    line_no = 0
+    for kind, text in steps:
+        line_no += 1
+        if kind == "C:":
+            dialog.session.dataReceived(text.encode("utf-8") + b"\r\n")
+        elif kind == "C!":
+            dialog.session.dataReceived(codecs.escape_decode(text.encode("utf-8"))[0])
+        elif kind == "Q:":
+            assert len(dialog.spool.queue_ids()) == int(text), f"step {line_no}: queue"
+        else:
+            dialog.read_replies()
+            if text == "<closed>":
+                assert dialog.transport.disconnecting, f"step {line_no}: still open"
+                continue
+            assert dialog.replies, f"step {line_no}: expected {text!r}, got nothing"
+            got = dialog.replies.pop(0)
+            assert matches(text, got), f"step {line_no}: expected {text!r}, got {got!r}"
+    dialog.read_replies()
+    assert dialog.replies == [], f"unexpected replies at the end: {dialog.replies}"
+
+
+def test_dialogs_exist() -> None:
+    assert len(DIALOGS) >= 10
