@@ -6,7 +6,19 @@ MX: bounce now) or :class:`TemporaryRouteError` (SERVFAIL, timeout: try again la
 
 from __future__ import annotations
 
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from random import Random
+from typing import Any, Protocol
+
 import attrs
+from twisted.internet import defer
+from twisted.internet import error as internet_error
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.names import client, common, dns, error
 
 SMTP, MAILDIR = "smtp", "maildir"
 
@@ -56,3 +68,529 @@ class PermanentRouteError(RouteError):
 
 class TemporaryRouteError(RouteError):
     """SERVFAIL, REFUSED, timeout: defer and retry."""
+
+
+# --- Targets: the text forms of "[delivery] local" and "[delivery.routes]" values -------------
+
+DEFAULT_SMTP_PORT = 25
+IMPLICIT_TLS_PORT = 465  # RFC 8314 3.3: submissions, TLS from the first byte
+TLS_POLICIES = ("opportunistic", "required", "verify")
+DNS_TIMEOUT = (1, 3, 5)  # seconds per retransmission; a lookup gives up after 9 s
+UNREACHABLE_FOR = 60.0  # seconds a failed host stays at the end of the list
+MAX_MX_HOSTS = 10  # a domain with hundreds of MX records must not cost hundreds of lookups
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_TARGET_FORMS = {SMTP: "smtp:HOST:PORT", MAILDIR: "maildir:DIR"}
+
+
+@attrs.frozen
+class Target:
+    """A parsed next-hop text: ``smtp:HOST:PORT`` or ``maildir:DIR``."""
+
+    kind: str  # SMTP | MAILDIR
+    host: str = ""  # SMTP: a host name or a bare IP address (no brackets)
+    port: int = 0
+    directory: str = ""  # MAILDIR
+
+
+def parse_target(text: str, *, kinds: Iterable[str] = (SMTP, MAILDIR)) -> Target:
+    """Parse a next-hop text; the ValueError says what is wrong so config errors are clear.
+
+    IPv6 addresses must be bracketed (``smtp:[::1]:25``): without brackets the port could not
+    be told apart from the address. A missing port means 25, as in Postfix's ``relayhost``.
+    """
+    allowed = tuple(kinds)
+    expected = " or ".join(f'"{_TARGET_FORMS[k]}"' for k in allowed)
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in allowed:
+        raise ValueError(f"{text!r}: expected {expected}")
+    if kind == MAILDIR:
+        if not rest:
+            raise ValueError(f"{text!r}: maildir needs a directory")
+        return Target(MAILDIR, directory=rest)
+    host, port = _split_host_port(rest, DEFAULT_SMTP_PORT, what=text)
+    return Target(SMTP, host=host, port=port)
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """Parse ``127.0.0.1``, ``127.0.0.1:5353``, ``::1`` or ``[::1]:5353`` (port 53 by default).
+
+    Only addresses: looking up the name of a name server would need a name server.
+    """
+    stripped = text.strip()
+    try:
+        return str(ipaddress.ip_address(stripped)), 53  # bare IPv4 or unbracketed IPv6
+    except ValueError:
+        pass
+    host, port = _split_host_port(stripped, 53, what=text)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"nameserver {text!r}: must be an IP address, optionally with :PORT"
+        ) from None
+    return host, port
+
+
+def _split_host_port(text: str, default_port: int, *, what: str) -> tuple[str, int]:
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ValueError(f"{what!r}: missing ']' after the IPv6 address")
+        host, after = text[1:close], text[close + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{what!r}: {host!r} in brackets is not an IPv6 address") from None
+        if after and not after.startswith(":"):
+            raise ValueError(f"{what!r}: expected ':PORT' after ']'")
+        port_text = after[1:] if after else None
+    else:
+        if text.count(":") > 1:
+            raise ValueError(f"{what!r}: write an IPv6 address in brackets, e.g. [::1]:25")
+        host, sep, port_text_ = text.partition(":")
+        port_text = port_text_ if sep else None
+        if not _is_ip(host) and not _is_host_name(host):
+            raise ValueError(f"{what!r}: {host!r} is not a host name or IP address")
+    if port_text is None:
+        return host, default_port
+    if not _PORT.match(port_text) or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{what!r}: port {port_text!r} is not a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host_name(text: str) -> bool:
+    """RFC 1123 2.1 labels; an all-numeric last label (RFC 3696 2) is a mistyped address."""
+    labels = text.rstrip(".").split(".")
+    return (
+        len(text) <= 253
+        and all(_HOST_LABEL.match(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _domain_key(domain: str) -> str:
+    """Routing compares domains case-insensitively and without the root's trailing dot."""
+    return domain.strip().lower().rstrip(".")
+
+
+# --- DNS -----------------------------------------------------------------------------------
+
+_Sections = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+
+
+class DNSLookups(Protocol):
+    """The slice of ``IResolver`` we use, typed: Twisted's annotations say tuples of records
+    where it returns lists, and make ``timeout`` mandatory where every resolver defaults it."""
+
+    def lookupMailExchange(
+        self, name: str, timeout: Sequence[float] | None = None
+    ) -> Deferred[_Sections]: ...
+
+    def lookupAddress(
+        self, name: str, timeout: Sequence[float] | None = None
+    ) -> Deferred[_Sections]: ...
+
+    def lookupIPV6Address(
+        self, name: str, timeout: Sequence[float] | None = None
+    ) -> Deferred[_Sections]: ...
+
+
+def make_resolver(
+    nameservers: Sequence[str], reactor: IReactorTCP, timeout: Sequence[float] = DNS_TIMEOUT
+) -> DNSLookups:
+    """The DNS client for ``[delivery] nameservers``.
+
+    With name servers we build ``client.Resolver(servers=..., resolv=None)`` and nothing else:
+    ``client.createResolver(servers=...)`` would also merge /etc/resolv.conf and /etc/hosts, so
+    a test (or an operator pointing at a filtering resolver) would silently get answers from
+    elsewhere. Without them we use the system's ``createResolver()``, hosts file included.
+
+    ``reactor`` must also provide IReactorUDP and IReactorTime; it is typed IReactorTCP
+    because that is what the typed global reactor offers (truncated answers go over TCP).
+    Twisted's default timeouts add up to a minute per lookup, far too long when one delivery
+    needs an MX lookup and two address lookups per MX host.
+    """
+    if not nameservers:
+        return _DefaultTimeout(client.createResolver(), timeout)  # type: ignore[no-untyped-call]
+    servers = [parse_nameserver(text) for text in nameservers]
+    resolver: DNSLookups = client.Resolver(  # type: ignore[no-untyped-call]
+        servers=servers, resolv=None, timeout=tuple(timeout), reactor=reactor
+    )
+    return resolver
+
+
+class _DefaultTimeout(common.ResolverBase):
+    """Gives a resolver chain our timeouts: ``createResolver()`` takes no timeout argument."""
+
+    def __init__(self, inner: DNSLookups, timeout: Sequence[float]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._inner, self._timeout = inner, tuple(timeout)
+
+    def _lookup(
+        self, name: bytes, cls: int, type: int, timeout: Sequence[float] | None
+    ) -> Deferred[_Sections]:
+        query = dns.Query(name, type, cls)
+        result: Deferred[_Sections] = self._inner.query(  # type: ignore[attr-defined]
+            query, self._timeout if timeout is None else timeout
+        )
+        return result
+
+
+# Errors a lookup may fail with that mean "no answer now", as opposed to a definite answer.
+_TEMPORARY_DNS_ERRORS: tuple[type[BaseException], ...] = (
+    error.DomainError,  # SERVFAIL, REFUSED, FORMERR, NOTIMP (not NXDOMAIN: checked first)
+    defer.TimeoutError,  # includes DNSQueryTimeoutError
+    OSError,  # "No domain name servers available", ICMP port unreachable
+    internet_error.ConnectError,  # the TCP retry of a truncated answer
+)
+
+
+@attrs.frozen
+class _Answer:
+    """One lookup's outcome; never raised, so parallel lookups all report."""
+
+    records: tuple[Any, ...] = ()  # payloads (Record_MX, Record_A, Record_AAAA)
+    nxdomain: bool = False
+    temporary: str = ""  # why there is no answer now, e.g. "SERVFAIL"
+
+
+# --- The resolver ----------------------------------------------------------------------------
+
+
+class NextHopResolver:
+    """Turns a recipient domain into the next hop, in the order Postfix's trivial-rewrite and
+    smtp client would: local domain, exact static route, ``"*"``, then the domain's MX hosts.
+
+    Every collaborator is passed in (the DNS client, the clock for the unreachable-host cache,
+    the random source that shuffles equal MX preferences), so tests run on a real DNS server
+    on loopback with deterministic ordering.
+    """
+
+    def __init__(
+        self,
+        resolver: DNSLookups,
+        *,
+        clock: IReactorTime,
+        local_domains: Iterable[str] = frozenset(),
+        local: str = "maildir:var/maildir",
+        routes: Mapping[str, str] | None = None,
+        port: int = DEFAULT_SMTP_PORT,
+        tls: str = "opportunistic",
+        credentials: Credentials | None = None,
+        random: Random | None = None,
+        unreachable_for: float = UNREACHABLE_FOR,
+        address_literals: bool = True,
+    ) -> None:
+        if tls not in TLS_POLICIES:
+            raise ValueError(f"tls {tls!r}: expected one of {', '.join(TLS_POLICIES)}")
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port}: expected 1 to 65535")
+        self._dns = resolver
+        self._clock = clock
+        self._local_domains = frozenset(_domain_key(d) for d in local_domains)
+        self._local = parse_target(local)
+        self._routes = {
+            (key if key == "*" else _domain_key(key)): parse_target(value, kinds=(SMTP,))
+            for key, value in (routes or {}).items()
+        }
+        self._port = port
+        self._tls = tls
+        self._credentials = credentials
+        self._random = random if random is not None else Random()  # noqa: S311 (not crypto)
+        self._unreachable_for = unreachable_for
+        self._address_literals = address_literals
+        self._unreachable: dict[tuple[str, int], float] = {}
+
+    # -- public API --
+
+    def resolve(self, domain: str) -> Deferred[Route]:
+        """The route for ``domain``; fails with :class:`PermanentRouteError` (bounce) or
+        :class:`TemporaryRouteError` (defer). Any other failure is a bug and, like every crash
+        in delivery, should be treated as temporary by the caller."""
+        return Deferred.fromCoroutine(self._resolve(domain))
+
+    def mark_unreachable(self, host: Host, now: float | None = None) -> None:
+        """Remember that ``host`` refused or timed out, so the next routes try it last.
+
+        Postfix-like: the host is moved to the end, never dropped, because a host that was
+        down a minute ago may be the only one that works now.
+        """
+        when = self._clock.seconds() if now is None else now
+        self._forget_expired(when)
+        self._unreachable[(host.address, host.port)] = when
+
+    def is_unreachable(self, host: Host) -> bool:
+        """For logs and tests: whether ``host`` is currently tried last."""
+        marked = self._unreachable.get((host.address, host.port))
+        return marked is not None and self._clock.seconds() - marked < self._unreachable_for
+
+    # -- routing --
+
+    async def _resolve(self, domain: str) -> Route:
+        key = _domain_key(domain)
+        if key in self._local_domains:
+            if self._local.kind == MAILDIR:
+                return Route(MAILDIR, maildir=self._local.directory)
+            # The local SMTP target is an internal mail store, not the upstream relay: the
+            # [delivery.upstream] credentials are not sent to it.
+            return await self._static(self._local, credentials=None)
+        target = self._routes.get(key) or self._routes.get("*")
+        if target is not None:
+            return await self._static(target, credentials=self._credentials)
+        if key.startswith("[") and key.endswith("]"):
+            return self._literal(key)
+        return await self._mx(key)
+
+    async def _static(self, target: Target, credentials: Credentials | None) -> Route:
+        """A configured host: its failures are the operator's to fix, so they never bounce."""
+        if _is_ip(target.host):
+            hosts = [Host(target.host, target.host, target.port)]
+        else:
+            addresses = await self._addresses(target.host)
+            if addresses.temporary:
+                raise TemporaryRouteError(
+                    f"cannot resolve route host {target.host}: {addresses.temporary}", "4.4.3"
+                )
+            if not addresses.records:
+                raise TemporaryRouteError(
+                    f"route host {target.host} has no usable address", "4.4.4"
+                )
+            hosts = [Host(target.host, a, target.port) for a in addresses.records]
+        tls = self._tls
+        if credentials is not None and tls == "opportunistic":
+            tls = "required"  # never send a password in the clear
+        return Route(
+            SMTP,
+            hosts=self._order(hosts),
+            tls=tls,
+            implicit_tls=target.port == IMPLICIT_TLS_PORT,
+            credentials=credentials,
+        )
+
+    def _literal(self, key: str) -> Route:
+        """``user@[192.0.2.1]`` (RFC 5321 4.1.3): no DNS, the address is the next hop.
+
+        Safe because routing only happens after the relay rule accepted the recipient; an
+        operator who wants no literals at all passes ``address_literals=False``.
+        """
+        if not self._address_literals:
+            raise PermanentRouteError("address literals are not accepted for delivery", "5.1.2")
+        inner = key[1:-1]
+        text = inner[5:] if inner.startswith("ipv6:") else inner
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise PermanentRouteError(f"invalid address literal {key}", "5.1.2") from None
+        if not _usable(address):
+            raise PermanentRouteError(f"address literal {key} is not a usable address", "5.1.2")
+        host = Host(str(address), str(address), self._port)
+        return self._mx_route([host])
+
+    async def _mx(self, domain: str) -> Route:
+        """RFC 5321 5.1: MX hosts by preference, else the implicit MX (the domain itself)."""
+        try:
+            dns.domainString(domain)
+        except UnicodeError:
+            # Python's IDNA 2003 codec refuses some U-labels; no DNS name means no next hop.
+            raise PermanentRouteError(f"domain {domain} has no DNS form", "5.1.2") from None
+        answer = await self._lookup(self._dns.lookupMailExchange, domain, dns.MX)
+        if answer.nxdomain:
+            raise PermanentRouteError(f"domain {domain} does not exist", "5.1.2")
+        if answer.temporary:
+            raise TemporaryRouteError(f"MX lookup for {domain} failed: {answer.temporary}", "4.4.3")
+        records = [(r.preference, _exchange(r)) for r in answer.records]
+        if len(records) == 1 and records[0][1] == "":
+            # RFC 7505 3: a single MX of "." means the domain accepts no mail; 4.2: 5.1.10.
+            raise PermanentRouteError(f"domain {domain} does not accept mail (null MX)", "5.1.10")
+        if not records:
+            return await self._implicit_mx(domain)
+        exchanges = self._by_preference(records)
+        # RFC 1035 3.3.9: an exchange is a host name. "10.0.0.1" as an MX is a common mistake
+        # that resolvers would treat as a (nonexistent) name; "." among real MX hosts is a
+        # broken null MX (RFC 7505 3 forbids mixing). Neither is a host to try.
+        exchanges = [e for e in exchanges if _is_host_name(e)]
+        exchanges = exchanges[:MAX_MX_HOSTS]
+        answers = await defer.gatherResults(
+            [Deferred.fromCoroutine(self._addresses(name)) for name in exchanges]
+        )
+        hosts = [
+            Host(name, address, self._port)
+            for name, addresses in zip(exchanges, answers, strict=True)
+            for address in addresses.records
+        ]
+        if hosts:
+            # RFC 5321 5.1: try the other MX hosts; lookup failures of some are not fatal.
+            return self._mx_route(hosts)
+        # MX records exist but none gives an address. Postfix bounces this (5.4.4) unless
+        # smtp_defer_if_no_mx_address_found=yes; we defer: the domain said it takes mail, a
+        # dangling MX is usually a DNS change in progress, and the queue lifetime still ends
+        # it. RFC 5321 5.1 only asks that it be reported as an error.
+        if any(a.temporary for a in answers):
+            reason = next(a.temporary for a in answers if a.temporary)
+            raise TemporaryRouteError(
+                f"cannot resolve the MX hosts of {domain}: {reason}", "4.4.3"
+            )
+        raise TemporaryRouteError(f"no MX host of {domain} has a usable address", "4.4.4")
+
+    async def _implicit_mx(self, domain: str) -> Route:
+        addresses = await self._addresses(domain)
+        if addresses.records:
+            return self._mx_route([Host(domain, a, self._port) for a in addresses.records])
+        if addresses.temporary:
+            raise TemporaryRouteError(
+                f"address lookup for {domain} failed: {addresses.temporary}", "4.4.3"
+            )
+        if addresses.nxdomain:
+            raise PermanentRouteError(f"domain {domain} does not exist", "5.1.2")
+        # RFC 3463 X.4.4 names exactly this case: the name exists with neither MX nor address.
+        raise PermanentRouteError(f"domain {domain} has no MX and no address", "5.4.4")
+
+    def _mx_route(self, hosts: list[Host]) -> Route:
+        # Credentials are for the configured upstream only: never offer them to a host that
+        # a DNS answer chose.
+        return Route(
+            SMTP,
+            hosts=self._order(hosts),
+            tls=self._tls,
+            implicit_tls=self._port == IMPLICIT_TLS_PORT,
+        )
+
+    def _by_preference(self, records: list[tuple[int, str]]) -> list[str]:
+        """RFC 5321 5.1: lowest preference first, equal preferences in random order."""
+        groups: dict[int, list[str]] = {}
+        for preference, name in records:
+            if name not in groups.setdefault(preference, []):
+                groups[preference].append(name)
+        ordered: list[str] = []
+        seen: set[str] = set()
+        for preference in sorted(groups):
+            group = groups[preference]
+            self._random.shuffle(group)
+            ordered.extend(n for n in group if n not in seen)
+            seen.update(group)
+        return ordered
+
+    def _order(self, hosts: list[Host]) -> tuple[Host, ...]:
+        """Drop duplicate addresses (keeping the best place) and move recently unreachable
+        hosts to the end, keeping the order within each part."""
+        unique: dict[tuple[str, int], Host] = {}
+        for host in hosts:
+            unique.setdefault((host.address, host.port), host)
+        now = self._clock.seconds()
+        self._forget_expired(now)
+        fresh = [h for h in unique.values() if (h.address, h.port) not in self._unreachable]
+        stale = [h for h in unique.values() if (h.address, h.port) in self._unreachable]
+        return (*fresh, *stale)
+
+    def _forget_expired(self, now: float) -> None:
+        # Expired entries are dropped on every use, so the cache holds at most the hosts that
+        # failed in the last `unreachable_for` seconds.
+        for key in [k for k, t in self._unreachable.items() if now - t >= self._unreachable_for]:
+            del self._unreachable[key]
+
+    # -- DNS lookups --
+
+    async def _addresses(self, name: str) -> _Answer:
+        """A and AAAA of ``name`` (IPv4 first), usable addresses only, as text."""
+        a, aaaa = await defer.gatherResults(
+            [
+                Deferred.fromCoroutine(self._lookup(self._dns.lookupAddress, name, dns.A)),
+                Deferred.fromCoroutine(
+                    self._lookup(self._dns.lookupIPV6Address, name, dns.AAAA)
+                ),
+            ]
+        )
+        addresses: list[str] = []
+        for record in (*a.records, *aaaa.records):
+            family = socket.AF_INET if record.TYPE == dns.A else socket.AF_INET6
+            address = ipaddress.ip_address(socket.inet_ntop(family, record.address))
+            if _usable(address) and str(address) not in addresses:
+                addresses.append(str(address))
+        if addresses:
+            # One family answering is enough; the other family's failure does not matter.
+            return _Answer(records=tuple(addresses))
+        return _Answer(
+            nxdomain=a.nxdomain and aaaa.nxdomain, temporary=a.temporary or aaaa.temporary
+        )
+
+    async def _lookup(
+        self, method: Callable[[str], Deferred[_Sections]], name: str, rrtype: int
+    ) -> _Answer:
+        try:
+            answers, _authority, _additional = await method(name)
+        except error.DNSNameError:
+            return _Answer(nxdomain=True)
+        except _TEMPORARY_DNS_ERRORS as e:
+            return _Answer(temporary=_describe(e))
+        return _Answer(records=tuple(_records(answers, name, rrtype)))
+
+
+def _records(answers: list[dns.RRHeader], name: str, rrtype: int) -> list[Any]:
+    """Payloads of type ``rrtype`` owned by ``name`` or by an alias the answer leads to.
+
+    Records for other owners are ignored: they were not asked for and could be injected.
+    """
+    owners = {_domain_key(dns.domainString(name).decode("ascii"))}
+    for _ in answers:  # each pass follows one more CNAME; a chain is never longer than this
+        more = {
+            _domain_key(_payload(rr).name.name.decode("ascii", "replace"))
+            for rr in answers
+            if rr.type == dns.CNAME and _owner(rr) in owners
+        }
+        if more <= owners:
+            break
+        owners |= more
+    return [rr.payload for rr in answers if rr.type == rrtype and _owner(rr) in owners]
+
+
+def _payload(rr: dns.RRHeader) -> Any:
+    """The record inside ``rr``; Twisted types it as an interface without the fields."""
+    return rr.payload
+
+
+def _owner(rr: dns.RRHeader) -> str:
+    return _domain_key(rr.name.name.decode("ascii", "replace"))
+
+
+def _exchange(record: Any) -> str:
+    """The MX exchange as text; "" for the root (RFC 7505 null MX)."""
+    name: bytes = record.name.name
+    return _domain_key(name.decode("ascii", "replace"))
+
+
+def _usable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Addresses no mail server can be at: 0.0.0.0, multicast, 240/4 and broadcast.
+
+    Loopback is allowed: tests run MX hosts there, and delivering to our own port 25 is
+    harmless (the inbound listener refuses to relay). A DNS answer of 0.0.0.0 or 127.0.0.2 is
+    sometimes used to say "no mail here"; the unspecified address is refused for that reason.
+    """
+    if address.is_unspecified or address.is_multicast:
+        return False
+    # IPv4's 240/4 (and 255.255.255.255) only; IPv6's "reserved" ::/8 includes ::1.
+    return not (address.version == 4 and address.is_reserved)
+
+
+def _describe(failure: BaseException) -> str:
+    names = {
+        error.DNSServerError: "SERVFAIL",
+        error.DNSQueryRefusedError: "REFUSED",
+        error.DNSFormatError: "FORMERR",
+        error.DNSNotImplementedError: "NOTIMP",
+    }
+    for kind, text in names.items():
+        if isinstance(failure, kind):
+            return text
+    if isinstance(failure, defer.TimeoutError):
+        return "timeout"
+    return type(failure).__name__

@@ -1,0 +1,7 @@
+"""``python -m smarthost``: the same admin tool as the ``smarthost`` command."""
+
+import sys
+
+from smarthost.admin import main
+
+sys.exit(main())
