@@ -337,6 +337,9 @@ class Outcome:
     reply: str  # the remote reply as received ("550 5.1.1 No such user"), or our own reason
     remote: str = ""  # "mx.example.test[192.0.2.1]", "maildir", ... for logs and DSN Remote-MTA
     status: str = ""  # RFC 3463 code for the DSN Status field, e.g. "5.1.1"
+    # The next hop took our RFC 3461 parameters (it offered DSN): success and delay reports
+    # are its job from here on, so we send none (RFC 3461 6.2).
+    dsn_passed: bool = False
 
 
 @attrs.frozen

@@ -38,6 +38,7 @@ from smarthost.envelope import (
     AddressError,
     Client,
     Envelope,
+    QueueEntry,
     Recipient,
     parse_path,
 )
@@ -116,8 +117,10 @@ class Session(Protocol):
         spool: ISpool,
         maillog: MailLog,
         clock: IReactorTime,
+        accepted: Callable[[QueueEntry], None] = lambda entry: None,
     ) -> None:
         self._settings = settings
+        self._accepted = accepted
         self._policy = policy
         self._login = login
         self._spool = spool
@@ -500,7 +503,11 @@ class Session(Protocol):
             self._log.refused(self._address, "RCPT", str(address), str(refusal))
             self._send(refusal)
             return
-        self._txn.recipients.append(Recipient(str(address), notify, orcpt))
+        recipient = Recipient(str(address), notify, orcpt)
+        # The same address twice is one recipient: each is delivered once (the 250 still
+        # goes out, as Postfix's cleanup does).
+        if all(r.address.lower() != recipient.address.lower() for r in self._txn.recipients):
+            self._txn.recipients.append(recipient)
         self._send(reply.RECIPIENT_OK)
 
     def smtp_DATA(self, arg: str) -> None:
@@ -549,6 +556,7 @@ class Session(Protocol):
         async def commit() -> Reply:
             entry = await incoming.commit(envelope)
             self._log.accepted(entry, self._policy.describe(client))
+            self._accepted(entry)
             return Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 
         self._await(commit(), self._send_reply)

@@ -14,16 +14,23 @@ from OpenSSL import SSL
 from twisted.application.service import IServiceMaker, MultiService, Service
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
 
-from smarthost import auth, listen, sasl, tlscert
+from smarthost import auth, control, listen, sasl, tlscert
 from smarthost.config import Config, ConfigError, load_config
+from smarthost.courier import Courier
+from smarthost.envelope import QueueEntry, QueueId
+from smarthost.maildir import MaildirDelivery
 from smarthost.maillog import EventFile, MailLog
+from smarthost.nexthop import Credentials, NextHopResolver, make_resolver
+from smarthost.outbound import SMTPDelivery
 from smarthost.policy import RelayPolicy
+from smarthost.scheduler import Reporter, RetryPolicy, Scheduler
 from smarthost.session import SMTP, SUBMISSION, SUBMISSIONS, Session, SessionSettings
 from smarthost.spool import Spool
 
@@ -113,6 +120,7 @@ class Parts:
     policy: RelayPolicy
     portal: Any
     server_tls: ssl.CertificateOptions
+    scheduler: Scheduler
 
 
 def build_parts(config: Config, reactor: Any) -> Parts:
@@ -163,7 +171,108 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         policy=policy,
         portal=auth.build_portal(users, deferToThread),
         server_tls=server_tls,
+        scheduler=build_scheduler(config, reactor, spool, maillog),
     )
+
+
+def _upstream(config: Config) -> Credentials | None:
+    upstream = config.delivery.upstream
+    if upstream is None:
+        return None
+    try:
+        password = upstream.password_file.read_text(encoding="utf-8").strip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise usage.UsageError(
+            f"delivery.upstream.password_file: cannot read {upstream.password_file}: {e}"
+        ) from None
+    return Credentials(upstream.username, password)
+
+
+def build_scheduler(config: Config, reactor: Any, spool: Spool, maillog: MailLog) -> Scheduler:
+    from twisted.internet.threads import deferToThread
+
+    delivery = config.delivery
+    resolver = NextHopResolver(
+        make_resolver(list(delivery.nameservers), reactor),
+        clock=reactor,
+        local_domains=config.relay.local_domains,
+        local=delivery.local,
+        routes=delivery.routes,
+        port=delivery.port,
+        tls=delivery.tls,
+        credentials=_upstream(config),
+    )
+
+    def maildir(root: Path) -> MaildirDelivery:
+        return MaildirDelivery(root, deferToThread, reactor, config.hostname)
+
+    courier = Courier(resolver.resolve, SMTPDelivery(reactor, config.hostname), maildir)
+    queue = config.queue
+    policy = RetryPolicy(
+        delays=tuple(float(d) for d in queue.retry),
+        lifetime=queue.lifetime,
+        delay_warning=queue.delay_warning,
+    )
+    scheduler: Scheduler
+
+    def queued(entry: QueueEntry) -> None:
+        scheduler.enqueue(entry)
+
+    reporter = Reporter(spool, config.hostname, reactor, queued, maillog)
+    scheduler = Scheduler(reactor, spool, courier.attempt, reporter, policy, maillog)
+    return scheduler
+
+
+class DeliveryService(Service):
+    """Runs the scheduler and the control socket the admin tool talks to."""
+
+    def __init__(self, reactor: Any, parts: Parts) -> None:
+        self._reactor = reactor
+        self._parts = parts
+        self._port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        parts = self._parts
+        count = parts.scheduler.start()
+        parts.maillog.notice("scheduler started with {count} queued", count=count)
+        path = Path(parts.spool.directory) / control.SOCKET_NAME
+        endpoint = UNIXServerEndpoint(self._reactor, str(path), mode=0o600, wantPID=True)
+        factory = control.ControlFactory(
+            {"flush": self._flush, "delete": self._delete}
+        )
+        endpoint.listen(factory).addCallbacks(
+            self._listening, lambda f: parts.maillog.failure("control socket", failure=f)
+        )
+
+    def _listening(self, port: IListeningPort) -> None:
+        self._port = port
+
+    def _flush(self, args: list[str]) -> str:
+        count = self._parts.scheduler.flush()
+        self._parts.maillog.notice("queue flush requested: {count} messages", count=count)
+        return f"flushed: {count} messages will be retried now"
+
+    async def _delete(self, args: list[str]) -> str:
+        spool, deleted = self._parts.spool, 0
+        for text in args:
+            queue_id = QueueId(text)
+            self._parts.scheduler.forget(queue_id)
+            try:
+                await spool.remove(queue_id)
+            except KeyError:
+                continue
+            self._parts.maillog.removed(queue_id, "deleted by the operator")
+            deleted += 1
+        return f"deleted {deleted}"
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        self._parts.scheduler.stop()
+        if self._port is not None:
+            port, self._port = self._port, None
+            return port.stopListening()
+        return None
 
 
 def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
@@ -182,7 +291,15 @@ def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
     login = auth.PortalLogin(parts.portal)
 
     def build() -> Session:
-        return Session(settings, parts.policy, login, parts.spool, parts.maillog, reactor)
+        return Session(
+            settings,
+            parts.policy,
+            login,
+            parts.spool,
+            parts.maillog,
+            reactor,
+            accepted=parts.scheduler.enqueue,
+        )
 
     return SessionFactory(build)
 
@@ -199,6 +316,7 @@ def make_service(config: Config, reactor: Any) -> MultiService:
         factory = session_factory(parts, role, reactor)
         tls = parts.server_tls if role == SUBMISSIONS else None
         listeners += [(role, description, factory, tls) for description in descriptions]
+    DeliveryService(reactor, parts).setServiceParent(top)
     ListenerService(reactor, parts.maillog, listeners).setServiceParent(top)
     return top
 

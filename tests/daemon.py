@@ -54,13 +54,16 @@ class Daemon:
         self.wait_for("ready", timeout)
         return self
 
-    def wait_for(self, text: str | re.Pattern[str], timeout: float = 30.0) -> str:
-        """Read the daemon's log until a line matches; fail on exit or deadline."""
+    def wait_for(
+        self, text: str | re.Pattern[str], timeout: float = 30.0, count: int = 1
+    ) -> str:
+        """Read the daemon's log until ``count`` lines match (returns the last one); fail on
+        exit or deadline."""
         assert self.proc is not None and self.proc.stdout is not None
         pattern = re.compile(re.escape(text)) if isinstance(text, str) else text
-        for line in self.log:
-            if pattern.search(line):
-                return line
+        seen = [line for line in self.log if pattern.search(line)]
+        if len(seen) >= count:
+            return seen[count - 1]
         deadline = time.monotonic() + timeout
         fd = self.proc.stdout.fileno()
         os.set_blocking(fd, False)
@@ -85,7 +88,9 @@ class Daemon:
                     if m:
                         self.ports.setdefault(m.group(1), int(m.group(3)))
                     if pattern.search(line):
-                        return line
+                        seen.append(line)
+                        if len(seen) >= count:
+                            return line
 
     def text(self) -> str:
         return "\n".join(self.log)

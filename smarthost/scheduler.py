@@ -1,0 +1,386 @@
+"""When each queued message is tried, and what its results do to it.
+
+State lives on disk (the spool); in memory there is only a heap of (next attempt, id) and two
+ready queues. New mail has its own ready queue so a backlog of retries cannot starve it
+(Postfix's qmgr alternates the same way). One timer serves the whole heap, so start-up with a
+large deferred queue costs one heap push per message and no timers.
+
+The retry schedule is a pure function of the attempt number (:class:`RetryPolicy`), recording
+results a pure function of the entry and the outcomes (:func:`record`), so both are tested
+in virtual time without a reactor.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, BinaryIO, Protocol
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+from smarthost.bounce import Kind, ReportedRecipient, build_report, report_envelope
+from smarthost.envelope import (
+    BOUNCED,
+    DELIVERED,
+    PENDING,
+    Outcome,
+    QueueEntry,
+    QueueId,
+    RecipientState,
+)
+from smarthost.interfaces import ISpool
+from smarthost.maillog import MailLog
+from smarthost.spool import CorruptEntry
+
+EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
+
+
+@attrs.frozen
+class RetryPolicy:
+    delays: tuple[float, ...] = (60, 300, 900, 1800, 3600)
+    lifetime: float = 432000
+    delay_warning: float = 14400  # 0 = never
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after attempt number ``attempts`` (1-based); the last repeats."""
+        return self.delays[min(max(attempts, 1), len(self.delays)) - 1]
+
+    def expired(self, entry: QueueEntry, now: float) -> bool:
+        return now - entry.queued_at >= self.lifetime
+
+    def should_warn(self, entry: QueueEntry, now: float) -> bool:
+        return (
+            self.delay_warning > 0
+            and not entry.delay_warned
+            and now - entry.queued_at >= self.delay_warning
+        )
+
+
+def record(entry: QueueEntry, outcomes: Iterable[Outcome]) -> QueueEntry:
+    """The entry after one attempt: each recipient's status and last reply, the attempt count
+    and the last error (what `queue list` shows)."""
+    by_address = {o.recipient.address: o for o in outcomes}
+    states = []
+    last_error = ""
+    for state in entry.recipients:
+        outcome = by_address.get(state.recipient.address)
+        if state.status != PENDING or outcome is None:
+            states.append(state)
+            continue
+        status = outcome.result if outcome.result in (DELIVERED, BOUNCED) else PENDING
+        if status == PENDING and not last_error:
+            last_error = outcome.reply
+        states.append(
+            attrs.evolve(
+                state,
+                status=status,
+                last_reply=outcome.reply,
+                remote=outcome.remote,
+                attempts=state.attempts + 1,
+            )
+        )
+    return attrs.evolve(
+        entry, recipients=tuple(states), attempts=entry.attempts + 1, last_error=last_error
+    )
+
+
+def expire(entry: QueueEntry) -> tuple[QueueEntry, list[RecipientState]]:
+    """Bounce every recipient still pending once the lifetime is over."""
+    expired = list(entry.pending)
+    states = tuple(
+        attrs.evolve(s, status=BOUNCED) if s.status == PENDING else s for s in entry.recipients
+    )
+    return attrs.evolve(entry, recipients=states), expired
+
+
+class Attempt(Protocol):
+    def __call__(
+        self, entry: QueueEntry, open_body: Callable[[], BinaryIO]
+    ) -> Coroutine[Any, Any, list[Outcome]]: ...
+
+
+class Reporter:
+    """Builds RFC 3464 reports and queues them like any message, with the null sender."""
+
+    def __init__(
+        self,
+        spool: ISpool,
+        hostname: str,
+        clock: IReactorTime,
+        queued: Callable[[QueueEntry], None],
+        maillog: MailLog,
+    ) -> None:
+        self._spool = spool
+        self._hostname = hostname
+        self._clock = clock
+        self._queued = queued
+        self._log = maillog
+
+    async def send(
+        self,
+        kind: Kind,
+        entry: QueueEntry,
+        recipients: Sequence[ReportedRecipient],
+        retry_until: float | None = None,
+    ) -> None:
+        if not recipients:
+            return
+        now = self._clock.seconds()
+        with self._spool.open_body(entry.queue_id) as original:
+            report = build_report(
+                kind,
+                reporting_mta=self._hostname,
+                envelope=entry.envelope,
+                recipients=recipients,
+                original=original,
+                arrival=entry.queued_at,
+                now=now,
+                queue_id=str(entry.queue_id),
+                retry_until=retry_until,
+            )
+        if report is None:
+            return
+        incoming = self._spool.receive()
+        incoming.write(report)
+        queued = await incoming.commit(report_envelope(report, entry.envelope, now))
+        self._log.bounce_sent(entry.queue_id, queued.queue_id, kind)
+        self._queued(queued)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        spool: ISpool,
+        attempt: Attempt,
+        reporter: Reporter,
+        policy: RetryPolicy,
+        maillog: MailLog,
+        *,
+        concurrency: int = 20,
+    ) -> None:
+        self._clock = clock
+        self._spool = spool
+        self._attempt = attempt
+        self._reporter = reporter
+        self._policy = policy
+        self._log = maillog
+        self._concurrency = concurrency
+        self._heap: list[tuple[float, int, QueueId]] = []
+        self._due: dict[QueueId, float] = {}  # the live heap entry per id (others are stale)
+        self._fresh: deque[QueueId] = deque()
+        self._retry: deque[QueueId] = deque()
+        self._queued: set[QueueId] = set()  # in a ready queue
+        self._active: set[QueueId] = set()
+        self._again: set[QueueId] = set()  # flushed while active: try again right after
+        self._seq = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._turn = 0
+        self._running = False
+        self.idle: Callable[[], None] | None = None  # tests: called when nothing is active
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Schedule everything in the spool (daemon start); returns how many."""
+        self._running = True
+        count = 0
+        for entry in self._spool.entries():
+            count += 1
+            if not entry.envelope.held:
+                self._wait(entry.queue_id, entry.next_attempt)
+        self._arm()
+        return count
+
+    def stop(self) -> None:
+        self._running = False
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        """A newly committed message: try it as soon as a slot is free."""
+        if entry.envelope.held:
+            return
+        self._make_ready(entry.queue_id, fresh=True)
+        self._pump()
+
+    def flush(self) -> int:
+        """Retry every waiting message now (``smarthost queue flush``)."""
+        waiting = [qid for qid in self._due]
+        self._heap.clear()
+        self._due.clear()
+        for qid in waiting:
+            self._make_ready(qid, fresh=False)
+        self._again |= self._active
+        self._pump()
+        return len(waiting) + len(self._active)
+
+    def forget(self, queue_id: QueueId) -> None:
+        """The message was deleted from the spool: drop it from the schedule."""
+        self._due.pop(queue_id, None)
+        self._again.discard(queue_id)
+        if queue_id in self._queued:
+            self._queued.discard(queue_id)
+
+    # -- the machinery ---------------------------------------------------------------------
+
+    def _wait(self, queue_id: QueueId, when: float) -> None:
+        self._due[queue_id] = when
+        heapq.heappush(self._heap, (when, next(self._seq), queue_id))
+
+    def _arm(self) -> None:
+        """One timer for the earliest waiting message."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        while self._heap and self._due.get(self._heap[0][2]) != self._heap[0][0]:
+            heapq.heappop(self._heap)  # stale: flushed, forgotten or rescheduled
+        if self._heap and self._running:
+            delay = max(0.0, self._heap[0][0] - self._clock.seconds())
+            self._timer = self._clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        now = self._clock.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            when, _, qid = heapq.heappop(self._heap)
+            if self._due.get(qid) == when:
+                del self._due[qid]
+                self._make_ready(qid, fresh=False)
+        self._arm()
+        self._pump()
+
+    def _make_ready(self, queue_id: QueueId, *, fresh: bool) -> None:
+        if queue_id in self._queued or queue_id in self._active:
+            return
+        self._queued.add(queue_id)
+        (self._fresh if fresh else self._retry).append(queue_id)
+
+    def _next_ready(self) -> QueueId | None:
+        # New mail first, but every third slot goes to a retry so neither starves.
+        self._turn += 1
+        order = (self._retry, self._fresh) if self._turn % 3 == 0 else (self._fresh, self._retry)
+        for queue in order:
+            while queue:
+                qid = queue.popleft()
+                if qid in self._queued:
+                    self._queued.discard(qid)
+                    return qid
+        return None
+
+    def _pump(self) -> None:
+        while self._running and len(self._active) < self._concurrency:
+            qid = self._next_ready()
+            if qid is None:
+                break
+            self._active.add(qid)
+            Deferred.fromCoroutine(self._guarded(qid))
+
+    async def _guarded(self, queue_id: QueueId) -> None:
+        try:
+            await self._run(queue_id)
+        except Exception:
+            # Never lost: the entry is still in the spool and is retried at the next start
+            # or flush; but say so loudly.
+            self._log.failure("{queue_id}: scheduling error", queue_id=str(queue_id))
+        finally:
+            self._finished(queue_id)
+
+    def _finished(self, queue_id: QueueId) -> None:
+        self._active.discard(queue_id)
+        if queue_id in self._again:
+            self._again.discard(queue_id)
+            if queue_id in self._due:
+                del self._due[queue_id]
+                self._make_ready(queue_id, fresh=False)
+        self._arm()
+        self._pump()
+        if not self._active and not self._fresh and not self._retry and self.idle is not None:
+            self.idle()
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    async def _run(self, queue_id: QueueId) -> None:
+        try:
+            entry = self._spool.load(queue_id)
+        except KeyError:
+            return  # deleted meanwhile
+        except CorruptEntry as e:
+            self._log.warning("{queue_id}: unreadable queue entry: {e}", queue_id=str(queue_id),
+                              e=str(e))
+            return
+        if entry.envelope.held:
+            return
+        now = self._clock.seconds()
+
+        def open_body() -> BinaryIO:
+            return self._spool.open_body(queue_id)
+
+        try:
+            outcomes = await self._attempt(entry, open_body)
+        except Exception:
+            # A crash inside delivery is a temporary failure: the message stays queued.
+            self._log.failure("{queue_id}: delivery attempt failed", queue_id=str(queue_id))
+            outcomes = []
+        for outcome in outcomes:
+            self._log.attempt(queue_id, outcome)
+        entry = record(entry, outcomes)
+        if not outcomes:
+            entry = attrs.evolve(entry, last_error="internal error during delivery")
+        await self._report(entry, outcomes, now)
+        if entry.pending and self._policy.expired(entry, now):
+            entry, expired = expire(entry)
+            await self._reporter.send(
+                "failure",
+                entry,
+                [
+                    attrs.evolve(
+                        ReportedRecipient.from_state(s, now),
+                        status=EXPIRED_STATUS,
+                        diagnostic=s.last_reply or "delivery time expired",
+                    )
+                    for s in expired
+                ],
+            )
+            for s in expired:
+                self._log.attempt(
+                    queue_id,
+                    Outcome(s.recipient, BOUNCED, f"lifetime expired; last: {s.last_reply}",
+                            s.remote, EXPIRED_STATUS),
+                )
+        elif entry.pending and self._policy.should_warn(entry, now):
+            await self._reporter.send(
+                "delay",
+                entry,
+                [ReportedRecipient.from_state(s, now) for s in entry.pending],
+                retry_until=entry.queued_at + self._policy.lifetime,
+            )
+            entry = attrs.evolve(entry, delay_warned=True)
+        if not entry.pending:
+            await self._spool.remove(queue_id)
+            self._log.removed(queue_id, "done")
+            self._due.pop(queue_id, None)
+            return
+        next_attempt = now + self._policy.delay(entry.attempts)
+        entry = attrs.evolve(entry, next_attempt=next_attempt)
+        try:
+            await self._spool.update(entry)
+        except KeyError:
+            return  # deleted while we were delivering
+        self._wait(queue_id, next_attempt)
+
+    async def _report(self, entry: QueueEntry, outcomes: list[Outcome], now: float) -> None:
+        """Failure reports for this attempt's bounces, success reports where NOTIFY asks."""
+        bounced = [ReportedRecipient.from_outcome(o, now) for o in outcomes if o.result == BOUNCED]
+        await self._reporter.send("failure", entry, bounced)
+        delivered = [
+            ReportedRecipient.from_outcome(o, now, relayed=o.remote != "maildir")
+            for o in outcomes
+            if o.result == DELIVERED and o.recipient.wants("SUCCESS") and not o.dsn_passed
+        ]
+        await self._reporter.send("success", entry, delivered)
