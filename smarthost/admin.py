@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from smarthost import auth, sasl
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.envelope import QueueEntry, QueueId
-from smarthost.spool import Spool
+from smarthost.spool import Spool, release_held
 
 CONTROL_SOCKET = "control.sock"
 
@@ -216,11 +216,30 @@ def cmd_queue_show(args: argparse.Namespace, spool: Spool) -> int:
 
 
 def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
-    for text in args.ids:
-        entry = _entry(spool, text)
+    entries = [_entry(spool, text) for text in args.ids]
+    ids = " ".join(str(e.queue_id) for e in entries)
+    # A running daemon holds the schedule: let it delete, so no delivery in flight races us.
+    answer = _notify(spool, f"delete {ids}")
+    if answer is not None:
+        if answer.startswith("error"):
+            raise CLIError(f"daemon: {answer}")
+        print(answer)
+        return 0
+    for entry in entries:
         _wait(spool.remove(entry.queue_id))
         print(f"deleted {entry.queue_id}")
-    _notify(spool, "reload")
+    return 0
+
+
+def cmd_queue_release(args: argparse.Namespace, spool: Spool) -> int:
+    answer = _notify(spool, f"release {args.user}")
+    if answer is not None:
+        if answer.startswith("error"):
+            raise CLIError(f"daemon: {answer}")
+        print(answer)
+        return 0
+    released = _wait(Deferred.fromCoroutine(release_held(spool, args.user)))
+    print(f"released {len(released)} (delivered when the daemon next starts)")
     return 0
 
 
@@ -275,6 +294,9 @@ def parser() -> argparse.ArgumentParser:
     qd = qsub.add_parser("delete", help="remove messages from the queue")
     qd.add_argument("ids", nargs="+", metavar="id")
     qd.set_defaults(queue_func=cmd_queue_delete)
+    qr = qsub.add_parser("release", help="deliver the mail held for a user (the brake)")
+    qr.add_argument("--user", required=True, help="user name (or trusted client address)")
+    qr.set_defaults(queue_func=cmd_queue_release)
     qf = qsub.add_parser("flush", help="retry every deferred message now")
     qf.set_defaults(queue_func=cmd_queue_flush)
     q.set_defaults(func=_queue)

@@ -28,8 +28,10 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
+from smarthost import limits as limits_mod
 from smarthost import reply
 from smarthost.dotreader import DataReader, DataResult
 from smarthost.envelope import (
@@ -43,6 +45,7 @@ from smarthost.envelope import (
     parse_path,
 )
 from smarthost.interfaces import IIncomingMessage, ISpool
+from smarthost.limits import Limits
 from smarthost.maillog import MailLog
 from smarthost.policy import RelayPolicy
 from smarthost.reply import Reply
@@ -67,6 +70,8 @@ UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 NOT_ACCEPTED = Reply(502, "5.5.1", "Command not implemented")
+PROTOCOL_PROBE = Reply(500, "5.5.1", "This is an SMTP server; closing")
+FORBIDDEN_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
 
 
@@ -117,9 +122,11 @@ class Session(Protocol):
         spool: ISpool,
         maillog: MailLog,
         clock: IReactorTime,
+        limits: Limits,
         accepted: Callable[[QueueEntry], None] = lambda entry: None,
     ) -> None:
         self._settings = settings
+        self._limits = limits
         self._accepted = accepted
         self._policy = policy
         self._login = login
@@ -142,6 +149,11 @@ class Session(Protocol):
         self._timeout: IDelayedCall | None = None
         self._paused = False
         self._txn = Transaction()
+        self._admitted = False  # counted by the connection limiter
+        self._errors = 0
+        self._auth_failures = 0
+        self._stalled: IDelayedCall | None = None
+        self._first_data = True
 
     # -- connection ------------------------------------------------------------------------
 
@@ -152,14 +164,23 @@ class Session(Protocol):
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
         self._address = host
+        refusal = self._limits.connections.admit(host)
+        if refusal is not None:
+            self._close(refusal)
+            return
+        self._admitted = True
         self._send(Reply(220, "", f"{self._settings.hostname} ESMTP smarthost"))
         self._reset_timeout()
 
     def connectionLost(self, reason: Failure = Protocol.connectionLost.__defaults__[0]) -> None:  # type: ignore[index]
         self._closed = True
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = None
+        for call in (self._timeout, self._stalled):
+            if call is not None and call.active():
+                call.cancel()
+        self._timeout = self._stalled = None
+        if self._admitted:
+            self._admitted = False
+            self._limits.connections.release(self._address)
         if self._incoming is not None:
             self._incoming.abort()
             self._incoming = None
@@ -174,8 +195,34 @@ class Session(Protocol):
         )
 
     def _send(self, r: Reply, extra: tuple[str, ...] = ()) -> None:
-        if not self._closed and self.transport is not None:
-            self.transport.write(r.to_bytes(extra))
+        if self._closed or self.transport is None:
+            return
+        self.transport.write(r.to_bytes(extra))
+        if r.code == 421:  # RFC 5321 3.8: 421 means the server is closing the channel
+            self._close()
+        elif r.code >= 400:
+            self._count_error()
+
+    def _count_error(self) -> None:
+        """Postfix-like error limits: past the soft limit each reply is delayed a little
+        longer; at the hard limit the connection is closed."""
+        self._errors += 1
+        limits = self._limits.settings
+        if self._errors >= limits.hard_errors:
+            self._close(limits_mod.TOO_MANY_ERRORS)
+        elif self._errors > limits.soft_errors:
+            self._stall(float(self._errors - limits.soft_errors))
+
+    def _stall(self, seconds: float) -> None:
+        """Hold back further replies (and so the client) for a while."""
+        self._busy = True
+
+        def resume() -> None:
+            self._stalled = None
+            self._busy = False
+            self._process()
+
+        self._stalled = self._clock.callLater(seconds, resume)
 
     def _close(self, r: Reply | None = None) -> None:
         if r is not None:
@@ -202,6 +249,11 @@ class Session(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._first_data:
+            self._first_data = False
+            if data[:2] == b"\x16\x03":  # a TLS ClientHello on a plaintext port
+                self._close(PROTOCOL_PROBE)
+                return
         self._reset_timeout()
         self._buffer += data
         self._process()
@@ -256,6 +308,11 @@ class Session(Protocol):
             self._send(reply.SYNTAX)
             return
         verb, _, arg = line.partition(" ")
+        if verb.upper() in FORBIDDEN_VERBS:
+            # Cross-protocol requests (an HTTP proxy or browser pointed at us): answer and
+            # close, as Postfix's smtpd_forbidden_commands does.
+            self._close(PROTOCOL_PROBE)
+            return
         handler = getattr(self, f"smtp_{verb.upper()}", None) if verb.isalpha() else None
         if handler is None:
             self._send(reply.SYNTAX)
@@ -355,6 +412,9 @@ class Session(Protocol):
         if self._txn.sender_given:
             self._send(AUTH_IN_TRANSACTION)
             return
+        if self._limits.auth.blocked(self._address):
+            self._send(limits_mod.AUTH_BLOCKED)
+            return
         name, _, initial = arg.partition(" ")
         factory = next((m for m in s.mechanisms if m.name == name.upper()), None)
         if factory is None:
@@ -383,9 +443,12 @@ class Session(Protocol):
                 self._await(self._check(step, mechanism), self._send_reply)
             else:
                 assert isinstance(step, Rejected)
+                failed = self._auth_failed(step.username or "", mechanism)
                 if step.malformed:
+                    failed.close()  # counted and logged above; the answer is a syntax error
                     self._send(BAD_BASE64)
-                self._auth_failed(step.username or "", mechanism, send=not step.malformed)
+                else:
+                    self._await(failed, self._send_reply)
 
         respond(initial.encode("ascii", "replace") if initial else None)
 
@@ -393,8 +456,7 @@ class Session(Protocol):
         try:
             user = await self._login(step.credentials)
         except UnauthorizedLogin:
-            self._auth_failed(step.username, mechanism, send=False)
-            return reply.AUTH_FAILED
+            return await self._auth_failed(step.username, mechanism)
         except Exception:
             self._log.failure("password check failed")
             return reply.AUTH_TEMP
@@ -402,10 +464,21 @@ class Session(Protocol):
         self._log.auth_succeeded(self._address, user, mechanism)
         return reply.AUTH_OK
 
-    def _auth_failed(self, user: str, mechanism: str, send: bool = True) -> None:
+    def _auth_failed(
+        self, user: str, mechanism: str
+    ) -> Coroutine[Any, Any, Reply]:
+        """Log and count a failure now; the returned coroutine answers after the throttle's
+        delay (a growing pause per address), or closes after too many on one connection."""
         self._log.auth_failed(self._address, user, mechanism)
-        if send:
-            self._send(reply.AUTH_FAILED)
+        delay = self._limits.auth.failed(self._address)
+        self._auth_failures += 1
+        too_many = self._auth_failures >= self._limits.settings.auth_failures_per_connection
+
+        async def answer() -> Reply:
+            await deferLater(self._clock, delay)
+            return limits_mod.TOO_MANY_AUTH_FAILURES if too_many else reply.AUTH_FAILED
+
+        return answer()
 
     def _send_reply(self, r: Reply | None) -> None:
         if r is not None:
@@ -439,6 +512,11 @@ class Session(Protocol):
             self._send(_address_error(path, txn.smtputf8, BAD_SENDER))
             return
         client = self._client()
+        rate_key = self._rate_key()
+        if rate_key is not None and not self._limits.rate.allowed(rate_key):
+            self._log.refused(self._address, "MAIL", str(sender or ""), "rate limit")
+            self._send(limits_mod.RATE_LIMITED)
+            return
         refusal = self._policy.check_sender(client, sender)
         if refusal is not None:
             self._log.refused(self._address, "MAIL", str(sender or ""), str(refusal))
@@ -447,6 +525,16 @@ class Session(Protocol):
         txn.sender, txn.sender_given = sender, True
         self._txn = txn
         self._send(reply.SENDER_OK)
+
+    def _rate_key(self) -> str | None:
+        """Whose hourly sending rate a message counts against: the user, or a trusted
+        address relaying without AUTH; anonymous mail (to local domains only) counts for
+        nobody."""
+        if self._user is not None:
+            return self._user
+        if self._policy.is_trusted(self._address):
+            return self._address
+        return None
 
     def _mail_param(self, txn: Transaction, key: str, value: str | None) -> Reply | None:
         if key == "SIZE":
@@ -540,6 +628,8 @@ class Session(Protocol):
             return
         self._buffer = result.leftover + self._buffer
         client = self._client()
+        rate_key = self._rate_key()
+        held = rate_key is not None and self._limits.rate.accepted(rate_key)
         envelope = Envelope(
             sender=str(txn.sender) if txn.sender is not None else "",
             recipients=tuple(txn.recipients),
@@ -551,11 +641,14 @@ class Session(Protocol):
             body=txn.body,
             smtputf8=txn.smtputf8,
             received_at=self._clock.seconds(),
+            held=held,
         )
 
         async def commit() -> Reply:
             entry = await incoming.commit(envelope)
             self._log.accepted(entry, self._policy.describe(client))
+            if held:
+                self._log.held(entry, rate_key or "")
             self._accepted(entry)
             return Reply(250, "2.0.0", f"Ok: queued as {entry.queue_id}")
 

@@ -487,3 +487,17 @@ class Spool:
 
         d.addBoth(forget)
         return d
+
+
+async def release_held(spool: ISpool, name: str) -> list[QueueEntry]:
+    """Un-hold every message held for ``name`` (a user, or the trusted client address of
+    unauthenticated mail); returns the released entries, to be scheduled by the caller."""
+    released = []
+    for entry in list(spool.entries()):
+        env = entry.envelope
+        owner = env.user if env.user is not None else env.client_address
+        if env.held and owner == name:
+            entry = attrs.evolve(entry, envelope=attrs.evolve(env, held=False))
+            await spool.update(entry)
+            released.append(entry)
+    return released

@@ -25,6 +25,7 @@ from smarthost import auth, control, listen, sasl, tlscert
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.courier import Courier
 from smarthost.envelope import QueueEntry, QueueId
+from smarthost.limits import Limits, LimitSettings
 from smarthost.maildir import MaildirDelivery
 from smarthost.maillog import EventFile, MailLog
 from smarthost.nexthop import Credentials, NextHopResolver, make_resolver
@@ -32,7 +33,7 @@ from smarthost.outbound import SMTPDelivery
 from smarthost.policy import RelayPolicy
 from smarthost.scheduler import Reporter, RetryPolicy, Scheduler
 from smarthost.session import SMTP, SUBMISSION, SUBMISSIONS, Session, SessionSettings
-from smarthost.spool import Spool
+from smarthost.spool import Spool, release_held
 
 
 class Options(usage.Options):
@@ -121,6 +122,7 @@ class Parts:
     portal: Any
     server_tls: ssl.CertificateOptions
     scheduler: Scheduler
+    limits: Limits
 
 
 def build_parts(config: Config, reactor: Any) -> Parts:
@@ -172,6 +174,18 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         portal=auth.build_portal(users, deferToThread),
         server_tls=server_tls,
         scheduler=build_scheduler(config, reactor, spool, maillog),
+        limits=Limits(reactor, limit_settings(config)),
+    )
+
+
+def limit_settings(config: Config) -> LimitSettings:
+    limits = config.limits
+    return LimitSettings(
+        connections=limits.connections,
+        connections_per_ip=limits.connections_per_ip,
+        auth_failures_per_ip=limits.auth_failures_per_ip,
+        messages_per_user_per_hour=limits.messages_per_user_per_hour,
+        hold_user_after_per_hour=limits.hold_user_after_per_hour,
     )
 
 
@@ -239,7 +253,7 @@ class DeliveryService(Service):
         path = Path(parts.spool.directory) / control.SOCKET_NAME
         endpoint = UNIXServerEndpoint(self._reactor, str(path), mode=0o600, wantPID=True)
         factory = control.ControlFactory(
-            {"flush": self._flush, "delete": self._delete}
+            {"flush": self._flush, "delete": self._delete, "release": self._release}
         )
         endpoint.listen(factory).addCallbacks(
             self._listening, lambda f: parts.maillog.failure("control socket", failure=f)
@@ -265,6 +279,17 @@ class DeliveryService(Service):
             self._parts.maillog.removed(queue_id, "deleted by the operator")
             deleted += 1
         return f"deleted {deleted}"
+
+    async def _release(self, args: list[str]) -> str:
+        if len(args) != 1:
+            return "error: release needs one user name"
+        released = await release_held(self._parts.spool, args[0])
+        for entry in released:
+            self._parts.maillog.notice(
+                "{queue_id}: released by the operator", queue_id=str(entry.queue_id)
+            )
+            self._parts.scheduler.enqueue(entry)
+        return f"released {len(released)}"
 
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()
@@ -298,6 +323,7 @@ def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
             parts.spool,
             parts.maillog,
             reactor,
+            parts.limits,
             accepted=parts.scheduler.enqueue,
         )
 

@@ -81,6 +81,7 @@ class Daemon:
                                        + self.text())
                 self._pending += chunk
                 *lines, self._pending = self._pending.split(b"\n")
+                # Keep every line (a later wait may want one that came in the same chunk).
                 for raw in lines:
                     line = raw.decode("utf-8", "replace")
                     self.log.append(line)
@@ -89,8 +90,8 @@ class Daemon:
                         self.ports.setdefault(m.group(1), int(m.group(3)))
                     if pattern.search(line):
                         seen.append(line)
-                        if len(seen) >= count:
-                            return line
+                if len(seen) >= count:
+                    return seen[count - 1]
 
     def text(self) -> str:
         return "\n".join(self.log)

@@ -7,6 +7,7 @@ Format, one directive per line:
   ``S: text``          the next reply line; ``*`` matches any run of characters
   ``S: <closed>``      the server has closed the connection
   ``Q: n``             n messages are now committed to the spool
+  ``H: n``             n of them are held (the compromised-account brake)
   ``# ...``            comment
 The session runs on a StringTransport with a real spool (in a temporary directory, fsync
 included) and a real cred portal over a bcrypt users file.
@@ -27,6 +28,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from smarthost import auth, sasl
+from smarthost.limits import Limits, LimitSettings
 from smarthost.maillog import MailLog
 from smarthost.policy import RelayPolicy
 from smarthost.session import Session, SessionSettings
@@ -70,8 +72,17 @@ class Dialog:
         def login(credentials: Any) -> Deferred[str]:
             return auth.PortalLogin(portal)(credentials)
 
+        limits = Limits(
+            self.clock,
+            LimitSettings(
+                connections_per_ip=int(settings.get("connections_per_ip", "50")),
+                auth_failures_per_ip=int(settings.get("auth_failures_per_ip", "10")),
+                messages_per_user_per_hour=int(settings.get("rate", "1000")),
+                hold_user_after_per_hour=int(settings.get("hold_after", "5000")),
+            ),
+        )
         self.session = Session(
-            session_settings, policy, login, self.spool, MailLog(self.clock), self.clock
+            session_settings, policy, login, self.spool, MailLog(self.clock), self.clock, limits
         )
         host, port = settings.get("client", "192.0.2.7:4321").rsplit(":", 1)
         from twisted.internet.address import IPv4Address
@@ -81,6 +92,12 @@ class Dialog:
         self.replies: list[str] = []
 
     def read_replies(self) -> None:
+        # Let deliberate delays (AUTH throttle, error stalls) pass in virtual time, one
+        # second at a time and only while nothing has been answered.
+        for _ in range(30):
+            if self.transport.value() or self.replies:
+                break
+            self.clock.advance(1)
         data = self.transport.value().decode("utf-8")
         self.transport.clear()
         self.replies += data.split("\r\n")[:-1] if data else []
@@ -100,7 +117,7 @@ def parse(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
             settings.update(item.split("=", 1) for item in raw[2:].split())
             continue
         kind, text = raw[:2], raw[3:]
-        assert kind in ("C:", "C!", "S:", "Q:"), f"{path.name}: bad line {raw!r}"
+        assert kind in ("C:", "C!", "S:", "Q:", "H:"), f"{path.name}: bad line {raw!r}"
         steps.append((kind, text))
     return settings, steps
 
@@ -118,6 +135,9 @@ def test_dialog(path: Path, tmp_path: Path) -> None:
             dialog.session.dataReceived(codecs.escape_decode(text.encode("utf-8"))[0])
         elif kind == "Q:":
             assert len(dialog.spool.queue_ids()) == int(text), f"step {line_no}: queue"
+        elif kind == "H:":
+            held = [e for e in dialog.spool.entries() if e.envelope.held]
+            assert len(held) == int(text), f"step {line_no}: held"
         else:
             dialog.read_replies()
             if text == "<closed>":
