@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
 
 from smarthost import auth, sasl
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.envelope import QueueEntry, QueueId
+from smarthost.hooks import Context, PluginError, build_plugins
 from smarthost.spool import Spool, release_held
 
 CONTROL_SOCKET = "control.sock"
@@ -37,6 +39,13 @@ class _WallClock:
 
     def seconds(self) -> float:
         return time.time()
+
+
+class _NoLookups:
+    """check-config builds plugins but never runs them: no DNS query may leave."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("no DNS lookups while checking a configuration")
 
 
 def _run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -109,6 +118,12 @@ def _read_password() -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
+    # Plugins validate their own settings when built; nothing is started.
+    context = Context(Clock(), config.hostname, _NoLookups(), _run_now)
+    try:
+        build_plugins(config.plugins.enabled, config.plugins.settings, context)
+    except PluginError as e:
+        raise CLIError(f"configuration error: {e}") from None
     print(f"{args.config or 'embedded default'}: OK (hostname {config.hostname})")
     return 0
 

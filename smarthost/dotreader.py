@@ -143,3 +143,35 @@ class DataReader:
         self._done = True
         self._tail = b""
         return DataResult(reply.BARE_LINE_ENDING, fatal=True, leftover=b"", size=self._size)
+
+
+class HeaderCapture:
+    """Keeps the header section of a message as it streams past (for plugins that look at
+    headers), so nobody has to read the spooled file back for them. Bounded: a header section
+    longer than ``limit`` is cut there (the message itself is not)."""
+
+    def __init__(self, limit: int = 256 * 1024) -> None:
+        self._buffer = bytearray()
+        self._limit = limit
+        self._done = False
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            return
+        start = max(0, len(self._buffer) - 3)
+        self._buffer += data
+        if self._buffer.startswith(b"\r\n"):  # no header section at all
+            self._buffer.clear()
+            self._done = True
+            return
+        end = self._buffer.find(b"\r\n\r\n", start)
+        if end >= 0:
+            del self._buffer[end + 2 :]
+            self._done = True
+        elif len(self._buffer) > self._limit:
+            del self._buffer[self._limit :]
+            self._done = True
+
+    @property
+    def value(self) -> bytes:
+        return bytes(self._buffer)

@@ -7,13 +7,16 @@ so a third-party package needs to import nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import BinaryIO
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
+import attrs
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime, IResolver
 from zope.interface import Attribute, Interface
 
-from smarthost.envelope import Envelope, QueueEntry, QueueId
+from smarthost.envelope import Client, Envelope, Outcome, QueueEntry, QueueId
+from smarthost.reply import Reply
 
 
 class IIncomingMessage(Interface):
@@ -30,6 +33,12 @@ class IIncomingMessage(Interface):
 
     def abort() -> None:
         """Throw the partial message away (client vanished, size exceeded, bad data)."""
+
+    def read() -> bytes:
+        """Everything written so far (for content checks and signers before commit)."""
+
+    def prepend(data: bytes) -> None:
+        """Put ``data`` (header lines) before everything written so far."""
 
 
 class ISpool(Interface):
@@ -52,3 +61,86 @@ class ISpool(Interface):
 
     def remove(queue_id: QueueId) -> Deferred[None]:
         """Durably delete a message that is fully delivered, bounced or deleted."""
+
+
+# -- the plugin API ------------------------------------------------------------------------
+#
+# A plugin is a Twisted plugin (found with twisted.plugin.getPlugins over the
+# ``smarthost.plugins`` package namespace) providing ISmarthostPlugin. When it is named in
+# ``[plugins] enabled``, its ``build`` is called once at start with its ``[plugins.NAME]``
+# table; the object returned provides one or more of the stage interfaces below.
+#
+# Plugins can only say no: a check returns None (no objection) or a Reply to send instead.
+# Relay permission belongs to the core. A check that raises, or does not answer within its
+# time limit, makes the session answer 451 4.3.0 (fail closed).
+
+
+class PluginContext(Interface):
+    """What a plugin may use: injected, so a plugin is as testable as the core."""
+
+    clock: IReactorTime = Attribute("The reactor's clock (callLater, seconds).")
+    hostname: str = Attribute("Our host name.")
+    resolver: IResolver = Attribute("DNS lookups (twisted.names), per [delivery] nameservers.")
+    run_blocking: Callable[..., Deferred[Any]] = Attribute(
+        "Run a blocking callable off the reactor thread: run_blocking(f, *args)."
+    )
+
+
+class ISmarthostPlugin(Interface):
+    """What ``twisted.plugin.getPlugins(ISmarthostPlugin, smarthost.plugins)`` finds."""
+
+    name: str = Attribute("The name used in [plugins] enabled.")
+
+    def build(settings: Mapping[str, Any], context: PluginContext) -> object:
+        """Validate ``settings`` (raise ValueError naming the bad setting) and return the
+        object that provides the stage interfaces."""
+
+
+class IConnectCheck(Interface):
+    def check_connect(client: Client) -> Awaitable[Reply | None]:
+        """When the client connects, before the banner (a refusal is sent instead of it)."""
+
+
+class IHeloCheck(Interface):
+    def check_helo(client: Client, helo: str) -> Awaitable[Reply | None]:
+        """At EHLO/HELO."""
+
+
+class IMailCheck(Interface):
+    def check_mail(client: Client, sender: str) -> Awaitable[Reply | None]:
+        """At MAIL FROM, after the core's own checks passed ("" is the null sender)."""
+
+
+class IRcptCheck(Interface):
+    def check_rcpt(client: Client, sender: str, recipient: str) -> Awaitable[Reply | None]:
+        """At RCPT TO, after the relay rule accepted the recipient."""
+
+
+class IDataCheck(Interface):
+    def check_data(client: Client, message: MessageView) -> Awaitable[Reply | None]:
+        """At the end of DATA, before the spool commit: the last chance to refuse."""
+
+
+class IHeaderAdder(Interface):
+    def add_headers(
+        client: Client, message: MessageView
+    ) -> Awaitable[Sequence[tuple[str, str]]]:
+        """Headers to put on top of the message before it is committed (e.g. a
+        DKIM-Signature); after every IDataCheck has passed."""
+
+
+class IDeliveryObserver(Interface):
+    def delivery(entry: QueueEntry, outcome: Outcome) -> None:
+        """Called for every recipient's result (delivered, deferred or bounced). Must not
+        block; exceptions are logged and ignored (delivery goes on)."""
+
+
+@attrs.frozen
+class MessageView:
+    """A message at the end of DATA, before commit: its envelope, its header block, its size
+    and a way to read all of it (for signers and content scanners)."""
+
+    envelope: Envelope
+    headers: bytes = attrs.field(repr=False)  # the header section as received (CRLF lines)
+    size: int
+    read: Callable[[], bytes] = attrs.field(repr=False)  # the whole message (blocking)

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from smarthost import limits as limits_mod
 from smarthost import reply
-from smarthost.dotreader import DataReader, DataResult
+from smarthost.dotreader import DataReader, DataResult, HeaderCapture
 from smarthost.envelope import (
     NOTIFY_KEYWORDS,
     Address,
@@ -44,7 +44,8 @@ from smarthost.envelope import (
     Recipient,
     parse_path,
 )
-from smarthost.interfaces import IIncomingMessage, ISpool
+from smarthost.hooks import Hooks, format_headers
+from smarthost.interfaces import IIncomingMessage, ISpool, MessageView
 from smarthost.limits import Limits
 from smarthost.maillog import MailLog
 from smarthost.policy import RelayPolicy
@@ -56,6 +57,7 @@ SUBMISSION, SUBMISSIONS, SMTP = "submission", "submissions", "smtp"
 MAX_COMMAND_LINE = 16384  # RFC 5321 says 512; AUTH responses and long parameters need more
 MAX_BUFFER = 1 << 20  # pipelined bytes held while a reply is pending, before we stop reading
 
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
@@ -123,10 +125,12 @@ class Session(Protocol):
         maillog: MailLog,
         clock: IReactorTime,
         limits: Limits,
+        hooks: Hooks | None = None,
         accepted: Callable[[QueueEntry], None] = lambda entry: None,
     ) -> None:
         self._settings = settings
         self._limits = limits
+        self._hooks = hooks if hooks is not None else Hooks((), clock)
         self._accepted = accepted
         self._policy = policy
         self._login = login
@@ -154,6 +158,8 @@ class Session(Protocol):
         self._auth_failures = 0
         self._stalled: IDelayedCall | None = None
         self._first_data = True
+        self._write_failed = False  # the spool could not take the data (disk full)
+        self._headers: HeaderCapture | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -169,8 +175,21 @@ class Session(Protocol):
             self._close(refusal)
             return
         self._admitted = True
-        self._send(Reply(220, "", f"{self._settings.hostname} ESMTP smarthost"))
         self._reset_timeout()
+        banner = Reply(220, "", f"{self._settings.hostname} ESMTP smarthost")
+        if not self._hooks.connect:
+            self._send(banner)
+            return
+
+        async def check() -> Reply | None:
+            refusal = await self._hooks.check_connect(self._client())
+            if refusal is None:
+                return banner
+            self._log.refused(self._address, "CONNECT", "", str(refusal))
+            self._close(refusal)
+            return None
+
+        self._await(check(), self._send_reply)
 
     def connectionLost(self, reason: Failure = Protocol.connectionLost.__defaults__[0]) -> None:  # type: ignore[index]
         self._closed = True
@@ -342,20 +361,37 @@ class Session(Protocol):
     # -- commands --------------------------------------------------------------------------
 
     def smtp_EHLO(self, arg: str) -> None:
-        if not arg:
-            self._send(reply.PARAM_SYNTAX)
-            return
-        self._helo, self._esmtp = arg, True
-        self._txn = Transaction()
-        self._send(Reply(250, "", self._settings.hostname), self._extensions())
+        self._hello(arg, esmtp=True)
 
     def smtp_HELO(self, arg: str) -> None:
+        self._hello(arg, esmtp=False)
+
+    def _hello(self, arg: str, *, esmtp: bool) -> None:
         if not arg:
             self._send(reply.PARAM_SYNTAX)
             return
-        self._helo, self._esmtp = arg, False
-        self._txn = Transaction()
-        self._send(Reply(250, "", self._settings.hostname))
+
+        def greet() -> None:
+            self._helo, self._esmtp = arg, esmtp
+            self._txn = Transaction()
+            if esmtp:
+                self._send(Reply(250, "", self._settings.hostname), self._extensions())
+            else:
+                self._send(Reply(250, "", self._settings.hostname))
+
+        if not self._hooks.helo:
+            greet()
+            return
+
+        async def check() -> Reply | None:
+            refusal = await self._hooks.check_helo(self._client(), arg)
+            if refusal is not None:
+                self._log.refused(self._address, "HELO", arg, str(refusal))
+                return refusal
+            greet()
+            return None
+
+        self._await(check(), self._send_reply)
 
     def _extensions(self) -> tuple[str, ...]:
         s = self._settings
@@ -522,9 +558,24 @@ class Session(Protocol):
             self._log.refused(self._address, "MAIL", str(sender or ""), str(refusal))
             self._send(refusal)
             return
-        txn.sender, txn.sender_given = sender, True
-        self._txn = txn
-        self._send(reply.SENDER_OK)
+
+        def accept() -> Reply:
+            txn.sender, txn.sender_given = sender, True
+            self._txn = txn
+            return reply.SENDER_OK
+
+        if not self._hooks.mail:
+            self._send(accept())
+            return
+
+        async def check() -> Reply:
+            refusal = await self._hooks.check_mail(client, str(sender or ""))
+            if refusal is not None:
+                self._log.refused(self._address, "MAIL", str(sender or ""), str(refusal))
+                return refusal
+            return accept()
+
+        self._await(check(), self._send_reply)
 
     def _rate_key(self) -> str | None:
         """Whose hourly sending rate a message counts against: the user, or a trusted
@@ -592,11 +643,28 @@ class Session(Protocol):
             self._send(refusal)
             return
         recipient = Recipient(str(address), notify, orcpt)
-        # The same address twice is one recipient: each is delivered once (the 250 still
-        # goes out, as Postfix's cleanup does).
-        if all(r.address.lower() != recipient.address.lower() for r in self._txn.recipients):
-            self._txn.recipients.append(recipient)
-        self._send(reply.RECIPIENT_OK)
+        txn = self._txn
+
+        def accept() -> Reply:
+            # The same address twice is one recipient: each is delivered once (the 250
+            # still goes out, as Postfix's cleanup does).
+            if all(r.address.lower() != recipient.address.lower() for r in txn.recipients):
+                txn.recipients.append(recipient)
+            return reply.RECIPIENT_OK
+
+        if not self._hooks.rcpt:
+            self._send(accept())
+            return
+
+        async def check() -> Reply:
+            sender = str(txn.sender) if txn.sender is not None else ""
+            refusal = await self._hooks.check_rcpt(self._client(), sender, recipient.address)
+            if refusal is not None:
+                self._log.refused(self._address, "RCPT", recipient.address, str(refusal))
+                return refusal
+            return accept()
+
+        self._await(check(), self._send_reply)
 
     def smtp_DATA(self, arg: str) -> None:
         if arg:
@@ -609,27 +677,51 @@ class Session(Protocol):
             self._send(NO_RECIPIENTS)
             return
         self._incoming = self._spool.receive()
-        self._incoming.write(self._received_header(self._incoming.queue_id.value))
-        self._reader = DataReader(self._incoming.write, self._settings.max_size)
+        self._write_failed = False
+        self._headers = HeaderCapture() if (self._hooks.data or self._hooks.headers) else None
+        try:
+            self._incoming.write(self._received_header(self._incoming.queue_id.value))
+        except OSError:
+            self._incoming.abort()
+            self._incoming = None
+            self._send(NO_STORAGE)
+            return
+        self._reader = DataReader(self._write, self._settings.max_size)
         self._send(reply.START_DATA)
+
+    def _write(self, data: bytes) -> None:
+        """The DATA sink: a full disk must answer 452 at the end, not kill the session."""
+        if self._write_failed or self._incoming is None:
+            return
+        if self._headers is not None:
+            self._headers.feed(data)
+        try:
+            self._incoming.write(data)
+        except OSError:
+            self._log.failure("{queue_id}: cannot write to the spool",
+                              queue_id=str(self._incoming.queue_id))
+            self._write_failed = True
 
     def _end_of_data(self, result: DataResult) -> None:
         self._reader = None
         incoming, self._incoming = self._incoming, None
         assert incoming is not None
         txn, self._txn = self._txn, Transaction()
-        if result.error is not None:
+        headers, self._headers = self._headers, None
+        error = result.error
+        if error is None and self._write_failed:
+            error = NO_STORAGE
+        if error is not None:
             incoming.abort()
             if result.fatal:
-                self._close(result.error)
+                self._close(error)
                 return
-            self._send(result.error)
+            self._send(error)
             self._buffer = result.leftover + self._buffer
             return
         self._buffer = result.leftover + self._buffer
         client = self._client()
         rate_key = self._rate_key()
-        held = rate_key is not None and self._limits.rate.accepted(rate_key)
         envelope = Envelope(
             sender=str(txn.sender) if txn.sender is not None else "",
             recipients=tuple(txn.recipients),
@@ -641,10 +733,25 @@ class Session(Protocol):
             body=txn.body,
             smtputf8=txn.smtputf8,
             received_at=self._clock.seconds(),
-            held=held,
         )
 
         async def commit() -> Reply:
+            nonlocal envelope
+            if headers is not None:
+                view = MessageView(envelope, headers.value, result.size, incoming.read)
+                refusal = await self._hooks.check_data(client, view)
+                if refusal is None:
+                    added = await self._hooks.added_headers(client, view)
+                    if isinstance(added, Reply):
+                        refusal = added
+                    elif added:
+                        incoming.prepend(format_headers(added))
+                if refusal is not None:
+                    incoming.abort()
+                    self._log.refused(self._address, "DATA", envelope.sender, str(refusal))
+                    return refusal
+            held = rate_key is not None and self._limits.rate.accepted(rate_key)
+            envelope = attrs.evolve(envelope, held=held)
             entry = await incoming.commit(envelope)
             self._log.accepted(entry, self._policy.describe(client))
             if held:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any, BinaryIO
@@ -237,6 +238,38 @@ class IncomingMessage:
             for path in (state, state_tmp, data, body_tmp):
                 _unlink_quietly(path)
             raise
+
+    def read(self) -> bytes:
+        """Everything written so far; only plugins that must see the whole message (signers,
+        scanners) call this, at the end of DATA."""
+        if self._state != _RECEIVING:
+            raise RuntimeError(f"{self.queue_id}: read after commit or abort")
+        self._file.flush()
+        with open(self._paths.body_tmp(self.queue_id), "rb") as f:
+            return f.read()
+
+    def prepend(self, data: bytes) -> None:
+        """Rewrite the temp file as ``data`` + what is there: one copy of the message, paid
+        only when a plugin adds headers (the body is already on disk by then)."""
+        if self._state != _RECEIVING:
+            raise RuntimeError(f"{self.queue_id}: prepend after commit or abort")
+        path = self._paths.body_tmp(self.queue_id)
+        self._file.flush()
+        fd = _create(path + ".new")
+        try:
+            new = os.fdopen(fd, "wb")
+            new.write(data)
+            new.flush()
+            with open(path, "rb") as old:
+                shutil.copyfileobj(old, new)
+            new.flush()
+        except BaseException:
+            _unlink_quietly(path + ".new")
+            raise
+        os.replace(path + ".new", path)
+        self._file.close()
+        self._file = new
+        self._size += len(data)
 
     def abort(self) -> None:
         """Idempotent. Once commit has started it cannot be recalled, so abort does nothing:

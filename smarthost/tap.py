@@ -25,10 +25,11 @@ from smarthost import auth, control, listen, sasl, tlscert
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.courier import Courier
 from smarthost.envelope import QueueEntry, QueueId
+from smarthost.hooks import Context, Hooks, PluginError, build_plugins
 from smarthost.limits import Limits, LimitSettings
 from smarthost.maildir import MaildirDelivery
 from smarthost.maillog import EventFile, MailLog
-from smarthost.nexthop import Credentials, NextHopResolver, make_resolver
+from smarthost.nexthop import Credentials, DNSLookups, NextHopResolver, make_resolver
 from smarthost.outbound import SMTPDelivery
 from smarthost.policy import RelayPolicy
 from smarthost.scheduler import Reporter, RetryPolicy, Scheduler
@@ -123,6 +124,8 @@ class Parts:
     server_tls: ssl.CertificateOptions
     scheduler: Scheduler
     limits: Limits
+    hooks: Hooks
+    users: auth.UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
 
 
 def build_parts(config: Config, reactor: Any) -> Parts:
@@ -166,6 +169,15 @@ def build_parts(config: Config, reactor: Any) -> Parts:
     policy = RelayPolicy(
         relay.local_domains, relay.trusted_networks, relay.senders, local_recipients
     )
+    resolver = make_resolver(list(config.delivery.nameservers), reactor)
+    context = Context(reactor, config.hostname, resolver, deferToThread)
+    try:
+        plugins = build_plugins(config.plugins.enabled, config.plugins.settings, context)
+    except PluginError as e:
+        raise usage.UsageError(f"configuration error: {e}") from None
+    for name, _ in plugins:
+        maillog.notice("plugin {name} enabled", name=name)
+    hooks = Hooks(plugins, reactor)
     return Parts(
         config=config,
         spool=spool,
@@ -173,8 +185,10 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         policy=policy,
         portal=auth.build_portal(users, deferToThread),
         server_tls=server_tls,
-        scheduler=build_scheduler(config, reactor, spool, maillog),
+        scheduler=build_scheduler(config, reactor, spool, maillog, resolver),
         limits=Limits(reactor, limit_settings(config)),
+        hooks=hooks,
+        users=users,
     )
 
 
@@ -202,12 +216,14 @@ def _upstream(config: Config) -> Credentials | None:
     return Credentials(upstream.username, password)
 
 
-def build_scheduler(config: Config, reactor: Any, spool: Spool, maillog: MailLog) -> Scheduler:
+def build_scheduler(
+    config: Config, reactor: Any, spool: Spool, maillog: MailLog, dns: DNSLookups
+) -> Scheduler:
     from twisted.internet.threads import deferToThread
 
     delivery = config.delivery
     resolver = NextHopResolver(
-        make_resolver(list(delivery.nameservers), reactor),
+        dns,
         clock=reactor,
         local_domains=config.relay.local_domains,
         local=delivery.local,
@@ -310,7 +326,9 @@ def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
         command_timeout=config.limits.command_timeout,
         allow_plaintext_auth=config.auth.allow_plaintext,
         tls=parts.server_tls,
-        mechanisms=sasl.build_mechanisms(config.auth.mechanisms) if role != SMTP else (),
+        mechanisms=sasl.build_mechanisms(
+            config.auth.mechanisms, users=parts.users, hostname=config.hostname, clock=reactor
+        ) if role != SMTP else (),
     )
 
     login = auth.PortalLogin(parts.portal)
@@ -324,6 +342,7 @@ def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
             parts.maillog,
             reactor,
             parts.limits,
+            parts.hooks,
             accepted=parts.scheduler.enqueue,
         )
 

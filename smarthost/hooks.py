@@ -1,0 +1,203 @@
+"""Runs the enabled plugins' checks for the session: in order, each with a time limit, and
+failing closed — a plugin that raises or does not answer makes the session say 451 4.3.0.
+
+Plugins can only refuse: the first Reply wins and later plugins are not asked.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.plugin import getPlugins
+from zope.interface import implementer
+from zope.interface.exceptions import Invalid
+from zope.interface.interface import InterfaceClass
+from zope.interface.verify import verifyObject
+
+from smarthost.envelope import Client, Outcome, QueueEntry
+from smarthost.interfaces import (
+    IConnectCheck,
+    IDataCheck,
+    IDeliveryObserver,
+    IHeaderAdder,
+    IHeloCheck,
+    IMailCheck,
+    IRcptCheck,
+    ISmarthostPlugin,
+    MessageView,
+    PluginContext,
+)
+from smarthost.reply import Reply
+
+PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")
+DEFAULT_TIMEOUT = 30.0
+
+_log = Logger(namespace="smarthost.plugins")
+
+
+class Hooks:
+    def __init__(
+        self, plugins: Sequence[tuple[str, object]], clock: IReactorTime,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self._clock = clock
+        self._timeout = timeout
+
+        def providing(interface: InterfaceClass) -> list[tuple[str, Any]]:
+            return [(name, p) for name, p in plugins if interface.providedBy(p)]
+
+        self.connect = providing(IConnectCheck)
+        self.helo = providing(IHeloCheck)
+        self.mail = providing(IMailCheck)
+        self.rcpt = providing(IRcptCheck)
+        self.data = providing(IDataCheck)
+        self.headers = providing(IHeaderAdder)
+        self.observers = providing(IDeliveryObserver)
+
+    async def check_connect(self, client: Client) -> Reply | None:
+        return await self._first(self.connect, lambda p: p.check_connect(client))
+
+    async def check_helo(self, client: Client, helo: str) -> Reply | None:
+        return await self._first(self.helo, lambda p: p.check_helo(client, helo))
+
+    async def check_mail(self, client: Client, sender: str) -> Reply | None:
+        return await self._first(self.mail, lambda p: p.check_mail(client, sender))
+
+    async def check_rcpt(self, client: Client, sender: str, recipient: str) -> Reply | None:
+        return await self._first(self.rcpt, lambda p: p.check_rcpt(client, sender, recipient))
+
+    async def check_data(self, client: Client, message: MessageView) -> Reply | None:
+        return await self._first(self.data, lambda p: p.check_data(client, message))
+
+    async def added_headers(
+        self, client: Client, message: MessageView
+    ) -> list[tuple[str, str]] | Reply:
+        added: list[tuple[str, str]] = []
+        for name, plugin in self.headers:
+            try:
+                headers = await self._call(plugin.add_headers(client, message))
+            except Exception:
+                _log.failure("plugin {plugin} failed adding headers", plugin=name)
+                return PLUGIN_FAILED
+            for field, value in headers:
+                if not _safe_header(field, value):
+                    _log.error("plugin {plugin} returned a malformed header", plugin=name)
+                    return PLUGIN_FAILED
+                added.append((field, value))
+        return added
+
+    def observe(self, entry: QueueEntry, outcome: Outcome) -> None:
+        for name, plugin in self.observers:
+            try:
+                plugin.delivery(entry, outcome)
+            except Exception:
+                _log.failure("plugin {plugin} failed observing a delivery", plugin=name)
+
+    async def _first(
+        self, plugins: list[tuple[str, Any]], call: Callable[[Any], Awaitable[Reply | None]]
+    ) -> Reply | None:
+        for name, plugin in plugins:
+            try:
+                verdict = await self._call(call(plugin))
+            except Exception:
+                _log.failure("plugin {plugin} failed; answering 451", plugin=name)
+                return PLUGIN_FAILED
+            if verdict is not None:
+                if not isinstance(verdict, Reply) or verdict.code < 400:
+                    # Plugins may only refuse: anything else is a broken plugin.
+                    _log.error("plugin {plugin} returned {verdict!r}", plugin=name,
+                               verdict=verdict)
+                    return PLUGIN_FAILED
+                return verdict
+        return None
+
+    async def _call(self, result: Awaitable[Any] | Any) -> Any:
+        """A plugin's answer, awaited under the time limit (a plain value is taken as is)."""
+        if not inspect.isawaitable(result):
+            return result
+        d = result if isinstance(result, Deferred) else Deferred.fromCoroutine(_wait(result))
+        d.addTimeout(self._timeout, self._clock)
+        return await d
+
+
+async def _wait(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
+
+
+def _safe_header(field: str, value: str) -> bool:
+    return (
+        bool(field)
+        and all(33 <= ord(c) <= 126 and c != ":" for c in field)
+        and "\r" not in value.replace("\r\n\t", "").replace("\r\n ", "")
+        and "\n" not in value.replace("\r\n\t", "").replace("\r\n ", "")
+    )
+
+
+def format_headers(headers: Sequence[tuple[str, str]]) -> bytes:
+    return b"".join(f"{field}: {value}\r\n".encode() for field, value in headers)
+
+
+@implementer(PluginContext)
+@attrs.frozen
+class Context:
+    clock: IReactorTime
+    hostname: str
+    resolver: Any  # IResolver's lookup methods (twisted.names client), see PluginContext
+    run_blocking: Callable[..., Deferred[Any]]
+
+
+class PluginError(ValueError):
+    """A plugin named in the config is missing or refuses its settings; ``key`` names it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+
+
+def available_plugins() -> dict[str, ISmarthostPlugin]:
+    """Every plugin installed in the ``smarthost.plugins`` namespace, by name."""
+    import smarthost.plugins
+
+    found: dict[str, ISmarthostPlugin] = {}
+    for plugin in getPlugins(ISmarthostPlugin, smarthost.plugins):
+        found.setdefault(plugin.name, plugin)
+    return found
+
+
+def build_plugins(
+    enabled: Sequence[str], settings: Mapping[str, Mapping[str, Any]], context: Context
+) -> list[tuple[str, object]]:
+    """Build the enabled plugins in order; errors name the config key."""
+    available = available_plugins()
+    built: list[tuple[str, object]] = []
+    for i, name in enumerate(enabled):
+        plugin = available.get(name)
+        if plugin is None:
+            known = ", ".join(sorted(available)) or "none installed"
+            raise PluginError(f"plugins.enabled[{i}]", f"no plugin named {name!r} ({known})")
+        try:
+            obj = plugin.build(settings.get(name, {}), context)
+        except ValueError as e:
+            raise PluginError(f"plugins.{name}", str(e)) from None
+        stages = [i for i in _STAGES if i.providedBy(obj)]
+        if not stages:
+            raise PluginError(f"plugins.{name}", "the plugin provides no stage interface")
+        for interface in stages:
+            try:
+                verifyObject(interface, obj)
+            except Invalid as e:
+                raise PluginError(f"plugins.{name}", f"broken plugin: {e}") from None
+        built.append((name, obj))
+    return built
+
+
+_STAGES = (
+    IConnectCheck, IHeloCheck, IMailCheck, IRcptCheck, IDataCheck, IHeaderAdder,
+    IDeliveryObserver,
+)
