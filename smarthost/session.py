@@ -35,7 +35,6 @@ from smarthost import limits as limits_mod
 from smarthost import reply
 from smarthost.dotreader import DataReader, DataResult, HeaderCapture
 from smarthost.envelope import (
-    NOTIFY_KEYWORDS,
     Address,
     AddressError,
     Client,
@@ -48,6 +47,7 @@ from smarthost.hooks import Hooks, format_headers
 from smarthost.interfaces import IIncomingMessage, ISpool, MessageView
 from smarthost.limits import Limits
 from smarthost.maillog import MailLog
+from smarthost.params import mail_params, rcpt_params, split_path
 from smarthost.policy import RelayPolicy
 from smarthost.reply import Reply
 from smarthost.sasl import Challenge, Credentials, ISASLMechanism, Rejected
@@ -530,18 +530,14 @@ class Session(Protocol):
         if not arg[:5].upper() == "FROM:":
             self._send(reply.PARAM_SYNTAX)
             return
-        path, params = _split_path(arg[5:])
-        try:
-            options = _parse_params(params)
-        except ValueError:
-            self._send(reply.PARAM_SYNTAX)
+        path, text = split_path(arg[5:])
+        parsed = mail_params(text, self._settings.max_size)
+        if isinstance(parsed, Reply):
+            self._send(parsed)
             return
-        txn = Transaction()
-        for key, value in options.items():
-            problem = self._mail_param(txn, key, value)
-            if problem is not None:
-                self._send(problem)
-                return
+        txn = Transaction(
+            smtputf8=parsed.smtputf8, body=parsed.body, ret=parsed.ret, envid=parsed.envid
+        )
         try:
             sender = parse_path(path, utf8=txn.smtputf8, allow_null=True)
         except AddressError:
@@ -587,33 +583,6 @@ class Session(Protocol):
             return self._address
         return None
 
-    def _mail_param(self, txn: Transaction, key: str, value: str | None) -> Reply | None:
-        if key == "SIZE":
-            if value is None or not value.isdigit():
-                return reply.PARAM_SYNTAX
-            if int(value) > self._settings.max_size:
-                return reply.TOO_BIG
-        elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                return reply.PARAM_SYNTAX
-            txn.body = value.upper()
-        elif key == "SMTPUTF8" and value is None:
-            txn.smtputf8 = True
-        elif key == "RET":
-            if value is None or value.upper() not in ("FULL", "HDRS"):
-                return reply.PARAM_SYNTAX
-            txn.ret = value.upper()
-        elif key == "ENVID":
-            decoded = _xtext_decode(value)
-            if decoded is None or len(decoded) > 100:
-                return reply.PARAM_SYNTAX
-            txn.envid = decoded
-        elif key == "AUTH":
-            pass  # RFC 4954 5: accepted and not trusted; Postfix relays send AUTH=<>
-        else:
-            return reply.PARAM_UNKNOWN
-        return None
-
     def smtp_RCPT(self, arg: str) -> None:
         if not self._txn.sender_given:
             self._send(NEED_MAIL)
@@ -624,10 +593,9 @@ class Session(Protocol):
         if len(self._txn.recipients) >= self._settings.max_recipients:
             self._send(TOO_MANY_RECIPIENTS)
             return
-        path, params = _split_path(arg[3:])
+        path, text = split_path(arg[3:])
         try:
-            options = _parse_params(params)
-            notify, orcpt = _rcpt_params(options)
+            notify, orcpt = rcpt_params(text)
         except ValueError:
             self._send(reply.PARAM_SYNTAX)
             return
@@ -800,70 +768,6 @@ class Session(Protocol):
 
     def smtp_HELP(self, arg: str) -> None:
         self._send(HELP)
-
-
-def _split_path(text: str) -> tuple[str, str]:
-    """``<path> PARAMS`` after the colon; tolerates the common space after ``FROM:``."""
-    text = text.lstrip(" ")
-    if text.startswith("<"):
-        end = text.find(">")
-        if end < 0:
-            return text, ""
-        return text[: end + 1], text[end + 1 :].strip()
-    path, _, params = text.partition(" ")
-    return path, params.strip()
-
-
-def _parse_params(text: str) -> dict[str, str | None]:
-    params: dict[str, str | None] = {}
-    for item in text.split():
-        key, eq, value = item.partition("=")
-        if not key or not key.replace("-", "").isalnum() or key.upper() in params:
-            raise ValueError(item)
-        params[key.upper()] = value if eq else None
-    return params
-
-
-def _rcpt_params(options: dict[str, str | None]) -> tuple[tuple[str, ...], str | None]:
-    """RFC 3461 NOTIFY and ORCPT; anything else is unknown."""
-    notify: tuple[str, ...] = ()
-    orcpt = None
-    for key, value in options.items():
-        if key == "NOTIFY" and value:
-            words = tuple(w.upper() for w in value.split(","))
-            if words != ("NEVER",) and not set(words) <= NOTIFY_KEYWORDS:
-                raise ValueError(value)
-            notify = words
-        elif key == "ORCPT" and value:
-            addr_type, semi, xtext = value.partition(";")
-            decoded = _xtext_decode(xtext)
-            if not semi or not addr_type or decoded is None:
-                raise ValueError(value)
-            orcpt = f"{addr_type};{decoded}"
-        else:
-            raise ValueError(key)
-    return notify, orcpt
-
-
-def _xtext_decode(text: str | None) -> str | None:
-    """RFC 3461 4: xtext, "+" followed by two upper-case hex digits."""
-    if text is None:
-        return None
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "+":
-            hexpair = text[i + 1 : i + 3]
-            if len(hexpair) != 2 or not all(h in "0123456789ABCDEF" for h in hexpair):
-                return None
-            out.append(chr(int(hexpair, 16)))
-            i += 3
-            continue
-        if not ("!" <= c <= "~") or c == "=":
-            return None
-        out.append(c)
-        i += 1
-    return "".join(out)
 
 
 def _address_error(path: str, utf8: bool, default: Reply) -> Reply:
