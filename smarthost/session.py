@@ -248,6 +248,10 @@ class Session(Protocol):
             self._send(r)
         self._closed = True
         self._buffer = b""
+        self._reader = None
+        if self._incoming is not None:  # a half-received message is never kept
+            self._incoming.abort()
+            self._incoming = None
         if self.transport is not None:
             self.transport.loseConnection()
 

@@ -1,0 +1,84 @@
+"""Session behaviour that transcripts cannot show: timeouts in virtual time, the JSON events
+log, and flow control for clients that pipeline without reading."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from test_hooks import run_now
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from smarthost.limits import Limits, LimitSettings
+from smarthost.maillog import EventFile, MailLog
+from smarthost.policy import RelayPolicy
+from smarthost.session import Session, SessionSettings
+from smarthost.spool import Spool
+
+
+def make(tmp: Path, events: EventFile | None = None) -> tuple[Session, StringTransport, Clock]:
+    clock = Clock()
+    spool, _ = Spool.open(tmp / "spool", clock=clock, run_blocking=run_now)
+    settings = SessionSettings(role="smtp", hostname="mx.test", max_size=100000,
+                               command_timeout=300)
+    session = Session(
+        settings, RelayPolicy(frozenset({"example.test"}), (), {}), lambda c: Deferred(),
+        spool, MailLog(clock, events), clock, Limits(clock, LimitSettings()),
+    )
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 1234))
+    session.makeConnection(transport)
+    return session, transport, clock
+
+
+def test_idle_client_gets_421_after_command_timeout(tmp_path: Path) -> None:
+    session, transport, clock = make(tmp_path)
+    clock.advance(299)
+    session.dataReceived(b"NOOP\r\n")  # activity resets the timer
+    clock.advance(299)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.value().endswith(b"421 4.4.2 Timeout exceeded, closing connection\r\n")
+    assert transport.disconnecting
+
+
+def test_timeout_also_applies_in_data(tmp_path: Path) -> None:
+    session, transport, clock = make(tmp_path)
+    session.dataReceived(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.test>\r\n"
+                         b"DATA\r\nSubject: half\r\n")
+    clock.advance(300)
+    assert transport.disconnecting
+    assert list((tmp_path / "spool" / "tmp").iterdir()) == []  # the partial message is gone
+
+
+def test_events_file_gets_one_json_object_per_event(tmp_path: Path) -> None:
+    events = EventFile(str(tmp_path / "log" / "events.jsonl"))
+    session, _, _ = make(tmp_path, events)
+    session.dataReceived(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@elsewhere.test>\r\n"
+                         b"RCPT TO:<b@example.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    events.close()
+    lines = [json.loads(line) for line in (tmp_path / "log" / "events.jsonl").read_text()
+             .splitlines()]
+    kinds = [e["event"] for e in lines]
+    assert kinds == ["refused", "accepted"]
+    accepted = lines[1]
+    assert accepted["client"] == "192.0.2.7" and accepted["recipients"] == 1
+    assert accepted["sender"] == "a@x.test" and accepted["user"] == "anonymous"
+
+
+def test_a_client_that_pipelines_without_reading_is_paused(tmp_path: Path) -> None:
+    session, transport, _ = make(tmp_path)
+    pending = Deferred[None]()
+
+    async def slow(*args: object) -> None:
+        await pending
+
+    session._hooks.rcpt = [("slow", object())]  # a pending RCPT check holds replies
+    session._hooks.check_rcpt = slow  # type: ignore[method-assign]
+    session.dataReceived(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.test>\r\n")
+    session.dataReceived(b"X" * 1_200_000)  # 1.2 MB pipelined while a reply is pending
+    assert transport.producerState == "paused"
+    pending.callback(None)
+    assert transport.producerState == "producing"
