@@ -38,10 +38,14 @@ class Daemon:
         self.config_path.write_text(BASE_CONFIG + config)
         self.ports: dict[str, int] = {}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log: list[str] = []
+        self.log: list[str] = []  # this run's log lines
+        self.history: list[str] = []  # earlier runs' (after a stop or kill9 and start)
         self._pending = b""
 
     def start(self, timeout: float = 30.0) -> Daemon:
+        # A restart waits for *this* run's lines: the previous run's go to history.
+        self.history += self.log
+        self.log = []
         self.ports = {}
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile=-", "smarthost", "--config",
