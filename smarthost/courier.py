@@ -70,6 +70,15 @@ class Courier:
                 result = BOUNCED if isinstance(e, PermanentRouteError) else DEFERRED
                 outcomes += [Outcome(r, result, e.reply, "", e.status) for r in recipients]
                 continue
+            except Exception:
+                # A bug in routing defers this domain only; the other domains still go out.
+                _log.failure("{queue_id}: routing {domain} crashed",
+                             queue_id=str(entry.queue_id), domain=domain)
+                outcomes += [
+                    Outcome(r, DEFERRED, "internal error during delivery", "", "4.3.0")
+                    for r in recipients
+                ]
+                continue
             by_route.setdefault(route, []).extend(recipients)
         groups = list(by_route.items())
         results = await gatherResults(

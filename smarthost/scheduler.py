@@ -145,7 +145,11 @@ class Reporter:
         if report is None:
             return
         incoming = self._spool.receive()
-        incoming.write(report)
+        try:
+            incoming.write(report)
+        except BaseException:
+            incoming.abort()  # disk full: no half report left in tmp/
+            raise
         queued = await incoming.commit(report_envelope(report, entry.envelope, now))
         self._log.bounce_sent(entry.queue_id, queued.queue_id, kind)
         self._queued(queued)
@@ -181,6 +185,7 @@ class Scheduler:
         self._timer: IDelayedCall | None = None
         self._turn = 0
         self._running = False
+        self._pumping = False
         self.idle: Callable[[], None] | None = None  # tests: called when nothing is active
 
     # -- feeding ---------------------------------------------------------------------------
@@ -274,22 +279,44 @@ class Scheduler:
         return None
 
     def _pump(self) -> None:
-        while self._running and len(self._active) < self._concurrency:
-            qid = self._next_ready()
-            if qid is None:
-                break
-            self._active.add(qid)
-            Deferred.fromCoroutine(self._guarded(qid))
+        # An attempt can finish before fromCoroutine returns (a local delivery, a report to a
+        # sender with no route); its _finished then calls _pump again. Without this guard every
+        # such attempt nests one level deeper and a large backlog hits the recursion limit;
+        # with it the loop below simply picks up where the nested call would have.
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while self._running and len(self._active) < self._concurrency:
+                qid = self._next_ready()
+                if qid is None:
+                    break
+                self._active.add(qid)
+                Deferred.fromCoroutine(self._guarded(qid))
+        finally:
+            self._pumping = False
 
     async def _guarded(self, queue_id: QueueId) -> None:
         try:
             await self._run(queue_id)
         except Exception:
-            # Never lost: the entry is still in the spool and is retried at the next start
-            # or flush; but say so loudly.
+            # Recording the attempt failed (disk full, a bug in a report): the entry is still in
+            # the spool as it was before the attempt, so it is simply tried again later.
             self._log.failure("{queue_id}: scheduling error", queue_id=str(queue_id))
+            self._retry_later(queue_id)
         finally:
             self._finished(queue_id)
+
+    def _retry_later(self, queue_id: QueueId) -> None:
+        if queue_id in self._due:
+            return
+        try:
+            attempts = self._spool.load(queue_id).attempts
+        except KeyError:
+            return  # deleted: nothing to retry
+        except Exception:
+            attempts = 1
+        self._wait(queue_id, self._clock.seconds() + self._policy.delay(attempts))
 
     def _finished(self, queue_id: QueueId) -> None:
         self._active.discard(queue_id)
@@ -362,9 +389,12 @@ class Scheduler:
             )
             entry = attrs.evolve(entry, delay_warned=True)
         if not entry.pending:
-            await self._spool.remove(queue_id)
-            self._log.removed(queue_id, "done")
             self._due.pop(queue_id, None)
+            try:
+                await self._spool.remove(queue_id)
+            except KeyError:
+                return  # deleted by the operator while we were delivering
+            self._log.removed(queue_id, "done")
             return
         next_attempt = now + self._policy.delay(entry.attempts)
         entry = attrs.evolve(entry, next_attempt=next_attempt)
