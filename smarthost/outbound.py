@@ -117,6 +117,9 @@ class _Reply:
         return f"{klass}.0.0"
 
 
+CONNECT_FAILED = "4.4.1"  # RFC 3463: no answer from host
+
+
 class _HostError(Exception):
     """This host cannot take the message now; ``str()`` is the reason shown to operators."""
 
@@ -426,12 +429,16 @@ class SMTPDelivery:
         *,
         timeouts: Timeouts = Timeouts(),
         trust_root: IOpenSSLTrustRoot | Certificate | None = None,
+        unreachable: Callable[[Host], None] = lambda host: None,
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
         self._hostname = hostname
         self._timeouts = timeouts
         self._trust_root = trust_root
+        # Told about hosts that could not be connected to, so routes try them last for a
+        # while instead of paying a connect timeout on every message.
+        self._unreachable = unreachable
 
     async def deliver(
         self,
@@ -454,6 +461,8 @@ class SMTPDelivery:
                 return await self._attempt(host, route, envelope, recipients, open_body, size)
             except _HostError as e:
                 last, remote = e, _remote(host)
+                if e.status == CONNECT_FAILED:
+                    self._unreachable(host)
         return [Outcome(r, DEFERRED, last.reason, remote, last.status) for r in recipients]
 
     async def _attempt(
@@ -504,11 +513,11 @@ class SMTPDelivery:
         try:
             await connectProtocol(endpoint, conn)  # type: ignore[no-untyped-call]
         except error.ConnectionRefusedError:
-            raise _HostError(f"connection refused by {host}", "4.4.1") from None
+            raise _HostError(f"connection refused by {host}", CONNECT_FAILED) from None
         except (error.TimeoutError, error.ConnectingCancelledError):
-            raise _HostError(f"connection to {host} timed out", "4.4.1") from None
+            raise _HostError(f"connection to {host} timed out", CONNECT_FAILED) from None
         except (error.ConnectError, OSError) as e:
-            raise _HostError(f"cannot connect to {host}: {e}", "4.4.1") from None
+            raise _HostError(f"cannot connect to {host}: {e}", CONNECT_FAILED) from None
         return conn
 
     async def _open(self, conn: _Connection, host: Host, route: Route) -> dict[str, str]:

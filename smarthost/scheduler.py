@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, BinaryIO, Protocol
 
@@ -165,7 +165,9 @@ class Scheduler:
         policy: RetryPolicy,
         maillog: MailLog,
         *,
-        concurrency: int = 20,
+        concurrency: int = 100,
+        per_destination: int = 20,
+        observe: Callable[[QueueEntry, Outcome], None] = lambda entry, outcome: None,
     ) -> None:
         self._clock = clock
         self._spool = spool
@@ -174,6 +176,13 @@ class Scheduler:
         self._policy = policy
         self._log = maillog
         self._concurrency = concurrency
+        # Postfix's default_destination_concurrency_limit: one slow or dead domain cannot take
+        # every delivery slot. A message's destination is its first pending recipient's domain.
+        self._per_destination = per_destination
+        self._destination: dict[QueueId, str] = {}
+        self._flying: dict[QueueId, str] = {}  # the destination each active attempt counts for
+        self._in_flight: Counter[str] = Counter()
+        self._observe = observe
         self._heap: list[tuple[float, int, QueueId]] = []
         self._due: dict[QueueId, float] = {}  # the live heap entry per id (others are stale)
         self._fresh: deque[QueueId] = deque()
@@ -197,6 +206,7 @@ class Scheduler:
         for entry in self._spool.entries():
             count += 1
             if not entry.envelope.held:
+                self._note_destination(entry)
                 self._wait(entry.queue_id, entry.next_attempt)
         self._arm()
         return count
@@ -211,6 +221,7 @@ class Scheduler:
         """A newly committed message: try it as soon as a slot is free."""
         if entry.envelope.held:
             return
+        self._note_destination(entry)
         self._make_ready(entry.queue_id, fresh=True)
         self._pump()
 
@@ -266,16 +277,31 @@ class Scheduler:
         self._queued.add(queue_id)
         (self._fresh if fresh else self._retry).append(queue_id)
 
+    def _note_destination(self, entry: QueueEntry) -> None:
+        pending = entry.pending
+        self._destination[entry.queue_id] = pending[0].recipient.domain if pending else ""
+
     def _next_ready(self) -> QueueId | None:
         # New mail first, but every third slot goes to a retry so neither starves.
         self._turn += 1
         order = (self._retry, self._fresh) if self._turn % 3 == 0 else (self._fresh, self._retry)
         for queue in order:
+            saturated: list[QueueId] = []
+            found = None
             while queue:
                 qid = queue.popleft()
-                if qid in self._queued:
-                    self._queued.discard(qid)
-                    return qid
+                if qid not in self._queued:
+                    continue  # forgotten
+                destination = self._destination.get(qid, "")
+                if self._in_flight[destination] >= self._per_destination:
+                    saturated.append(qid)  # keeps its place for when a slot frees up
+                    continue
+                self._queued.discard(qid)
+                found = qid
+                break
+            queue.extendleft(reversed(saturated))
+            if found is not None:
+                return found
         return None
 
     def _pump(self) -> None:
@@ -292,6 +318,8 @@ class Scheduler:
                 if qid is None:
                     break
                 self._active.add(qid)
+                destination = self._flying[qid] = self._destination.get(qid, "")
+                self._in_flight[destination] += 1
                 Deferred.fromCoroutine(self._guarded(qid))
         finally:
             self._pumping = False
@@ -320,11 +348,17 @@ class Scheduler:
 
     def _finished(self, queue_id: QueueId) -> None:
         self._active.discard(queue_id)
+        destination = self._flying.pop(queue_id, "")
+        self._in_flight[destination] -= 1
+        if self._in_flight[destination] <= 0:
+            del self._in_flight[destination]
         if queue_id in self._again:
             self._again.discard(queue_id)
             if queue_id in self._due:
                 del self._due[queue_id]
                 self._make_ready(queue_id, fresh=False)
+        if queue_id not in self._due and queue_id not in self._queued:
+            self._destination.pop(queue_id, None)  # done, deleted or held: forget it
         self._arm()
         self._pump()
         if not self._active and not self._fresh and not self._retry and self.idle is not None:
@@ -356,6 +390,7 @@ class Scheduler:
             outcomes = []
         for outcome in outcomes:
             self._log.attempt(queue_id, outcome)
+            self._observe(entry, outcome)
         entry = record(entry, outcomes)
         if not outcomes:
             entry = attrs.evolve(entry, last_error="internal error during delivery")
@@ -402,6 +437,7 @@ class Scheduler:
             await self._spool.update(entry)
         except KeyError:
             return  # deleted while we were delivering
+        self._note_destination(entry)
         self._wait(queue_id, next_attempt)
 
     async def _report(self, entry: QueueEntry, outcomes: list[Outcome], now: float) -> None:

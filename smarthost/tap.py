@@ -6,12 +6,16 @@ clock, an endpoint, a ``run_blocking``) as an argument, so tests can pass their 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 from OpenSSL import SSL
 from twisted.application.service import IServiceMaker, MultiService, Service
+from twisted.cred import strcred
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXServerEndpoint
@@ -21,7 +25,7 @@ from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
 
-from smarthost import auth, control, listen, sasl, tlscert
+from smarthost import auth, control, credfactory, listen, sasl, tlscert
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.courier import Courier
 from smarthost.envelope import QueueEntry, QueueId
@@ -37,7 +41,10 @@ from smarthost.session import SMTP, SUBMISSION, SUBMISSIONS, Session, SessionSet
 from smarthost.spool import Spool, release_held
 
 
-class Options(usage.Options):
+class Options(usage.Options, strcred.AuthOptionMixin):
+    # `--auth file:PATH` etc.: more password checkers, asked after the users file
+    # (smarthost.credfactory); `--help-auth` lists them.
+    supportedInterfaces = (IUsernamePassword,)
     optParameters = [
         ["config", "c", None, "Path to the TOML configuration (default: the embedded one)."],
     ]
@@ -128,7 +135,9 @@ class Parts:
     users: auth.UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
 
 
-def build_parts(config: Config, reactor: Any) -> Parts:
+def build_parts(
+    config: Config, reactor: Any, checkers: Sequence[ICredentialsChecker] = ()
+) -> Parts:
     from twisted.internet.threads import deferToThread
 
     events = EventFile(str(config.log.events)) if config.log.events else None
@@ -183,9 +192,9 @@ def build_parts(config: Config, reactor: Any) -> Parts:
         spool=spool,
         maillog=maillog,
         policy=policy,
-        portal=auth.build_portal(users, deferToThread),
+        portal=credfactory.with_checkers(auth.build_portal(users, deferToThread), checkers),
         server_tls=server_tls,
-        scheduler=build_scheduler(config, reactor, spool, maillog, resolver),
+        scheduler=build_scheduler(config, reactor, spool, maillog, resolver, hooks),
         limits=Limits(reactor, limit_settings(config)),
         hooks=hooks,
         users=users,
@@ -217,7 +226,7 @@ def _upstream(config: Config) -> Credentials | None:
 
 
 def build_scheduler(
-    config: Config, reactor: Any, spool: Spool, maillog: MailLog, dns: DNSLookups
+    config: Config, reactor: Any, spool: Spool, maillog: MailLog, dns: DNSLookups, hooks: Hooks
 ) -> Scheduler:
     from twisted.internet.threads import deferToThread
 
@@ -236,7 +245,8 @@ def build_scheduler(
     def maildir(root: Path) -> MaildirDelivery:
         return MaildirDelivery(root, deferToThread, reactor, config.hostname)
 
-    courier = Courier(resolver.resolve, SMTPDelivery(reactor, config.hostname), maildir)
+    smtp = SMTPDelivery(reactor, config.hostname, unreachable=resolver.mark_unreachable)
+    courier = Courier(resolver.resolve, smtp, maildir)
     queue = config.queue
     policy = RetryPolicy(
         delays=tuple(float(d) for d in queue.retry),
@@ -249,7 +259,9 @@ def build_scheduler(
         scheduler.enqueue(entry)
 
     reporter = Reporter(spool, config.hostname, reactor, queued, maillog)
-    scheduler = Scheduler(reactor, spool, courier.attempt, reporter, policy, maillog)
+    scheduler = Scheduler(
+        reactor, spool, courier.attempt, reporter, policy, maillog, observe=hooks.observe
+    )
     return scheduler
 
 
@@ -349,8 +361,10 @@ def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
     return SessionFactory(build)
 
 
-def make_service(config: Config, reactor: Any) -> MultiService:
-    parts = build_parts(config, reactor)
+def make_service(
+    config: Config, reactor: Any, checkers: Sequence[ICredentialsChecker] = ()
+) -> MultiService:
+    parts = build_parts(config, reactor, checkers)
     top = MultiService()
     listeners: list[tuple[str, str, Factory, Any]] = []
     for role, descriptions in (
@@ -375,7 +389,7 @@ class ServiceMaker:
     def makeService(self, options: Options) -> MultiService:
         from twisted.internet import reactor
 
-        return make_service(options.config, reactor)
+        return make_service(options.config, reactor, options.get("credCheckers", []))
 
 
 service_maker = ServiceMaker()

@@ -61,9 +61,13 @@ class DeliveryTestCase(TestCase):
         trust_root: Any = None,
         envelope: Envelope | None = None,
         size: int | None = None,
+        unreachable: Callable[[Host], None] = lambda host: None,
         **route: Any,
     ) -> Deferred[list[Outcome]]:
-        delivery = SMTPDelivery(reactor, "client.test", timeouts=timeouts, trust_root=trust_root)
+        delivery = SMTPDelivery(
+            reactor, "client.test", timeouts=timeouts, trust_root=trust_root,
+            unreachable=unreachable,
+        )
         envelope = envelope or Envelope("sender@example.test", tuple(recipients))
         open_body = body if callable(body) else (lambda: io.BytesIO(body))
         size = size if size is not None else (len(body) if isinstance(body, bytes) else 0)
@@ -146,6 +150,13 @@ class HostChoiceTests(DeliveryTestCase):
         [outcome] = await self.deliver([down, peer.host])
         self.assertEqual(outcome.result, DELIVERED)
         self.assertEqual(outcome.remote, "mx.test[127.0.0.1]")
+
+    async def test_hosts_that_refuse_connections_are_reported_unreachable(self) -> None:
+        peer = self.peer()
+        down = Host("down.test", "127.0.0.1", free_port())
+        reported: list[Host] = []
+        await self.deliver([down, peer.host], unreachable=reported.append)
+        self.assertEqual(reported, [down])  # the host that answered is not
 
     async def test_all_hosts_down_defers_with_last_error(self) -> None:
         first = Host("a.test", "127.0.0.1", free_port())

@@ -193,7 +193,8 @@ class SchedulerTestCase(SynchronousTestCase):
         return spool
 
     def make_scheduler(self, policy: RetryPolicy | None = None,
-                       concurrency: int | None = None, start: bool = True) -> Scheduler:
+                       concurrency: int | None = None, start: bool = True,
+                       **options: Any) -> Scheduler:
         maillog = MailLog(self.clock)
         scheduler: Scheduler
 
@@ -203,7 +204,7 @@ class SchedulerTestCase(SynchronousTestCase):
         reporter = Reporter(self.spool, "mx.smarthost.test", self.clock, queued, maillog)
         scheduler = Scheduler(
             self.clock, self.spool, self.mx.attempt, reporter, policy or self.policy, maillog,
-            concurrency=concurrency or self.concurrency,
+            concurrency=concurrency or self.concurrency, **options,
         )
         if start:
             scheduler.start()
@@ -568,6 +569,32 @@ class ConcurrencyTests(SchedulerTestCase):
         self.assertEqual(len(self.mx.attempts), 10)
         self.assertEqual(self.mx.max_in_flight, 3)
         self.assertEqual(self.queued(), [])
+
+    def test_one_destination_cannot_take_every_slot(self) -> None:
+        self.scheduler.stop()
+        self.scheduler = self.make_scheduler(concurrency=4, per_destination=2)
+        self.mx.manual = True
+        self.mx.result = DELIVERED
+        slow = [self.submit(BOB) for _ in range(5)]  # remote.test
+        other = self.submit("dave@other.test")
+        self.assertEqual(len(self.mx.in_flight), 3)  # two for remote.test, one for other.test
+        self.assertEqual(self.mx.attempted(other.queue_id), [0])
+        while self.mx.in_flight:
+            self.mx.finish()
+        self.assertEqual(len(self.mx.attempts), 6)
+        self.assertEqual({q for _, q, _ in self.mx.attempts[:2]},
+                         {e.queue_id for e in slow[:2]})
+        self.assertEqual(self.queued(), [])
+
+    def test_observers_see_every_outcome(self) -> None:
+        seen: list[tuple[QueueId, str, str]] = []
+        self.scheduler.stop()
+        self.scheduler = self.make_scheduler(
+            observe=lambda e, o: seen.append((e.queue_id, o.recipient.address, o.result)))
+        self.mx.results = {BOB: DELIVERED, CAROL: BOUNCED}
+        entry = self.submit(BOB, CAROL)
+        self.assertIn((entry.queue_id, BOB, DELIVERED), seen)
+        self.assertIn((entry.queue_id, CAROL, BOUNCED), seen)
 
     def test_idle_is_called_when_nothing_is_left(self) -> None:
         idle: list[float] = []
