@@ -1,6 +1,6 @@
-"""Who may submit mail: the users file, the twisted.cred checker and realm.
+"""Who may submit mail: the users file, the twisted.cred checkers and realm.
 
-The users file is the only place passwords live, and only as bcrypt hashes. It is shared with
+The users file is the only place passwords live, and never in the clear. It is shared with
 the admin tool (``smarthost passwd``) through the file system alone: the tool rewrites it
 atomically, the daemon notices the new file on the next login attempt. No restart, no IPC.
 
@@ -8,32 +8,58 @@ File format, one user per line::
 
     # comments and blank lines are ignored
     alice:$2b$12$....................................................
-    bob@example.test:$2y$05$...:scram-sha-256=...:cram-md5=...
+    bob@example.test:$2b$12$...:scram-sha-256=4096,<salt>,<stored>,<server>:scram-sha-1=...:cram-md5=<hex>
 
 The first field is the user name, the second a bcrypt hash (``$2b$``, ``$2a$`` or ``$2y$``,
-so ``htpasswd -B`` files work unchanged). Any further ``:``-separated fields are kept but not
-interpreted: they are reserved for secrets derived for challenge-response mechanisms
-(``key=value``), so a newer file still works with an older daemon. Bcrypt hashes, derived
-secrets and (validated) names never contain ``:``, which keeps the split unambiguous.
+so ``htpasswd -B`` files work unchanged); PLAIN and LOGIN check passwords against it. Further
+``:``-separated fields are ``key=value`` secrets that ``smarthost passwd`` derives from the
+same password for the challenge-response mechanisms, which never see the password itself:
 
-Everything that touches the file or runs bcrypt is blocking; the checker runs it through an
-injected ``run_blocking`` (``deferToThread`` in production) so the reactor never waits on it.
+``scram-sha-256=<iterations>,<salt>,<StoredKey>,<ServerKey>`` and ``scram-sha-1=...``
+    RFC 5802 section 3 / RFC 7677: the PBKDF2 iteration count (decimal, 4096 by default),
+    then the salt, ``StoredKey = H(HMAC(SaltedPassword, "Client Key"))`` and
+    ``ServerKey = HMAC(SaltedPassword, "Server Key")``, each standard base64. This is the
+    layout of Dovecot's ``{SCRAM-SHA-256}`` scheme.
+``cram-md5=<64 hex digits>``
+    Dovecot's ``{CRAM-MD5}`` scheme: the MD5 states (four little-endian 32-bit words each)
+    after HMAC-MD5 has processed ``key XOR opad`` and then ``key XOR ipad``, outer first.
+    Finishing an HMAC from these states needs an MD5 that can resume from a state, which
+    hashlib cannot do: :func:`md5_resume` is a small RFC 1321 implementation for that.
+
+Unknown keys are kept and ignored, so a newer file still works with an older daemon; a
+malformed known field is reported and ignored (the user keeps PLAIN and LOGIN). A user
+without a mechanism's secret (an ``htpasswd -B`` line, a file from before they existed)
+fails that mechanism exactly as an unknown name does: :class:`Decoys` stands in with secrets
+derived from the name and a server key, so probing cannot tell the two apart. Bcrypt hashes,
+base64, hex and (validated) names never contain ``:``, which keeps the split unambiguous.
+
+Everything that runs bcrypt is blocking; the checker runs it through an injected
+``run_blocking`` (``deferToThread`` in production) so the reactor never waits on it. The
+challenge-response lookups (:meth:`UsersFile.scram`, :meth:`UsersFile.cram_md5`) only stat
+the file and re-read it when it changed; the SASL exchanges call them synchronously.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import contextlib
 import errno
 import fcntl
+import hashlib
+import hmac
+import math
 import os
 import re
 import stat
+import stringprep
+import struct
 import tempfile
 import threading
 import unicodedata
-from collections.abc import Callable
-from typing import Any, ParamSpec, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import attrs
 import bcrypt
@@ -46,6 +72,7 @@ from zope.interface import Attribute, Interface, implementer
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+_T = TypeVar("_T")
 
 DEFAULT_ROUNDS = 12
 MAX_NAME_OCTETS = 255
@@ -53,6 +80,13 @@ MAX_NAME_OCTETS = 255
 # truncating). Refusing longer ones when setting a password keeps the tail from being silently
 # meaningless; truncating when checking keeps old htpasswd files, which truncated, working.
 MAX_PASSWORD_OCTETS = 72
+
+# RFC 7677 4 asks for at least 4096 iterations; what `smarthost passwd` uses.
+SCRAM_ITERATIONS = 4096
+SCRAM_SALT_OCTETS = 16
+# SASL mechanism name -> hashlib name. The users-file key is the mechanism name in lower case.
+SCRAM_HASHES = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-1": "sha1"}
+CRAM_MD5_FIELD = "cram-md5"
 
 # The modular-crypt form of bcrypt: version, two-digit cost, 22 salt + 31 hash characters.
 _BCRYPT = re.compile(rb"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}\Z")
@@ -81,8 +115,11 @@ class UserEntry:
 
     name: str
     password_hash: bytes = attrs.field(repr=False)
-    # Unparsed extra fields, reserved for challenge-response secrets (``key=value``).
+    # Every extra field as written (``key=value``), unknown ones included.
     extras: tuple[str, ...] = attrs.field(default=(), repr=False)
+    # The well-formed challenge-response secrets among them.
+    scram: Mapping[str, ScramSecret] = attrs.field(factory=dict, repr=False)  # by mechanism
+    cram_md5: CramMD5Secret | None = attrs.field(default=None, repr=False)
 
     @property
     def cost(self) -> int:
@@ -144,8 +181,35 @@ def parse_users(data: bytes) -> ParsedUsers:
         if name in users:
             problems.append(f"line {number}: duplicate user {name!r} ignored")
             continue
-        users[name] = UserEntry(name, password_hash, tuple(fields[1:]))
+        extras = tuple(fields[1:])
+        scram, cram_md5, bad = _parse_secrets(extras)
+        for key in bad:
+            problems.append(f"line {number}: user {name!r} has a malformed {key} field; "
+                            "ignored (run smarthost passwd again)")
+        users[name] = UserEntry(name, password_hash, extras, scram, cram_md5)
     return ParsedUsers(users, tuple(problems))
+
+
+def _parse_secrets(
+    extras: tuple[str, ...],
+) -> tuple[dict[str, ScramSecret], CramMD5Secret | None, list[str]]:
+    scram: dict[str, ScramSecret] = {}
+    cram_md5: CramMD5Secret | None = None
+    bad: list[str] = []
+    for extra in extras:
+        key, _, value = extra.partition("=")
+        mechanism = key.upper()
+        if mechanism in SCRAM_HASHES and mechanism not in scram:
+            secret = ScramSecret.parse(value, SCRAM_HASHES[mechanism])
+            if secret is None:
+                bad.append(key)
+            else:
+                scram[mechanism] = secret
+        elif key == CRAM_MD5_FIELD and cram_md5 is None:
+            cram_md5 = CramMD5Secret.parse(value)
+            if cram_md5 is None:
+                bad.append(key)
+    return scram, cram_md5, bad
 
 
 def _normalise_hash(field: bytes) -> bytes | None:
@@ -171,16 +235,25 @@ def _dummy_hash(cost: int) -> bytes:
 class UsersFile:
     """The users file, re-read whenever it changes on disk.
 
-    Every method may block (stat, read, bcrypt): call it through ``run_blocking``. A lock
-    makes it safe from several pool threads at once.
+    Every method may block (stat, read, bcrypt): :meth:`verify` must go through
+    ``run_blocking``; :meth:`scram` and :meth:`cram_md5` only stat (and, after a change,
+    re-read) a small local file. A lock makes it safe from several pool threads at once.
+
+    ``decoy_key`` keys the stand-in secrets for names without real ones; a random one per
+    process by default, so decoy salts are stable while the daemon runs but change when it
+    restarts (pass a stable key to hide even that).
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], decoy_key: bytes | None = None
+    ) -> None:
         self._path = os.fspath(path)
         self._lock = threading.Lock()
         self._signature: tuple[int, ...] | None = None
         self._parsed = ParsedUsers({}, ())
         self._dummy = _dummy_hash(DEFAULT_ROUNDS)
+        self._decoys = Decoys(os.urandom(32) if decoy_key is None else decoy_key)
+        self._iterations = SCRAM_ITERATIONS
 
     @property
     def path(self) -> str:
@@ -214,6 +287,12 @@ class UsersFile:
         # The most common cost: an unknown name then takes as long as a typical known one.
         cost = max(costs, key=lambda c: (costs[c], c)) if costs else DEFAULT_ROUNDS
         self._dummy = _dummy_hash(cost)
+        # Likewise a decoy SCRAM salt comes with the most common iteration count.
+        counts = collections.Counter(
+            s.iterations for u in parsed.users.values() for s in u.scram.values()
+        )
+        self._iterations = (max(counts, key=lambda i: (counts[i], i)) if counts
+                            else SCRAM_ITERATIONS)
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -236,6 +315,237 @@ class UsersFile:
             bcrypt.checkpw(password, self._dummy)
             return False
         return bcrypt.checkpw(password, entry.password_hash)
+
+    def scram(self, name: str, mechanism: str) -> Secret[ScramSecret]:
+        """The user's secret for ``mechanism`` (``"SCRAM-SHA-256"``), or a decoy."""
+        entry = self.lookup(name)
+        secret = entry.scram.get(mechanism) if entry is not None else None
+        if secret is None:
+            return Secret(self._decoys.scram(name, mechanism, self._iterations), known=False)
+        return Secret(secret, known=True)
+
+    def cram_md5(self, name: str) -> Secret[CramMD5Secret]:
+        """The user's CRAM-MD5 HMAC states, or a decoy."""
+        entry = self.lookup(name)
+        if entry is None or entry.cram_md5 is None:
+            return Secret(self._decoys.cram_md5(name), known=False)
+        return Secret(entry.cram_md5, known=True)
+
+
+@attrs.frozen
+class Secret(Generic[_T]):
+    """A challenge-response secret as the mechanisms see it.
+
+    ``known`` is False for a decoy: the exchange runs exactly as for a real user (same salt
+    format, iteration count and arithmetic) and then fails whatever the client sent.
+    """
+
+    value: _T = attrs.field(repr=False)
+    known: bool
+
+
+# --- derived secrets for challenge-response mechanisms ----------------------------------
+
+
+@attrs.frozen
+class ScramSecret:
+    """What RFC 5802 section 3 lets a server store instead of the password."""
+
+    iterations: int
+    salt: bytes
+    stored_key: bytes = attrs.field(repr=False)
+    server_key: bytes = attrs.field(repr=False)
+
+    def field(self) -> str:
+        parts = [base64.b64encode(v).decode("ascii")
+                 for v in (self.salt, self.stored_key, self.server_key)]
+        return ",".join([str(self.iterations), *parts])
+
+    @classmethod
+    def parse(cls, value: str, hash_name: str) -> ScramSecret | None:
+        parts = value.split(",")
+        if len(parts) != 4 or not parts[0].isascii() or not parts[0].isdigit():
+            return None
+        try:
+            salt, stored, server = (base64.b64decode(p, validate=True) for p in parts[1:])
+        except (binascii.Error, ValueError):
+            return None
+        iterations = int(parts[0])
+        size = hashlib.new(hash_name).digest_size
+        if not 1 <= iterations <= 10_000_000 or not salt or not len(stored) == len(server) == size:
+            return None
+        return cls(iterations, salt, stored, server)
+
+
+def derive_scram(
+    password: bytes, hash_name: str, salt: bytes | None = None,
+    iterations: int = SCRAM_ITERATIONS,
+) -> ScramSecret:
+    """RFC 5802 section 3 from a (normalised, see :func:`scram_password`) password."""
+    if salt is None:
+        salt = os.urandom(SCRAM_SALT_OCTETS)
+    salted = hashlib.pbkdf2_hmac(hash_name, password, salt, iterations)  # Hi()
+    client_key = hmac.digest(salted, b"Client Key", hash_name)
+    stored_key = hashlib.new(hash_name, client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", hash_name)
+    return ScramSecret(iterations, salt, stored_key, server_key)
+
+
+def scram_password(password: bytes) -> bytes:
+    """``Normalize(password)`` of RFC 5802 2.2: SASLprep (RFC 4013) when the password is
+    text it accepts; otherwise the octets as given, as PostgreSQL does, since a client that
+    cannot prepare them either sends them unchanged."""
+    try:
+        return saslprep(password.decode("utf-8")).encode("utf-8")
+    except (UnicodeDecodeError, ValueError):
+        return password
+
+
+_PROHIBITED = (
+    stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+    stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+    stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
+    stringprep.in_table_a1,  # unassigned code points: a stored string (RFC 3454 7)
+)
+
+
+def saslprep(text: str) -> str:
+    """RFC 4013 SASLprep for a stored string; ``ValueError`` when it is prohibited."""
+    # 2.1: non-ASCII spaces become SPACE, "commonly mapped to nothing" vanish.
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c
+                     for c in text if not stringprep.in_table_b1(c))
+    # 2.2: NFKC of the Unicode version stringprep is defined on (3.2).
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)
+    for char in prepared:
+        if any(table(char) for table in _PROHIBITED):
+            raise ValueError(f"SASLprep prohibits {char!a}")
+    # 2.4 (RFC 3454 6): right-to-left text must be wholly so and start and end with it.
+    if any(stringprep.in_table_d1(c) for c in prepared) and (
+        any(stringprep.in_table_d2(c) for c in prepared)
+        or not stringprep.in_table_d1(prepared[0])
+        or not stringprep.in_table_d1(prepared[-1])
+    ):
+        raise ValueError("SASLprep: bad bidirectional text")
+    return prepared
+
+
+# MD5 (RFC 1321) with its state exposed. hashlib's MD5 can neither export nor import the
+# chaining state, and CRAM-MD5 without the password needs both: the users file keeps the
+# HMAC-MD5 states after the key blocks, and each login continues from them.
+_MASK = 0xFFFFFFFF
+_MD5_SHIFTS = (7, 12, 17, 22) * 4 + (5, 9, 14, 20) * 4 + (4, 11, 16, 23) * 4 + (6, 10, 15, 21) * 4
+_MD5_K = tuple(int(abs(math.sin(i + 1)) * 2**32) & _MASK for i in range(64))  # RFC 1321 3.4
+MD5_IV = struct.pack("<4I", 0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
+
+
+def md5_compress(state: bytes, block: bytes) -> bytes:
+    """One MD5 compression: 16-octet state (little-endian words) and a 64-octet block."""
+    a0, b0, c0, d0 = struct.unpack("<4I", state)
+    words = struct.unpack("<16I", block)
+    a, b, c, d = a0, b0, c0, d0
+    for i in range(64):
+        if i < 16:
+            f, g = (b & c) | (~b & d), i
+        elif i < 32:
+            f, g = (d & b) | (~d & c), (5 * i + 1) % 16
+        elif i < 48:
+            f, g = b ^ c ^ d, (3 * i + 5) % 16
+        else:
+            f, g = c ^ (b | ~d), (7 * i) % 16
+        f = (f + a + _MD5_K[i] + words[g]) & _MASK
+        s = _MD5_SHIFTS[i]
+        a, d, c = d, c, b
+        b = (b + ((f << s) | (f >> (32 - s)))) & _MASK
+    return struct.pack("<4I", (a0 + a) & _MASK, (b0 + b) & _MASK, (c0 + c) & _MASK,
+                       (d0 + d) & _MASK)
+
+
+def md5_resume(state: bytes, consumed: int, data: bytes) -> bytes:
+    """The MD5 digest of a message whose first ``consumed`` octets (a multiple of 64) left
+    the hash in ``state`` and whose remaining octets are ``data``."""
+    if consumed % 64:
+        raise ValueError("MD5 can only resume at a block boundary")
+    length = consumed + len(data)
+    padded = (data + b"\x80" + b"\0" * ((55 - length) % 64)
+              + struct.pack("<Q", (length * 8) & 0xFFFFFFFFFFFFFFFF))
+    for offset in range(0, len(padded), 64):
+        state = md5_compress(state, padded[offset:offset + 64])
+    return state
+
+
+@attrs.frozen
+class CramMD5Secret:
+    """HMAC-MD5 keyed with the password, stopped after the key blocks (RFC 2104)."""
+
+    inner: bytes = attrs.field(repr=False)  # MD5 state after key XOR ipad
+    outer: bytes = attrs.field(repr=False)  # MD5 state after key XOR opad
+
+    @classmethod
+    def derive(cls, password: bytes) -> CramMD5Secret:
+        key = password
+        if len(key) > 64:
+            key = hashlib.md5(key).digest()  # noqa: S324 -- RFC 2104 2 requires MD5 here
+        key = key.ljust(64, b"\0")
+        return cls(md5_compress(MD5_IV, bytes(k ^ 0x36 for k in key)),
+                   md5_compress(MD5_IV, bytes(k ^ 0x5C for k in key)))
+
+    def hmac(self, message: bytes) -> bytes:
+        """``HMAC-MD5(password, message)`` without the password."""
+        return md5_resume(self.outer, 64, md5_resume(self.inner, 64, message))
+
+    def field(self) -> str:
+        return (self.outer + self.inner).hex()  # Dovecot's order: outer state first
+
+    @classmethod
+    def parse(cls, value: str) -> CramMD5Secret | None:
+        if len(value) != 64:
+            return None
+        try:
+            raw = bytes.fromhex(value)
+        except ValueError:
+            return None
+        return cls(inner=raw[16:], outer=raw[:16])
+
+
+def derive_secrets(password: bytes, iterations: int = SCRAM_ITERATIONS) -> tuple[str, ...]:
+    """The extra users-file fields for ``password``, in the order they are written."""
+    prepared = scram_password(password)
+    fields = [f"{mechanism.lower()}={derive_scram(prepared, hash_name, None, iterations).field()}"
+              for mechanism, hash_name in SCRAM_HASHES.items()]
+    fields.append(f"{CRAM_MD5_FIELD}={CramMD5Secret.derive(password).field()}")
+    return tuple(fields)
+
+
+class Decoys:
+    """Stand-in secrets for names that have none: a fixed function of the name and a key.
+
+    A SCRAM client learns the salt and iteration count before proving anything, so an
+    unknown name must get a salt that looks real and stays the same on every attempt;
+    otherwise two probes would tell users apart.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def _derive(self, label: str, name: str, size: int) -> bytes:
+        out = b""
+        while len(out) < size:
+            message = f"{label}\0{len(out)}\0".encode() + name.encode("utf-8", "surrogatepass")
+            out += hmac.digest(self._key, message, "sha256")
+        return out[:size]
+
+    def scram(self, name: str, mechanism: str, iterations: int) -> ScramSecret:
+        size = hashlib.new(SCRAM_HASHES[mechanism]).digest_size
+        return ScramSecret(
+            iterations,
+            self._derive(f"{mechanism} salt", name, SCRAM_SALT_OCTETS),
+            self._derive(f"{mechanism} stored", name, size),
+            self._derive(f"{mechanism} server", name, size),
+        )
+
+    def cram_md5(self, name: str) -> CramMD5Secret:
+        return CramMD5Secret(self._derive("CRAM-MD5 inner", name, 16),
+                             self._derive("CRAM-MD5 outer", name, 16))
 
 
 # --- twisted.cred -----------------------------------------------------------------------
@@ -283,6 +593,56 @@ class BcryptChecker:
         return d.addCallback(result)
 
 
+class IVerifiedUser(ICredentials):
+    """A user whose proof a challenge-response mechanism (CRAM-MD5, SCRAM) has already
+    checked against the users file during the SASL exchange.
+
+    Only those mechanisms create these: PLAIN and LOGIN only ever build ``UsernamePassword``,
+    so nothing a client sends through them can become one. The checker further accepts only
+    objects vouched for by its own users file (``issuer``).
+    """
+
+    name: str = Attribute("The user name exactly as in the users file.")
+    mechanism: str = Attribute("The SASL mechanism that checked the proof.")
+    issuer: object = Attribute("The UsersFile whose secrets the proof was checked against.")
+
+
+@implementer(IVerifiedUser)
+@attrs.frozen
+class VerifiedUser:
+    name: str
+    mechanism: str
+    issuer: object = attrs.field(repr=False, eq=False)
+
+
+@implementer(ICredentialsChecker)
+class VerifiedUserChecker:
+    """Accepts :class:`IVerifiedUser` from our own mechanisms, if the user still exists.
+
+    The proof was checked during the exchange; what is left is to make sure it was checked
+    against this portal's users file and that the user was not deleted meanwhile.
+    """
+
+    credentialInterfaces = (IVerifiedUser,)
+
+    def __init__(self, users: UsersFile, run_blocking: RunBlocking) -> None:
+        self._users = users
+        self._run_blocking = run_blocking
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        creds: IVerifiedUser = credentials
+        name = creds.name
+        trusted = creds.issuer is self._users
+        d = self._run_blocking(self._users.lookup, name)
+
+        def result(entry: UserEntry | None) -> bytes | tuple[()]:
+            if not trusted or entry is None:
+                raise UnauthorizedLogin()
+            return name.encode("utf-8")
+
+        return d.addCallback(result)
+
+
 def _logout() -> None:
     """Nothing to release: an avatar is a plain value."""
 
@@ -298,7 +658,10 @@ class UserRealm:
 
 
 def build_portal(users: UsersFile, run_blocking: RunBlocking) -> Portal:
-    return Portal(UserRealm(), [BcryptChecker(users, run_blocking)])
+    """Passwords (PLAIN, LOGIN) are checked with bcrypt; CRAM-MD5 and SCRAM users arrive
+    already verified by the exchange, against the same ``users``."""
+    return Portal(UserRealm(), [BcryptChecker(users, run_blocking),
+                                VerifiedUserChecker(users, run_blocking)])
 
 
 def login(portal: Portal, credentials: ICredentials) -> Deferred[User]:
@@ -333,9 +696,12 @@ class PortalLogin:
 
 
 def set_password(
-    path: str | os.PathLike[str], name: str, password: str | bytes, rounds: int = DEFAULT_ROUNDS
+    path: str | os.PathLike[str], name: str, password: str | bytes, rounds: int = DEFAULT_ROUNDS,
+    iterations: int = SCRAM_ITERATIONS,
 ) -> None:
-    """Store a bcrypt hash of ``password`` for ``name``, adding the user if needed.
+    """Store a bcrypt hash of ``password`` for ``name``, with the SCRAM-SHA-256, SCRAM-SHA-1
+    and CRAM-MD5 secrets derived from it (see the module docstring), adding the user if
+    needed.
 
     Other lines, comments included, are kept byte for byte. The user's old extra fields are
     dropped: secrets derived from the old password must not outlive it.
@@ -351,8 +717,11 @@ def set_password(
         raise PasswordError("password must not contain NUL (AUTH PLAIN could not send it)")
     if not 4 <= rounds <= 31:
         raise PasswordError("bcrypt rounds must be between 4 and 31")
+    if iterations < SCRAM_ITERATIONS:
+        raise PasswordError(f"SCRAM iterations must be at least {SCRAM_ITERATIONS} (RFC 7677)")
     hashed = bcrypt.hashpw(secret, bcrypt.gensalt(rounds))
-    new_line = name.encode("utf-8") + b":" + hashed
+    extras = ":".join(derive_secrets(secret, iterations)).encode("ascii")
+    new_line = name.encode("utf-8") + b":" + hashed + b":" + extras
     _rewrite(path, name, new_line)
 
 

@@ -113,14 +113,41 @@ class ParseTests(SynchronousTestCase):
         self.assertEqual(parsed.problems, ())
         self.assertEqual(list(parsed.users), ["alice"])
 
-    def test_extra_fields_are_kept_but_not_interpreted(self) -> None:
+    def test_unknown_extra_fields_are_kept_and_ignored(self) -> None:
         h = hash_pw(b"pw")
-        line = b"alice:" + h + b":scram-sha-256=abc:future-thing=1\n"
-        entry = parse_users(line).users["alice"]
+        line = b"alice:" + h + b":future-thing=1:another\n"
+        parsed = parse_users(line)
+        entry = parsed.users["alice"]
+        self.assertEqual(parsed.problems, ())
         self.assertEqual(entry.password_hash, h)
-        self.assertEqual(entry.extras, ("scram-sha-256=abc", "future-thing=1"))
-        self.assertNotIn("scram", repr(entry))
+        self.assertEqual(entry.extras, ("future-thing=1", "another"))
+        self.assertEqual((dict(entry.scram), entry.cram_md5), ({}, None))
         self.assertNotIn(h.decode(), repr(entry))
+
+    def test_derived_secrets_are_parsed_and_kept_out_of_repr(self) -> None:
+        h = hash_pw(b"pw")
+        fields = auth.derive_secrets(b"pw")
+        self.assertEqual([f.split("=", 1)[0] for f in fields],
+                         ["scram-sha-256", "scram-sha-1", "cram-md5"])
+        parsed = parse_users(b"alice:" + h + b":" + ":".join(fields).encode() + b"\n")
+        entry = parsed.users["alice"]
+        self.assertEqual(parsed.problems, ())
+        self.assertEqual(sorted(entry.scram), ["SCRAM-SHA-1", "SCRAM-SHA-256"])
+        self.assertEqual(entry.cram_md5, auth.CramMD5Secret.derive(b"pw"))
+        for field in fields:
+            self.assertNotIn(field.split("=", 1)[1][:12], repr(entry))
+            self.assertNotIn(field.split("=", 1)[1][-12:], repr(parsed))
+
+    def test_malformed_secret_fields_are_reported_and_the_user_kept(self) -> None:
+        h = hash_pw(b"pw")
+        line = b"alice:" + h + b":scram-sha-256=abc:cram-md5=zz:scram-sha-1=1,2\n"
+        parsed = parse_users(line)
+        entry = parsed.users["alice"]
+        self.assertEqual((dict(entry.scram), entry.cram_md5), ({}, None))
+        self.assertEqual(len(parsed.problems), 3)
+        self.assertIn("line 1: user 'alice' has a malformed scram-sha-256 field",
+                      parsed.problems[0])
+        self.assertTrue(bcrypt.checkpw(b"pw", entry.password_hash))  # PLAIN still works
 
     def test_bad_lines_are_skipped_and_reported_without_secrets(self) -> None:
         h = hash_pw(b"pw")
@@ -223,6 +250,36 @@ class UsersFileTests(TempDirMixin, SynchronousTestCase):
 
 
 class RewriteTests(TempDirMixin, SynchronousTestCase):
+    def test_set_password_stores_derived_secrets_never_the_password(self) -> None:
+        path = os.path.join(self.make_dir(), "users")
+        set_password(path, "alice", "correct horse", rounds=ROUNDS)
+        with open(path, "rb") as f:
+            data = f.read()
+        self.assertNotIn(b"correct", data)
+        self.assertNotIn(b"correct horse".hex().encode(), data)
+        fields = data.rstrip(b"\n").split(b":")
+        self.assertEqual(fields[0], b"alice")
+        self.assertTrue(fields[1].startswith(b"$2b$04$"))
+        b64 = rb"[A-Za-z0-9+/]"
+        self.assertRegex(fields[2], rb"\Ascram-sha-256=4096,%s{22}==,%s{43}=,%s{43}=\Z"
+                         % (b64, b64, b64))
+        self.assertRegex(fields[3], rb"\Ascram-sha-1=4096,%s{22}==,%s{27}=,%s{27}=\Z"
+                         % (b64, b64, b64))
+        self.assertRegex(fields[4], rb"\Acram-md5=[0-9a-f]{64}\Z")
+        users = UsersFile(path)
+        self.assertTrue(users.scram("alice", "SCRAM-SHA-256").known)
+        self.assertTrue(users.cram_md5("alice").known)
+        # A fresh salt each time: the same password never stores the same keys twice.
+        set_password(path, "alice", "correct horse", rounds=ROUNDS)
+        with open(path, "rb") as f:
+            self.assertNotEqual(f.read().split(b":")[2], fields[2])
+
+    def test_scram_iterations_below_rfc_7677_refused(self) -> None:
+        path = os.path.join(self.make_dir(), "users")
+        self.assertRaises(PasswordError, set_password, path, "a", "pw", rounds=ROUNDS,
+                          iterations=1000)
+        self.assertFalse(os.path.exists(path))
+
     def test_set_password_creates_parent_and_file_0600_without_plaintext(self) -> None:
         path = os.path.join(self.make_dir(), "var", "sub", "users")
         old_umask = os.umask(0o022)

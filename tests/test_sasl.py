@@ -26,6 +26,7 @@ from smarthost.sasl import (
     ISASLExchange,
     ISASLMechanism,
     LoginMechanism,
+    MechanismContext,
     PlainMechanism,
     Rejected,
     Step,
@@ -46,7 +47,7 @@ def credentials_of(step: Step) -> tuple[bytes, bytes, str]:
 class InterfaceTests(SynchronousTestCase):
     def test_every_registered_mechanism_provides_the_interfaces(self) -> None:
         for name, factory in MECHANISMS.items():
-            mechanism = factory()
+            mechanism = factory(MechanismContext())
             verifyObject(ISASLMechanism, mechanism)
             verifyObject(ISASLExchange, mechanism.new())
             self.assertEqual(mechanism.name, name)
@@ -154,7 +155,7 @@ class FuzzTests(SynchronousTestCase):
     @given(st.lists(st.one_of(st.none(), st.binary(max_size=64)), max_size=5))
     def test_steps_never_raise(self, responses: list[bytes | None]) -> None:
         for factory in MECHANISMS.values():
-            exchange = factory().new()
+            exchange = factory(MechanismContext()).new()
             for response in responses:
                 self.assertIsInstance(exchange.step(response), (Challenge, Credentials, Rejected))
 
@@ -167,8 +168,54 @@ class RegistryTests(SynchronousTestCase):
 
     def test_unknown_mechanism_is_named(self) -> None:
         with self.assertRaises(ValueError) as cm:
-            build_mechanisms(["PLAIN", "DIGEST-MD5"])
-        self.assertIn("DIGEST-MD5", str(cm.exception))
+            build_mechanisms(["PLAIN", "XYZZY"])
+        self.assertIn("XYZZY", str(cm.exception))
+        self.assertIn("SCRAM-SHA-256", str(cm.exception))  # and what is known
+
+    def test_challenge_response_mechanisms_in_the_order_given(self) -> None:
+        names = ["SCRAM-SHA-256", "scram-sha-1", "CRAM-MD5", "PLAIN", "LOGIN"]
+        built = build_mechanisms(names, users=UsersFile(os.devnull), hostname="h")
+        self.assertEqual([m.name for m in built], [n.upper() for n in names])
+
+    def test_without_users_challenge_response_mechanisms_let_nobody_in(self) -> None:
+        # check-config builds mechanisms with no users file.
+        [cram] = build_mechanisms(["CRAM-MD5"])
+        exchange = cram.new()
+        exchange.step(None)
+        step = exchange.step(b"alice " + b"0" * 32)
+        self.assertEqual(step, Rejected("wrong CRAM-MD5 digest", username="alice"))
+
+    def test_historic_and_unsupported_mechanisms_are_refused_with_a_reason(self) -> None:
+        reasons = {
+            "DIGEST-MD5": "RFC 6331",
+            "NTLM": "SCRAM-SHA-256",
+            "OAUTH10A": "OAuth 1.0a",
+            "GSSAPI": "Kerberos",
+            "SCRAM-SHA-256-PLUS": "channel binding",
+            "digest-md5": "historic",
+        }
+        for name, why in reasons.items():
+            with self.assertRaises(ValueError) as cm:
+                build_mechanisms(["PLAIN", name])
+            self.assertIn(name, str(cm.exception))
+            self.assertIn(why, str(cm.exception))
+
+    def test_check_config_names_the_key_and_the_reason(self) -> None:
+        from pathlib import Path
+
+        from smarthost.config import ConfigError, parse_config
+
+        def validate(name: str) -> None:
+            build_mechanisms([name])  # what check-config and the daemon pass
+
+        config = parse_config('[auth]\nmechanisms = ["SCRAM-SHA-256", "CRAM-MD5"]\n',
+                              Path("/"), validate_mechanism=validate)
+        self.assertEqual(config.auth.mechanisms, ("SCRAM-SHA-256", "CRAM-MD5"))
+        with self.assertRaises(ConfigError) as cm:
+            parse_config('[auth]\nmechanisms = ["PLAIN", "DIGEST-MD5"]\n', Path("/"),
+                         validate_mechanism=validate)
+        self.assertEqual(cm.exception.key, "auth.mechanisms[1]")
+        self.assertIn("RFC 6331", str(cm.exception))
 
     def test_duplicate_mechanism_refused(self) -> None:
         self.assertRaises(ValueError, build_mechanisms, ["PLAIN", "plain"])

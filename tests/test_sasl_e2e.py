@@ -1,0 +1,137 @@
+"""CRAM-MD5 and SCRAM end to end: ``twistd -n smarthost`` with every mechanism, real TLS,
+smtplib's CRAM-MD5 and a scramp-driven AUTH dialog; the users file holds no password."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import bcrypt
+import pytest
+from daemon import Daemon
+from scramp import ScramClient
+
+MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
+CONFIG = f"""
+[auth]
+mechanisms = {MECHANISMS!r}
+[relay]
+local_domains = ["example.test"]
+[relay.senders]
+"alice" = ["alice@example.test"]
+[delivery]
+nameservers = ["127.0.0.1:9"]
+""".replace("'", '"')
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = Daemon(tmp_path_factory.mktemp("sasl"), CONFIG)
+    d.add_user("alice", PASSWORD)
+    # An old, bcrypt-only line (htpasswd -B): no secrets for the challenge-response ones.
+    with open(d.directory / "var/users", "ab") as f:
+        f.write(b"carol:" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)) + b"\n")
+    d.start()
+    yield d
+    d.stop()
+
+
+def client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def connect(d: Daemon, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
+    return smtplib.SMTP_SSL("127.0.0.1", d.ports["submissions"], timeout=30,
+                            context=client_tls(), source_address=(source, 0))
+
+
+def scram(mechanism: str, user: str, password: str) -> Callable[..., str]:
+    """An smtplib ``authobject`` speaking SCRAM through scramp, checking the server's v=."""
+    client = ScramClient([mechanism], user, password)
+
+    def authobject(challenge: bytes | None = None) -> str:
+        if challenge is None:
+            return client.get_client_first()  # the initial response
+        text = challenge.decode("ascii")
+        if text.startswith("v="):
+            client.set_server_final(text)  # raises unless the server knew ServerKey
+            return ""  # RFC 4954 4: the empty answer to the last challenge
+        client.set_server_first(text)
+        return client.get_client_final()
+
+    return authobject
+
+
+def login(d: Daemon, mechanism: str, user: str, password: str, source: str = "127.0.0.1",
+          send: bool = False) -> int:
+    with connect(d, source) as s:
+        s.ehlo()
+        try:
+            if mechanism.startswith("SCRAM"):
+                code, _ = s.auth(mechanism, scram(mechanism, user, password))
+            else:
+                s.user, s.password = user, password
+                authobject = {"CRAM-MD5": s.auth_cram_md5, "PLAIN": s.auth_plain,
+                              "LOGIN": s.auth_login}[mechanism]
+                code, _ = s.auth(mechanism, authobject,
+                                 initial_response_ok=mechanism != "CRAM-MD5")
+        except smtplib.SMTPAuthenticationError as e:
+            return e.smtp_code
+        if send:
+            refused = s.sendmail("alice@example.test", ["bob@elsewhere.test"],
+                                 b"Subject: sasl e2e\r\n\r\nHello.\r\n")
+            assert refused == {}
+        return code
+
+
+def test_users_file_never_holds_the_password(daemon: Daemon) -> None:
+    data = (daemon.directory / "var/users").read_bytes()
+    assert PASSWORD.encode() not in data and b"correct" not in data
+    line = data.splitlines()[0]
+    assert b":scram-sha-256=4096," in line and b":scram-sha-1=4096," in line
+    assert b":cram-md5=" in line
+
+
+def test_ehlo_offers_the_configured_mechanisms_in_order(daemon: Daemon) -> None:
+    with connect(daemon) as s:
+        s.ehlo()
+        assert s.esmtp_features["auth"].split() == MECHANISMS
+
+
+def test_smtplib_login_uses_cram_md5(daemon: Daemon) -> None:
+    with connect(daemon) as s:
+        s.login("alice", PASSWORD)  # smtplib prefers CRAM-MD5 when offered
+    daemon.wait_for("AUTH ok from 127.0.0.1 user=alice mechanism=CRAM-MD5")
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-1"])
+def test_scram_over_tls_and_then_relay(daemon: Daemon, mechanism: str) -> None:
+    assert login(daemon, mechanism, "alice", PASSWORD, send=True) == 235
+    daemon.wait_for(f"AUTH ok from 127.0.0.1 user=alice mechanism={mechanism}")
+    daemon.wait_for("as alice sender=<alice@example.test>")
+
+
+def test_wrong_passwords_and_old_users(daemon: Daemon) -> None:
+    # Every failure is answered after the per-address throttle's delay: one client address
+    # per attempt (127.0.0.0/8 is all loopback) and all at once keeps this test short.
+    attempts = [(m, "alice", "wrong", 535) for m in MECHANISMS]
+    attempts += [(m, "carol", PASSWORD, 535) for m in ("SCRAM-SHA-256", "SCRAM-SHA-1",
+                                                       "CRAM-MD5")]
+    attempts += [(m, "nobody", PASSWORD, 535) for m in ("SCRAM-SHA-256", "CRAM-MD5")]
+    attempts += [("PLAIN", "carol", PASSWORD, 235), ("LOGIN", "carol", PASSWORD, 235)]
+    with ThreadPoolExecutor(len(attempts)) as pool:
+        codes = list(pool.map(
+            lambda a: login(daemon, a[0], a[1], a[2], source=f"127.0.1.{attempts.index(a) + 1}"),
+            attempts))
+    assert codes == [a[3] for a in attempts]
+    for number, (mechanism, user, _, code) in enumerate(attempts, start=1):
+        if code == 535:
+            daemon.wait_for(f"AUTH failed from 127.0.1.{number} user={user} "
+                            f"mechanism={mechanism}")
+    assert "wrong" not in "\n".join(line for line in daemon.log if "AUTH" in line)
