@@ -49,12 +49,14 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from smarthost.auth import (
+    Secret,
+    VerifiedUser,
+)
+from smarthost.derived import (
     SCRAM_HASHES,
     CramMD5Secret,
     Decoys,
     ScramSecret,
-    Secret,
-    VerifiedUser,
 )
 
 

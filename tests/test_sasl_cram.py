@@ -22,14 +22,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smarthost.auth import (
-    MD5_IV,
-    CramMD5Secret,
     UsersFile,
     VerifiedUser,
-    md5_compress,
-    md5_resume,
     parse_users,
     set_password,
+)
+from smarthost.derived import (
+    MD5_IV,
+    CramMD5Secret,
+    md5_compress,
+    md5_resume,
 )
 from smarthost.sasl import (
     Challenge,

@@ -28,16 +28,18 @@ from zope.interface.verify import verifyObject
 from smarthost.auth import (
     IVerifiedUser,
     PortalLogin,
-    ScramSecret,
     UsersFile,
     VerifiedUser,
     VerifiedUserChecker,
     build_portal,
     delete_user,
+    set_password,
+)
+from smarthost.derived import (
+    ScramSecret,
     derive_scram,
     saslprep,
     scram_password,
-    set_password,
 )
 from smarthost.sasl import (
     Challenge,
