@@ -224,7 +224,7 @@ def test_haproxy_proxy_v1_uses_the_proxied_address(tmp_path: Path) -> None:
         d.stop()
 
 
-def test_passwd_stores_bcrypt_only_and_deletes(tmp_path: Path) -> None:
+def test_passwd_stores_no_plaintext_and_deletes(tmp_path: Path) -> None:
     users = tmp_path / "users"
     run = subprocess.run([SMARTHOST, "passwd", "--users", str(users), "carol"],
                          input="pa55 word\n", capture_output=True, text=True, timeout=60)
