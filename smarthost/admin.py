@@ -119,7 +119,7 @@ def _read_password() -> str:
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
     # Plugins validate their own settings when built; nothing is started.
-    context = Context(Clock(), config.hostname, _NoLookups(), _run_now)
+    context = Context(Clock(), config.hostname, _NoLookups(), _run_now, config.base_dir)
     try:
         build_plugins(config.plugins.enabled, config.plugins.settings, context)
     except PluginError as e:

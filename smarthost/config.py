@@ -250,6 +250,10 @@ class _Loader:
         for i, domain in enumerate(t.strings("local_domains", ())):
             key = f"relay.local_domains[{i}]"
             _check_domain(key, domain)
+            if domain.startswith("["):
+                # The relay rule never treats an address literal as local (policy.is_local):
+                # listing one would silently accept nothing.
+                raise ConfigError(key, f"{domain!r}: an address literal cannot be a local domain")
             domains.append(domain.lower().rstrip("."))
         networks = []
         for i, text in enumerate(t.strings("trusted_networks", _DEFAULT_TRUSTED)):

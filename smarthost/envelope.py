@@ -22,8 +22,11 @@ _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 # With SMTPUTF8 (RFC 6531 3.3) any non-ASCII UTF-8 character is also atext / a label character.
 _UTEXT = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f])"
 _UDOT_ATOM = re.compile(rf"{_UTEXT}+(?:\.{_UTEXT}+)*\Z")
-_ULABEL = re.compile(r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,61}"
-                     r"(?:[A-Za-z0-9]|[^\x00-\x7f]))?\Z")
+# U+3002, U+FF0E and U+FF61 are full stops to IDNA (RFC 3490 3.1): a label holding one would
+# become two labels in DNS, so the domain the policy compares would not be the one routed to.
+_U = r"[^\x00-\x7f\u3002\uff0e\uff61]"
+_ULABEL = re.compile(rf"(?:[A-Za-z0-9]|{_U})(?:(?:[A-Za-z0-9-]|{_U}){{0,61}}"
+                     rf"(?:[A-Za-z0-9]|{_U}))?\Z")
 _SOURCE_ROUTE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
 
 MAX_LOCAL_PART = 64  # RFC 5321 4.5.3.1.1
@@ -116,6 +119,10 @@ def _check_domain(domain: str, *, utf8: bool) -> None:
 
 
 def _check_literal(literal: str) -> None:
+    if "%" in literal:
+        # ipaddress accepts IPv6 zone ids ("fe80::1%eth0"); RFC 5321 4.1.3 has none, and a
+        # "%" in a domain must never look like a route.
+        raise AddressError("invalid address literal")
     try:
         if literal.lower().startswith("ipv6:"):
             ipaddress.IPv6Address(literal[5:])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -150,6 +151,7 @@ class Context:
     hostname: str
     resolver: Any  # IResolver's lookup methods (twisted.names client), see PluginContext
     run_blocking: Callable[..., Deferred[Any]]
+    base_dir: Path = attrs.field(factory=Path.cwd)
 
 
 class PluginError(ValueError):

@@ -8,6 +8,7 @@ so a third-party package needs to import nothing else.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
@@ -17,6 +18,28 @@ from zope.interface import Attribute, Interface
 
 from smarthost.envelope import Client, Envelope, Outcome, QueueEntry, QueueId
 from smarthost.reply import Reply
+
+# The plugin API in one import: the values plugins receive and return come along.
+__all__ = [
+    "Client",
+    "Envelope",
+    "IConnectCheck",
+    "IDataCheck",
+    "IDeliveryObserver",
+    "IHeaderAdder",
+    "IHeloCheck",
+    "IIncomingMessage",
+    "IMailCheck",
+    "IRcptCheck",
+    "ISmarthostPlugin",
+    "ISpool",
+    "MessageView",
+    "Outcome",
+    "PluginContext",
+    "QueueEntry",
+    "QueueId",
+    "Reply",
+]
 
 
 class IIncomingMessage(Interface):
@@ -83,6 +106,9 @@ class PluginContext(Interface):
     resolver: IResolver = Attribute("DNS lookups (twisted.names), per [delivery] nameservers.")
     run_blocking: Callable[..., Deferred[Any]] = Attribute(
         "Run a blocking callable off the reactor thread: run_blocking(f, *args)."
+    )
+    base_dir: Path = Attribute(
+        "The directory of the config file: relative paths in plugin settings start here."
     )
 
 

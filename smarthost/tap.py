@@ -179,7 +179,7 @@ def build_parts(
         relay.local_domains, relay.trusted_networks, relay.senders, local_recipients
     )
     resolver = make_resolver(list(config.delivery.nameservers), reactor)
-    context = Context(reactor, config.hostname, resolver, deferToThread)
+    context = Context(reactor, config.hostname, resolver, deferToThread, config.base_dir)
     try:
         plugins = build_plugins(config.plugins.enabled, config.plugins.settings, context)
     except PluginError as e:

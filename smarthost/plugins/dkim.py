@@ -8,9 +8,8 @@ Settings (``[plugins.dkim]``)::
     keys = { "example.test" = { selector = "s1", key = "dkim/example.test.key" } }
     headers = ["From", "To", "Subject", ...]  # optional: the fields to sign (see DEFAULT_HEADERS)
 
-Relative ``key`` paths are resolved against the directory of the config file when the plugin
-context says what it is (``context.base_dir``), otherwise against the working directory of
-the daemon; write absolute paths to be independent of either. Keys are read once, at start:
+Relative ``key`` paths are resolved against the directory of the config file
+(``context.base_dir``), like every path in the config. Keys are read once, at start:
 an unreadable or malformed key stops the start (and ``smarthost check-config``) with an error
 naming the setting. Rotating a key means restarting.
 
@@ -30,7 +29,6 @@ Signing is CPU work (RSA in pure Python) and reads the message from disk: it run
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -208,8 +206,7 @@ class DKIMPlugin:
     name = "dkim"
 
     def build(self, settings: Mapping[str, Any], context: PluginContext) -> DKIMSigner:
-        base_dir = getattr(context, "base_dir", None)
-        parsed = parse_settings(settings, Path(os.fspath(base_dir)) if base_dir else None)
+        parsed = parse_settings(settings, context.base_dir)
         return DKIMSigner(parsed, context.run_blocking)
 
 

@@ -1,5 +1,6 @@
 """Makes ``twistd smarthost`` exist; everything else lives in :mod:`smarthost.tap`."""
 
-from smarthost.tap import service_maker
+from smarthost import tap
 
-smarthost = service_maker
+# One module attribute only: getPlugins lists every attribute that provides IPlugin.
+smarthost = tap.service_maker
