@@ -233,12 +233,7 @@ def cmd_queue_show(args: argparse.Namespace, spool: Spool) -> int:
 def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
     entries = [_entry(spool, text) for text in args.ids]
     ids = " ".join(str(e.queue_id) for e in entries)
-    # A running daemon holds the schedule: let it delete, so no delivery in flight races us.
-    answer = _notify(spool, f"delete {ids}")
-    if answer is not None:
-        if answer.startswith("error"):
-            raise CLIError(f"daemon: {answer}")
-        print(answer)
+    if _daemon_did(spool, f"delete {ids}"):
         return 0
     for entry in entries:
         _wait(spool.remove(entry.queue_id))
@@ -246,12 +241,20 @@ def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
     return 0
 
 
+def _daemon_did(spool: Spool, command: str) -> bool:
+    """A running daemon holds the schedule: changes go through it, so no delivery in flight
+    races us. False when no daemon runs (the caller then changes the files itself)."""
+    answer = _notify(spool, command)
+    if answer is None:
+        return False
+    if answer.startswith("error"):
+        raise CLIError(f"daemon: {answer}")
+    print(answer)
+    return True
+
+
 def cmd_queue_release(args: argparse.Namespace, spool: Spool) -> int:
-    answer = _notify(spool, f"release {args.user}")
-    if answer is not None:
-        if answer.startswith("error"):
-            raise CLIError(f"daemon: {answer}")
-        print(answer)
+    if _daemon_did(spool, f"release {args.user}"):
         return 0
     released = _wait(Deferred.fromCoroutine(release_held(spool, args.user)))
     print(f"released {len(released)} (delivered when the daemon next starts)")

@@ -36,6 +36,7 @@ from smarthost.envelope import (
     Outcome,
     Recipient,
 )
+from smarthost.safeio import fsync_dir
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -227,7 +228,7 @@ class MaildirDelivery:
                 os.unlink(tmp)
             raise
         # The commit point: until new/ is on disk, a crash could lose the rename.
-        _fsync_dir(mailbox / "new")
+        fsync_dir(mailbox / "new")
         return name
 
     def _unique_name(self, now: float) -> str:
@@ -265,20 +266,13 @@ def _ensure_dirs(base: Path, dirs: Sequence[Path]) -> None:
             if not path.is_dir():
                 _not_a_directory(path)
             continue
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
 
 def _not_a_directory(path: Path) -> NoReturn:
     # "File exists" would send the operator looking for the wrong problem.
     raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _os_error_status(error: OSError) -> str:

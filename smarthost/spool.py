@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from smarthost.envelope import Envelope, QueueEntry, QueueId
 from smarthost.interfaces import IIncomingMessage, ISpool
+from smarthost.safeio import fsync_dir
 
 FILE_MODE = 0o600  # mail is private: only the daemon's user reads the spool
 DIR_MODE = 0o700
@@ -120,13 +121,6 @@ def _id_from_state_name(name: str) -> QueueId | None:
         return None
     return _parse_id(name[: -len(_STATE_SUFFIX)])
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _create(path: str) -> int:
@@ -226,10 +220,10 @@ class IncomingMessage:
             os.fsync(self._file.fileno())
             self._file.close()
             os.rename(body_tmp, data)
-            _fsync_dir(self._paths.dir(DATA))
+            fsync_dir(self._paths.dir(DATA))
             _write_durably(state_tmp, _encode(entry))
             os.rename(state_tmp, state)  # the commit point
-            _fsync_dir(self._paths.dir(STATE))
+            fsync_dir(self._paths.dir(STATE))
         except BaseException:
             # Not acknowledged, so not queued: the client will retry after our 4xx. Undo
             # everything, including a state rename whose directory fsync failed.
@@ -365,7 +359,7 @@ class Spool:
 
         if removed_tmp or removed_orphans or corrupt:
             for name in (TMP, DATA, STATE, CORRUPT):
-                _fsync_dir(self._paths.dir(name))
+                fsync_dir(self._paths.dir(name))
         return RecoveryReport(
             queued=len(intact),
             removed_tmp=tuple(removed_tmp),
@@ -385,8 +379,8 @@ class Spool:
                 created = True
         if created:
             # The first message's directory fsyncs do not cover the directories' own entries.
-            _fsync_dir(self._paths.root)
-            _fsync_dir(os.path.dirname(self._paths.root))
+            fsync_dir(self._paths.root)
+            fsync_dir(os.path.dirname(self._paths.root))
 
     def _check(self, queue_id: QueueId) -> str | None:
         """Why this committed message cannot be delivered, or None when it is intact."""
@@ -487,7 +481,7 @@ class Spool:
         except BaseException:
             _unlink_quietly(state_tmp)
             raise
-        _fsync_dir(self._paths.dir(STATE))
+        fsync_dir(self._paths.dir(STATE))
 
     def remove(self, queue_id: QueueId) -> Deferred[None]:
         """Fails with KeyError when the message is not queued."""
@@ -501,10 +495,10 @@ class Spool:
             os.unlink(self._paths.state(queue_id))
         except FileNotFoundError:
             raise KeyError(queue_id) from None
-        _fsync_dir(self._paths.dir(STATE))
+        fsync_dir(self._paths.dir(STATE))
         with suppress(FileNotFoundError):
             os.unlink(self._paths.data(queue_id))
-        _fsync_dir(self._paths.dir(DATA))
+        fsync_dir(self._paths.dir(DATA))
 
     def _exclusive(
         self, queue_id: QueueId, f: Callable[..., None], *args: object
