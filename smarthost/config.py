@@ -386,7 +386,9 @@ class _Loader:
 
 def _check_hostname(hostname: str) -> None:
     labels = hostname.rstrip(".").split(".")
-    if not all(labels) or any(not (c.isalnum() or c == "-") for c in "".join(labels)):
+    # ASCII only: it goes into the banner, EHLO and Received headers (RFC 5321 4.1.2).
+    text = "".join(labels)
+    if not all(labels) or not text.isascii() or any(not (c.isalnum() or c == "-") for c in text):
         raise ConfigError("hostname", f"{hostname!r} is not a valid host name")
 
 
