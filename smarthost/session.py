@@ -694,13 +694,17 @@ class Session(Protocol):
         self._buffer = result.leftover + self._buffer
         client = self._client()
         rate_key = self._rate_key()
+        anonymous = rate_key is None
         envelope = Envelope(
             sender=str(txn.sender) if txn.sender is not None else "",
-            recipients=tuple(txn.recipients),
+            recipients=tuple(_restrict_dsn(r) for r in txn.recipients)
+            if anonymous
+            else tuple(txn.recipients),
             client_address=self._address,
             client_name=self._helo,
             user=self._user,
-            ret=txn.ret,
+            # Anonymous senders are unverified: reports to them carry headers only.
+            ret="HDRS" if anonymous else txn.ret,
             envid=txn.envid,
             body=txn.body,
             smtputf8=txn.smtputf8,
@@ -772,6 +776,15 @@ class Session(Protocol):
 
     def smtp_HELP(self, arg: str) -> None:
         self._send(HELP)
+
+
+def _restrict_dsn(recipient: Recipient) -> Recipient:
+    """DSN requests from clients we do not know (neither authenticated nor trusted) are
+    limited to failure reports: success and delay reports to an unverified sender would let
+    anyone make us send mail to any address (Postfix's DSN_README advises the same)."""
+    if recipient.notify and "FAILURE" not in recipient.notify:
+        return attrs.evolve(recipient, notify=("NEVER",))
+    return attrs.evolve(recipient, notify=("FAILURE",))
 
 
 def _address_error(path: str, utf8: bool, default: Reply) -> Reply:

@@ -351,9 +351,6 @@ def test_no_trick_relays_on_any_listener(world: World) -> None:
             assert e["user"] == "anonymous", e
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a success DSN (RET=FULL) for anonymous mail goes to the forged remote sender: "
-    "reported to the lead; remove this marker once the scheduler/session stops it"))
 def test_no_delivery_report_reflects_anonymous_mail_to_a_remote_sender(world: World) -> None:
     daemon = world.daemon
     before = sum(len(peer.messages) for peer in world.peers)

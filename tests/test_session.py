@@ -82,3 +82,20 @@ def test_a_client_that_pipelines_without_reading_is_paused(tmp_path: Path) -> No
     assert transport.producerState == "paused"
     pending.callback(None)
     assert transport.producerState == "producing"
+
+
+def test_anonymous_dsn_requests_are_limited_to_failure_with_headers(tmp_path: Path) -> None:
+    """Success and delay reports to an unverified sender would make us a reflector."""
+    session, transport, _ = make(tmp_path)
+    session.dataReceived(
+        b"EHLO c\r\nMAIL FROM:<victim@remote.test> RET=FULL\r\n"
+        b"RCPT TO:<a@example.test> NOTIFY=SUCCESS,DELAY\r\n"
+        b"RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE\r\n"
+        b"RCPT TO:<c@example.test> NOTIFY=NEVER\r\nRCPT TO:<d@example.test>\r\n"
+        b"DATA\r\nSubject: x\r\n\r\n.\r\n"
+    )
+    assert b"queued as" in transport.value()
+    [entry] = session._spool.entries()  # type: ignore[attr-defined]
+    notify = [r.notify for r in entry.envelope.recipients]
+    assert notify == [("NEVER",), ("FAILURE",), ("NEVER",), ("FAILURE",)]
+    assert entry.envelope.ret == "HDRS"
