@@ -32,13 +32,17 @@ run: install
 	$(BIN)/twistd -n smarthost
 
 lint:
-	$(BIN)/ruff check smarthost tests twisted
+	$(BIN)/ruff check --no-cache smarthost tests twisted scripts bench
 	$(BIN)/mypy
 
 test: install-test
-	$(BIN)/ruff check smarthost tests twisted
+	$(BIN)/ruff check --no-cache smarthost tests twisted scripts bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The benchmark against Postfix (installs Postfix from Debian; needs root). Not run by CI.
+bench: install
+	bench/run
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from daemon import SMARTHOST, TWISTD, Daemon
 
 # Delivery must never reach a real resolver or MX: the only nameserver is a closed loopback port.

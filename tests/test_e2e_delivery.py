@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from daemon import Daemon
 from mxpeer import MXPeer, Received
 

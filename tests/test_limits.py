@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from daemon import Daemon
 from twisted.internet.task import Clock
 
+from daemon import Daemon
 from smarthost.limits import (
     AUTH_WINDOW,
     TOO_MANY_CONNECTIONS,

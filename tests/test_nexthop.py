@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from random import Random
 from typing import Any
 
-from dnsserver import DNSTestServer, Zone, close_client_connections, start
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from dnsserver import DNSTestServer, Zone, close_client_connections, start
 from smarthost.nexthop import (
     MAILDIR,
     SMTP,

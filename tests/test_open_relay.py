@@ -28,6 +28,7 @@ from pathlib import Path
 
 import attrs
 import pytest
+
 from daemon import Daemon
 from mxpeer import MXPeer
 

@@ -11,7 +11,6 @@ from typing import Any, BinaryIO
 
 from hypothesis import given
 from hypothesis import strategies as st
-from mxpeer import MXPeer
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import Factory
@@ -22,6 +21,7 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
+from mxpeer import MXPeer
 from smarthost.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
 from smarthost.nexthop import SMTP, Credentials, Host, Route
 from smarthost.outbound import CHUNK, SMTPDelivery, Timeouts, _Connection, _DotStuffer, xtext

@@ -10,8 +10,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dnsserver import DNSTestServer, Zone, close_client_connections, start
-from test_plugins import PluginSession
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock, deferLater
@@ -19,12 +17,14 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
+from dnsserver import DNSTestServer, Zone, close_client_connections, start
 from smarthost.envelope import Client
 from smarthost.hooks import Context, Hooks, PluginError, available_plugins, build_plugins
 from smarthost.interfaces import IConnectCheck, ISmarthostPlugin
 from smarthost.nexthop import make_resolver
 from smarthost.plugins.dnsbl import DNSBLPlugin, parse_settings, reverse_name
 from smarthost.reply import Reply
+from test_plugins import PluginSession
 
 LISTED_V4 = "192.0.2.99"  # 99.2.0.192.<zone>
 LISTED_V6 = "2001:db8::1"

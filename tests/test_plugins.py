@@ -22,7 +22,6 @@ from typing import Any
 
 import bcrypt
 import pytest
-from daemon import SMARTHOST, TWISTD, Daemon
 from twisted.cred import strcred
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
@@ -35,6 +34,7 @@ from twisted.plugin import pluginPackagePaths
 from twisted.trial.unittest import TestCase
 
 import smarthost.plugins
+from daemon import SMARTHOST, TWISTD, Daemon
 from smarthost import auth, credfactory, sasl
 from smarthost.hooks import Context, Hooks, available_plugins, build_plugins
 from smarthost.limits import Limits, LimitSettings

@@ -10,8 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 import pytest
-from daemon import Daemon
 from scramp import ScramClient
+
+from daemon import Daemon
 
 MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
 CONFIG = f"""

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import attrs
 import pytest
-from daemon import Daemon
-from mxpeer import MXPeer
 from twisted.cred.credentials import UsernamePassword
 
+from daemon import Daemon
+from mxpeer import MXPeer
 from smarthost import sasl
 from smarthost.auth import UserEntry
 from smarthost.config import load_config

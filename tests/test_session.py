@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_hooks import run_now
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -17,6 +16,7 @@ from smarthost.maillog import EventFile, MailLog
 from smarthost.policy import RelayPolicy
 from smarthost.session import Session, SessionSettings
 from smarthost.spool import Spool
+from test_hooks import run_now
 
 
 def make(tmp: Path, events: EventFile | None = None) -> tuple[Session, StringTransport, Clock]:

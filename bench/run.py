@@ -1,0 +1,510 @@
+"""smarthost against Postfix on this machine: ``bench/run [--quick]`` (see bench/README.md).
+
+Every server listens on 127.0.0.1 only, every run starts a fresh server with an empty queue,
+and everything this script starts is stopped (and its directories removed) on the way out,
+also after an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import pstats
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import servers
+from servers import LOOPBACK, Postfix, Smarthost, SmtpSink
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+Server = Smarthost | Postfix
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def ensure_tools(install: bool) -> None:
+    """Postfix, smtp-source and smtp-sink from Debian; the venv from `make install`."""
+    if not servers.TWISTD.exists():
+        sys.exit(f"bench: {servers.TWISTD} is missing; run `make install` first")
+    tools = (servers.POSTFIX, servers.POSTCONF, servers.SMTP_SOURCE, servers.SMTP_SINK)
+    if all(os.access(t, os.X_OK) for t in tools):
+        return
+    if not install or os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit("bench: needs Postfix and its test tools: "
+                 "sudo apt-get install postfix (smtp-source and smtp-sink come with it)")
+    print("installing postfix (no configuration; nothing of the system's is started)...",
+          flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["debconf-set-selections"], check=True, text=True, env=env,
+                   input="postfix postfix/main_mailer_type select No configuration\n")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "postfix"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def raise_fd_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(need, soft)), hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        sys.exit(f"bench: needs {need} open files, the hard limit is {soft}")
+
+
+class Run:
+    """The temporary directory and every server started in it; :meth:`close` stops them."""
+
+    def __init__(self, keep: bool) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="smarthost-bench-"))
+        os.chmod(self.root, 0o755)  # Postfix's own user must reach its data directory
+        self.keep = keep
+        self.started: list[Server | SmtpSink] = []
+        self.certs = self.root / "certs"  # one self-signed pair, made by the first start
+        self._n = 0
+
+    def directory(self, name: str) -> Path:
+        self._n += 1
+        return self.root / f"{self._n:03d}-{name}"
+
+    @contextmanager
+    def server(self, kind: str, *, deliver: bool, profile: Path | None = None) -> Iterator[
+        tuple[Server, SmtpSink | None]
+    ]:
+        """A fresh server (and, when it delivers, a fresh smtp-sink behind it)."""
+        directory = self.directory(kind)
+        sink = None
+        if deliver:
+            sink = SmtpSink(directory / "sink")
+            self.started.append(sink)
+            sink.start()
+            next_hop = sink.port
+        else:
+            next_hop = servers.free_port()  # closed: smarthost's attempts defer at once
+        server: Server
+        if kind == "smarthost":
+            server = Smarthost(directory / "smarthost", next_hop, certs=self.certs,
+                               profile=profile)
+        else:
+            server = Postfix(directory / "postfix", next_hop, deliver=deliver)
+        self.started.append(server)
+        try:
+            server.start()
+            yield server, sink
+        finally:
+            server.stop()
+            if sink is not None:
+                sink.stop()
+            if not self.keep:
+                servers.remove_tree(directory)
+
+    def close(self) -> None:
+        for thing in reversed(self.started):
+            try:
+                thing.stop()
+            except Exception as e:  # keep stopping the others
+                print(f"bench: stopping {thing}: {e}", file=sys.stderr)
+        if self.keep:
+            print(f"kept {self.root}")
+        else:
+            servers.remove_tree(self.root)
+
+
+# -- load -------------------------------------------------------------------------------------
+
+
+def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
+    """Postfix's load generator: ``sessions`` parallel sessions, each sending message after
+    message (-d) until ``messages`` are sent. Returns the wall-clock seconds."""
+    argv = [servers.SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
+            "-d", "-M", "bench.test", "-f", "bench@src.test", "-t", "rcpt@dst.test",
+            f"{LOOPBACK}:{port}"]
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True,
+                            timeout=max(120, messages / 5))
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"smtp-source failed ({result.returncode}): "
+                           f"{result.stdout[-500:]}{result.stderr[-500:]}")
+    return elapsed
+
+
+def wait_queue(server: Server, predicate: Callable[[int], bool], timeout: float) -> float:
+    """Poll the queue size every 50 ms until ``predicate`` holds; returns the monotonic time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = time.monotonic()
+        size = server.queue_size()
+        if predicate(size):
+            return now
+        if now > deadline:
+            raise TimeoutError(f"{server.name}: queue still holds {size} after {timeout:.0f}s")
+        time.sleep(0.05)
+
+
+def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
+               profile: Path | None = None) -> dict[str, Any]:
+    with run.server(kind, deliver=False, profile=profile) as (server, _):
+        cpu = servers.cpu_seconds(servers.process_tree(server.pid))
+        seconds = smtp_source(server.port, messages, sessions, size)
+        cpu = servers.cpu_seconds(servers.process_tree(server.pid)) - cpu
+        # Both answer 250 only after the message is on disk, so all of it is queued by now
+        # (Postfix's queue manager may still be moving files between its queues).
+        wait_queue(server, lambda n: n >= messages, 30)
+    return {"value": messages / seconds, "seconds": seconds,
+            "cpu_ms_per_message": cpu * 1000 / messages}
+
+
+def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int) -> dict[str, Any]:
+    with run.server(kind, deliver=True) as (server, _):
+        cpu = servers.cpu_seconds(servers.process_tree(server.pid))
+        started = time.monotonic()
+        accepted = smtp_source(server.port, messages, sessions, size)
+        emptied = wait_queue(server, lambda n: n == 0, max(120, messages / 10))
+        cpu = servers.cpu_seconds(servers.process_tree(server.pid)) - cpu
+        seconds = emptied - started
+        # Confirm with the operator's own tool that nothing is left (or stuck deferred).
+        left = server.queue_list() if isinstance(server, Smarthost) else server.postqueue_json()
+        if left:
+            raise RuntimeError(f"{kind}: {len(left)} messages still queued")
+    return {"value": messages / seconds, "seconds": seconds, "accept_seconds": accepted,
+            "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages}
+
+
+def read_banner(sock: socket.socket, buffer: bytearray) -> bool:
+    """Reads what is there; True once a complete 220 greeting has arrived."""
+    try:
+        chunk = sock.recv(4096)
+    except BlockingIOError:
+        return False
+    if not chunk:
+        raise ConnectionError("closed before the greeting")
+    buffer += chunk
+    # Multi-line greetings: the last line is "220 " (no hyphen).
+    return any(line.startswith(b"220 ") for line in bytes(buffer).split(b"\r\n"))
+
+
+def idle_run(run: Run, kind: str, connections: int) -> dict[str, Any]:
+    """``connections`` clients that read the greeting and then say nothing; the server's
+    memory (all its processes) is measured while they sit there."""
+    with run.server(kind, deliver=False) as (server, _):
+        time.sleep(1)  # let start-up settle (Postfix starts qmgr, pickup... on demand)
+        before = servers.memory_kib(servers.process_tree(server.pid))
+        socks: list[socket.socket] = []
+        sel = selectors.DefaultSelector()
+        try:
+            started = time.monotonic()
+            buffers: dict[int, bytearray] = {}
+            waiting = 0
+            for _ in range(connections):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                s.setblocking(False)
+                s.connect_ex((LOOPBACK, server.port))
+                socks.append(s)
+                buffers[s.fileno()] = bytearray()
+                sel.register(s, selectors.EVENT_READ)
+                waiting += 1
+            deadline = started + 120
+            while waiting:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{kind}: {waiting} of {connections} idle clients "
+                                       "got no greeting in 120 s")
+                for key, _ in sel.select(1.0):
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if read_banner(sock, buffers[sock.fileno()]):
+                        sel.unregister(sock)
+                        waiting -= 1
+            all_greeted = time.monotonic() - started
+            time.sleep(1)  # let the processes settle before reading their memory
+            pids = servers.process_tree(server.pid)
+            during = servers.memory_kib(pids)
+            # The server must still serve: a new client gets a greeting while they all sit.
+            t = time.monotonic()
+            servers.wait_banner(server.port, timeout=30)
+            new_client = time.monotonic() - t
+        finally:
+            sel.close()
+            for s in socks:
+                s.close()
+    return {
+        "value": during["rss_kib"] / 1024,
+        "rss_mib": during["rss_kib"] / 1024,
+        "pss_mib": during["pss_kib"] / 1024,
+        "processes": during["processes"],
+        "rss_before_mib": before["rss_kib"] / 1024,
+        "pss_before_mib": before["pss_kib"] / 1024,
+        "rss_per_connection_kib": (during["rss_kib"] - before["rss_kib"]) / connections,
+        "pss_per_connection_kib": (during["pss_kib"] - before["pss_kib"]) / connections,
+        "seconds_to_greet_all": all_greeted,
+        "new_client_banner_seconds": new_client,
+    }
+
+
+# -- start-up ---------------------------------------------------------------------------------
+
+
+def startup_run(run: Run, count: int) -> dict[str, Any]:
+    """smarthost alone: start with ``count`` deferred messages in its spool."""
+    directory = run.directory(f"startup-{count}")
+    server = Smarthost(directory / "smarthost", servers.free_port(), certs=run.certs)
+    server.write_config()
+    t = time.monotonic()
+    subprocess.run([str(servers.PYTHON), str(HERE / "genspool.py"), str(server.spool),
+                    str(count)], check=True, cwd=servers.REPO)
+    generated = time.monotonic() - t
+    run.started.append(server)
+    try:
+        server.start(timeout=600)
+        ready = server.wait_log("] ready", 1)
+        recovered = server.wait_log(f": {count} queued, ", 1)
+        line_at = server.wait_log(f"scheduler started with {count} queued", 1)
+        rss = servers.memory_kib([server.pid])["rss_kib"] / 1024
+        t = time.monotonic()
+        server.stop()
+        stopped = time.monotonic() - t
+    finally:
+        server.stop()
+        if not run.keep:
+            servers.remove_tree(directory)
+    return {"messages": count, "recovered_seconds": recovered,
+            "scheduler_started_seconds": line_at, "ready_seconds": ready,
+            "rss_mib": rss, "stop_seconds": stopped, "generate_seconds": generated}
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+
+def profile_run(run: Run, messages: int, sessions: int, size: int, prof: Path) -> dict[str, Any]:
+    result = accept_run(run, "smarthost", messages, sessions, size, profile=prof)
+    text = {}
+    for order in ("cumulative", "tottime"):
+        out = io.StringIO()
+        stats = pstats.Stats(str(prof), stream=out)
+        stats.strip_dirs().sort_stats(order).print_stats(25)
+        text[order] = out.getvalue()
+    prof.with_suffix(".txt").write_text(
+        "\n".join(f"== top 25 by {k} ==\n{v}" for k, v in text.items())
+    )
+    return {"rate_under_profiler": result["value"], "prof": str(prof),
+            "text": str(prof.with_suffix(".txt")), "top": text}
+
+
+# -- reporting --------------------------------------------------------------------------------
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def print_table(workloads: list[dict[str, Any]]) -> None:
+    head = (f"{'workload':34} {'unit':10} {'smarthost med (min-max)':>28} "
+            f"{'postfix med (min-max)':>28} {'sh/pf':>6}")
+    print("\n" + head)
+    print("-" * len(head))
+    for w in workloads:
+        cells = []
+        for kind in ("smarthost", "postfix"):
+            s = w[kind]["summary"]
+            cells.append(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})")
+        print(f"{w['name']:34} {w['unit']:10} {cells[0]:>28} {cells[1]:>28} "
+              f"{w['ratio']:>6.2f}")
+
+
+def machine() -> dict[str, Any]:
+    def output(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                  cwd=servers.REPO).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": output(servers.POSTCONF, "-d", "-h", "mail_version"),
+        "twisted": output(str(servers.PYTHON), "-c", "import twisted; print(twisted.__version__)"),
+        "smarthost_commit": output("git", "rev-parse", "--short", "HEAD"),
+        "uncommitted_changes": bool(output("git", "status", "--porcelain", "--untracked-files=no",
+                                           "smarthost")),
+        "tmp_filesystem": output("df", "-T", tempfile.gettempdir()).splitlines()[-1:],
+    }
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="1 round, 1000 messages, start-up with 10,000 (about 2 minutes)")
+    p.add_argument("--rounds", type=int, help="runs per server and workload (default 3)")
+    p.add_argument("--messages", type=int, help="messages per run (default 5000)")
+    p.add_argument("--size", type=int, default=4096, help="message payload bytes (4096)")
+    p.add_argument("--sessions", default="1,20,100", help="accept workloads (1,20,100)")
+    p.add_argument("--idle", type=int, default=1000, help="idle connections (1000)")
+    p.add_argument("--startup", help="start-up spool sizes (10000 quick, 10000,100000 full)")
+    p.add_argument("--only", default="accept,deliver,idle,startup,profile",
+                   help="comma-separated subset of accept,deliver,idle,startup,profile")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directories")
+    a = p.parse_args()
+    a.rounds = a.rounds or (1 if a.quick else 3)
+    a.messages = a.messages or (1000 if a.quick else 5000)
+    a.startup = [int(n) for n in (a.startup or ("10000" if a.quick else "10000,100000"))
+                 .split(",") if n]
+    a.sessions = [int(n) for n in a.sessions.split(",") if n]
+    a.only = set(a.only.split(","))
+    return a
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise SystemExit(f"bench: signal {signum}, cleaning up")
+
+
+def main() -> None:
+    args = parse()
+    if os.geteuid() != 0:
+        # Postfix's master, postqueue -c and smtp-sink -u all want root here.
+        sys.exit("bench: run as root (it starts a private Postfix instance)")
+    ensure_tools(install=not args.no_install)
+    raise_fd_limit(args.idle * 2 + 1024)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    began = time.monotonic()
+    workloads: list[dict[str, Any]] = []
+    results: dict[str, Any] = {
+        "started": stamp, "mode": "quick" if args.quick else "full", "rounds": args.rounds,
+        "messages": args.messages, "size": args.size, "machine": machine(),
+        "workloads": workloads,
+    }
+    run = Run(args.keep)
+    load = os.getloadavg()[0]
+    if load > 0.5:
+        print(f"bench: note: load average {load:.1f} on {os.cpu_count()} CPUs before starting; "
+              "other work on this machine makes the figures noisy", flush=True)
+
+    def workload(name: str, unit: str, better: str, once: Callable[[str], dict[str, Any]],
+                 also: tuple[tuple[str, str, str, str], ...] = ()) -> None:
+        """Alternating runs; ``also`` adds rows (name, unit, better, key) read from the same
+        runs."""
+        runs: dict[str, list[dict[str, Any]]] = {"smarthost": [], "postfix": []}
+        for r in range(args.rounds):
+            for kind in ("smarthost", "postfix"):  # alternating: A, B, A, B, ...
+                load = os.getloadavg()[0]
+                result = once(kind)
+                result["loadavg_before"] = load
+                runs[kind].append(result)
+                cpu = result.get("cpu_ms_per_message")
+                print(f"  {name} round {r + 1} {kind}: {result['value']:.1f} {unit}"
+                      + (f" ({cpu:.2f} ms CPU per message)" if cpu is not None else ""),
+                      flush=True)
+        for row, row_unit, row_better, key in ((name, unit, better, "value"), *also):
+            entry: dict[str, Any] = {"name": row, "unit": row_unit, "better": row_better}
+            for kind, values in runs.items():
+                entry[kind] = {"summary": summary([v[key] for v in values])}
+                if key == "value":
+                    entry[kind]["runs"] = values
+            entry["ratio"] = (entry["smarthost"]["summary"]["median"]
+                              / entry["postfix"]["summary"]["median"])
+            workloads.append(entry)
+
+    try:
+        m, size = args.messages, args.size
+        if "accept" in args.only:
+            for s in args.sessions:
+                def accept(kind: str, s: int = s) -> dict[str, Any]:
+                    return accept_run(run, kind, m, s, size)
+
+                workload(f"accept {size} B, {s} session{'s' * (s > 1)}", "msg/s", "higher",
+                         accept,
+                         also=((f"  server CPU per message, {s} sess.", "ms", "lower",
+                                "cpu_ms_per_message"),))
+        if "deliver" in args.only:
+            workload("accept+deliver to smtp-sink, 20 sessions", "msg/s", "higher",
+                     lambda k: deliver_run(run, k, m, 20, size),
+                     also=(("  server CPU per message, deliver", "ms", "lower",
+                            "cpu_ms_per_message"),))
+        if "idle" in args.only:
+            workload(f"{args.idle} idle connections, RSS sum", "MiB", "lower",
+                     lambda k: idle_run(run, k, args.idle),
+                     also=((f"{args.idle} idle connections, PSS sum", "MiB", "lower",
+                            "pss_mib"),))
+        if "startup" in args.only:
+            results["startup"] = []
+            for count in args.startup:
+                rounds = 1 if count > 10000 or args.quick else args.rounds
+                for _ in range(rounds):
+                    r = startup_run(run, count)
+                    results["startup"].append(r)
+                    print(f"  start-up with {count} queued: scheduler started "
+                          f"{r['scheduler_started_seconds']:.2f} s, ready "
+                          f"{r['ready_seconds']:.2f} s, RSS {r['rss_mib']:.0f} MiB", flush=True)
+        if "profile" in args.only:
+            prof = RESULTS / f"{stamp}-accept20.prof"
+            # 2000 messages give a stable profile; the profiler itself slows the run down.
+            results["profile"] = profile_run(run, min(m, 2000), 20, size, prof)
+    finally:
+        run.close()
+        results["elapsed_seconds"] = time.monotonic() - began
+        out = RESULTS / f"{stamp}.json"
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print_table(workloads)
+    for r in results.get("startup", []):
+        print(f"start-up, {r['messages']} deferred in the spool: "
+              f"'scheduler started' {r['scheduler_started_seconds']:.2f} s, "
+              f"'ready' {r['ready_seconds']:.2f} s, RSS {r['rss_mib']:.0f} MiB")
+    for w in workloads:
+        if w["name"].startswith(f"{args.idle} idle") and "runs" in w["smarthost"]:
+            for kind in ("smarthost", "postfix"):
+                last = w[kind]["runs"][-1]
+                print(f"idle, {kind}: PSS {last['pss_mib']:.1f} MiB in {last['processes']} "
+                      f"processes, {last['pss_per_connection_kib']:.1f} KiB PSS per "
+                      f"connection, all greeted in {last['seconds_to_greet_all']:.2f} s, "
+                      f"new client greeted in {last['new_client_banner_seconds']:.3f} s")
+    if "profile" in results:
+        p = results["profile"]
+        print(f"\nprofile of one 20-session accept run under cProfile "
+              f"({p['rate_under_profiler']:.0f} msg/s profiled): {p['prof']}")
+        for order in ("cumulative", "tottime"):
+            print(f"\n== top 25 by {order} ==")
+            print(_stats_body(p["top"][order]))
+    print(f"\nresults: {out}  ({results['elapsed_seconds']:.0f} s)")
+
+
+def _stats_body(text: str) -> str:
+    """pstats output from the column header on (its preamble names the file again)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if "ncalls" in line:
+            return "\n".join(lines[i:]).rstrip()
+    return text
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("bench: interrupted; servers stopped and temporary directories removed")
