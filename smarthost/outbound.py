@@ -37,7 +37,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
-    connectProtocol,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
@@ -52,7 +51,7 @@ from twisted.internet.interfaces import (
     ITLSTransport,
     ITransport,
 )
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -115,6 +114,20 @@ class _Reply:
         if found and found.group(1) == str(self.code)[0]:
             return f"{klass}.{found.group(2)}.{found.group(3)}"
         return f"{klass}.0.0"
+
+
+class _QuietFactory(ClientFactory):
+    """Hands out one ready-made protocol. Not noisy: Twisted would otherwise log "Starting
+    factory"/"Stopping factory" for every delivery, two lines per message in the operator's
+    log (and measurable time on the reactor thread)."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self._protocol
 
 
 CONNECT_FAILED = "4.4.1"  # RFC 3463: no answer from host
@@ -511,7 +524,7 @@ class SMTPDelivery:
             endpoint = wrapClientTLS(options, endpoint)
         conn = _Connection(self._clock, str(host))
         try:
-            await connectProtocol(endpoint, conn)  # type: ignore[no-untyped-call]
+            await endpoint.connect(_QuietFactory(conn))
         except error.ConnectionRefusedError:
             raise _HostError(f"connection refused by {host}", CONNECT_FAILED) from None
         except (error.TimeoutError, error.ConnectingCancelledError):

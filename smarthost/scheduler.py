@@ -183,6 +183,8 @@ class Scheduler:
         self._flying: dict[QueueId, str] = {}  # the destination each active attempt counts for
         self._in_flight: Counter[str] = Counter()
         self._observe = observe
+        # New messages arrive as entries: their first attempt needs no read from disk.
+        self._fresh_entries: dict[QueueId, QueueEntry] = {}
         self._heap: list[tuple[float, int, QueueId]] = []
         self._due: dict[QueueId, float] = {}  # the live heap entry per id (others are stale)
         self._fresh: deque[QueueId] = deque()
@@ -199,11 +201,12 @@ class Scheduler:
 
     # -- feeding ---------------------------------------------------------------------------
 
-    def start(self) -> int:
-        """Schedule everything in the spool (daemon start); returns how many."""
+    def start(self, entries: Iterable[QueueEntry] | None = None) -> int:
+        """Schedule everything in the spool (daemon start); returns how many. ``entries``:
+        what recovery already read, so a large queue is not parsed twice."""
         self._running = True
         count = 0
-        for entry in self._spool.entries():
+        for entry in self._spool.entries() if entries is None else entries:
             count += 1
             if not entry.envelope.held:
                 self._note_destination(entry)
@@ -222,6 +225,7 @@ class Scheduler:
         if entry.envelope.held:
             return
         self._note_destination(entry)
+        self._fresh_entries[entry.queue_id] = entry
         self._make_ready(entry.queue_id, fresh=True)
         self._pump()
 
@@ -239,6 +243,7 @@ class Scheduler:
     def forget(self, queue_id: QueueId) -> None:
         """The message was deleted from the spool: drop it from the schedule."""
         self._due.pop(queue_id, None)
+        self._fresh_entries.pop(queue_id, None)
         self._again.discard(queue_id)
         if queue_id in self._queued:
             self._queued.discard(queue_id)
@@ -327,13 +332,14 @@ class Scheduler:
     async def _guarded(self, queue_id: QueueId) -> None:
         try:
             await self._run(queue_id)
+        except GeneratorExit:
+            raise  # closed unfinished (shutdown, garbage collection): start nothing new
         except Exception:
             # Recording the attempt failed (disk full, a bug in a report): the entry is still in
             # the spool as it was before the attempt, so it is simply tried again later.
             self._log.failure("{queue_id}: scheduling error", queue_id=str(queue_id))
             self._retry_later(queue_id)
-        finally:
-            self._finished(queue_id)
+        self._finished(queue_id)
 
     def _retry_later(self, queue_id: QueueId) -> None:
         if queue_id in self._due:
@@ -368,7 +374,7 @@ class Scheduler:
 
     async def _run(self, queue_id: QueueId) -> None:
         try:
-            entry = self._spool.load(queue_id)
+            entry = self._fresh_entries.pop(queue_id, None) or self._spool.load(queue_id)
         except KeyError:
             return  # deleted meanwhile
         except CorruptEntry as e:
