@@ -82,8 +82,9 @@ class ListenerService(Service):
         self._listeners = listeners
         self._ports: list[IListeningPort] = []
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # Before twistd drops to --uid/--gid: ports below 1024 (25, 465, 587) need root.
+        super().privilegedStartService()
         Deferred.fromCoroutine(self._start()).addErrback(self._failed)
 
     async def _start(self) -> None:
@@ -152,16 +153,9 @@ def build_parts(
         server_tls = listen.server_tls_options(config.tls.certificate, config.tls.key)
     except (OSError, ValueError, SSL.Error) as e:
         raise usage.UsageError(f"tls: cannot load certificate/key: {e}") from None
-    spool, report = Spool.open(config.queue.directory, clock=reactor, run_blocking=deferToThread)
-    maillog.notice(
-        "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
-        "{orphans} orphan bodies removed, {corrupt} moved to corrupt/",
-        directory=str(config.queue.directory),
-        queued=report.queued,
-        tmp=len(report.removed_tmp),
-        orphans=len(report.removed_orphans),
-        corrupt=len(report.corrupt),
-    )
+    # Recovery (which creates the directories) waits for startService, after twistd has
+    # dropped to --uid/--gid, so the spool belongs to the user that runs the daemon.
+    spool = Spool(config.queue.directory, clock=reactor, run_blocking=deferToThread)
     users = auth.UsersFile(config.auth.users)
     for problem in users.reload().problems:
         maillog.warning("users file {path}: {problem}", path=str(users.path), problem=problem)
@@ -276,6 +270,21 @@ class DeliveryService(Service):
     def startService(self) -> None:
         super().startService()
         parts = self._parts
+        report = parts.spool.recover()
+        parts.maillog.notice(
+            "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
+            "{orphans} orphan bodies removed, {corrupt} moved to corrupt/",
+            directory=parts.spool.directory,
+            queued=report.queued,
+            tmp=len(report.removed_tmp),
+            orphans=len(report.removed_orphans),
+            corrupt=len(report.corrupt),
+        )
+        for damaged in report.corrupt:
+            parts.maillog.warning(
+                "spool: moved {path} to {moved_to}: {reason}", path=damaged.path,
+                moved_to=damaged.moved_to, reason=damaged.reason,
+            )
         count = parts.scheduler.start()
         parts.maillog.notice("scheduler started with {count} queued", count=count)
         path = Path(parts.spool.directory) / control.SOCKET_NAME
