@@ -137,6 +137,9 @@ class MailLog:
     def warning(self, text: str, **fields: Any) -> None:
         self._emit("warning", text, level="warn", **fields)
 
+    def error(self, text: str, **fields: Any) -> None:
+        self._emit("error", text, level="error", **fields)
+
     def failure(self, text: str, **fields: Any) -> None:
         """An unexpected exception; call from an except block or errback."""
         self._log.failure(text, **fields)

@@ -270,7 +270,16 @@ class DeliveryService(Service):
     def startService(self) -> None:
         super().startService()
         parts = self._parts
-        report = parts.spool.recover()
+        try:
+            report = parts.spool.recover()
+        except OSError as e:
+            # No spool, no mail: refusing to run beats accepting what cannot be kept.
+            parts.maillog.error(
+                "cannot use the spool {directory}: {error}; stopping",
+                directory=parts.spool.directory, error=str(e),
+            )
+            self._reactor.callWhenRunning(self._reactor.stop)
+            return
         parts.maillog.notice(
             "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
             "{orphans} orphan bodies removed, {corrupt} moved to corrupt/",

@@ -37,6 +37,7 @@ class Daemon:
         self.config_path = directory / "smarthost.toml"
         self.config_path.write_text(BASE_CONFIG + config)
         self.ports: dict[str, int] = {}
+        self.extra_args: list[str] = []  # twistd options, e.g. --uid/--gid
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[str] = []  # this run's log lines
         self.history: list[str] = []  # earlier runs' (after a stop or kill9 and start)
@@ -48,8 +49,8 @@ class Daemon:
         self.log = []
         self.ports = {}
         self.proc = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "--logfile=-", "smarthost", "--config",
-             str(self.config_path)],
+            [TWISTD, "-n", "--pidfile=", "--logfile=-", *self.extra_args, "smarthost",
+             "--config", str(self.config_path)],
             cwd=self.directory,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -267,3 +267,29 @@ def test_python_m_smarthost(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "smarthost", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "check-config" in out.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_twistd_uid_gid_drop_leaves_the_spool_to_the_daemon_user() -> None:
+    import pwd
+    import shutil
+    import tempfile
+
+    nobody = pwd.getpwnam("nobody")
+    # pytest's tmp_path lives under a root-only directory the daemon user could not enter.
+    tmp_path = Path(tempfile.mkdtemp(prefix="smarthost-uid-", dir="/tmp"))
+    tmp_path.chmod(0o755)
+    (tmp_path / "var").mkdir()
+    os.chown(tmp_path / "var", nobody.pw_uid, nobody.pw_gid)
+    d = Daemon(tmp_path, CONFIG)
+    d.extra_args = ["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)]
+    d.start()
+    try:
+        with smtplib.SMTP("127.0.0.1", d.ports["smtp"], timeout=30) as s:
+            s.sendmail("x@remote.test", ["postmaster@example.test"], MESSAGE)
+        d.wait_for("relay=maildir result=delivered")
+        for made in ("var/spool/state", "var/maildir/example.test/postmaster/new"):
+            assert (tmp_path / made).stat().st_uid == nobody.pw_uid, made
+    finally:
+        d.stop()
+        shutil.rmtree(tmp_path)
