@@ -153,9 +153,10 @@ class _Connection(Protocol):
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, peer: str) -> None:
+    def __init__(self, clock: IReactorTime, peer: str, transcript: bool = False) -> None:
         self._clock = clock
         self.peer = peer
+        self._transcript = transcript  # log every line at debug level (credentials hidden)
         self._buffer = b""
         self._partial: list[str] = []
         self._replies: deque[_Reply] = deque()
@@ -193,9 +194,11 @@ class _Connection(Protocol):
         for command in commands:
             if "\r" in command or "\n" in command:
                 raise ValueError("line break inside an SMTP command")  # never smuggle commands
-            self._log.debug(
-                "{peer} C: {line}", peer=self.peer, line="(credentials)" if secret else command
-            )
+            if self._transcript:
+                self._log.debug(
+                    "{peer} C: {line}", peer=self.peer,
+                    line="(credentials)" if secret else command,
+                )
         self.unanswered += len(commands)
         self._transport().write(b"".join(c.encode("utf-8") + b"\r\n" for c in commands))
         if commands[-1].upper() == "STARTTLS":
@@ -231,7 +234,8 @@ class _Connection(Protocol):
             return True
         reply = _Reply(int(text[:3]), tuple(self._partial))
         self._partial = []
-        self._log.debug("{peer} S: {reply}", peer=self.peer, reply=reply.text)
+        if self._transcript:
+            self._log.debug("{peer} S: {reply}", peer=self.peer, reply=reply.text)
         if self._starttls_sent:
             self._starttls_sent = False
             if reply.code == 220:
@@ -443,12 +447,16 @@ class SMTPDelivery:
         timeouts: Timeouts = Timeouts(),
         trust_root: IOpenSSLTrustRoot | Certificate | None = None,
         unreachable: Callable[[Host], None] = lambda host: None,
+        transcript: bool = False,
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
         self._hostname = hostname
         self._timeouts = timeouts
         self._trust_root = trust_root
+        # The SMTP dialog line by line at debug level: for debugging a peer, not by default
+        # (twistd's log shows debug, and one delivery is a dozen lines).
+        self._transcript = transcript
         # Told about hosts that could not be connected to, so routes try them last for a
         # while instead of paying a connect timeout on every message.
         self._unreachable = unreachable
@@ -522,7 +530,7 @@ class SMTPDelivery:
         if route.implicit_tls:
             options: Any = self._tls_options(route, host)
             endpoint = wrapClientTLS(options, endpoint)
-        conn = _Connection(self._clock, str(host))
+        conn = _Connection(self._clock, str(host), self._transcript)
         try:
             await endpoint.connect(_QuietFactory(conn))
         except error.ConnectionRefusedError:

@@ -237,8 +237,9 @@ class Scheduler:
         for qid in waiting:
             self._make_ready(qid, fresh=False)
         self._again |= self._active
+        count = len(waiting) + len(self._active)
         self._pump()
-        return len(waiting) + len(self._active)
+        return count
 
     def forget(self, queue_id: QueueId) -> None:
         """The message was deleted from the spool: drop it from the schedule."""

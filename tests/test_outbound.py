@@ -66,7 +66,7 @@ class DeliveryTestCase(TestCase):
     ) -> Deferred[list[Outcome]]:
         delivery = SMTPDelivery(
             reactor, "client.test", timeouts=timeouts, trust_root=trust_root,
-            unreachable=unreachable,
+            unreachable=unreachable, transcript=True,
         )
         envelope = envelope or Envelope("sender@example.test", tuple(recipients))
         open_body = body if callable(body) else (lambda: io.BytesIO(body))
