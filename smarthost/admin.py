@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from smarthost import auth, sasl
+from smarthost import auth, oauth, sasl
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.envelope import QueueEntry, QueueId
 from smarthost.hooks import Context, PluginError, build_plugins
@@ -121,8 +121,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # Plugins validate their own settings when built; nothing is started.
     context = Context(Clock(), config.hostname, _NoLookups(), _run_now, config.base_dir)
     try:
-        build_plugins(config.plugins.enabled, config.plugins.settings, context)
-    except PluginError as e:
+        plugins = build_plugins(config.plugins.enabled, config.plugins.settings, context)
+        oauth.require_verifier(config.auth.mechanisms, plugins)
+    except (PluginError, ConfigError) as e:
         raise CLIError(f"configuration error: {e}") from None
     print(f"{args.config or 'embedded default'}: OK (hostname {config.hostname})")
     return 0

@@ -31,6 +31,7 @@ from smarthost.interfaces import (
     IMailCheck,
     IRcptCheck,
     ISmarthostPlugin,
+    ITokenVerifier,
     MessageView,
     PluginContext,
 )
@@ -60,6 +61,7 @@ class Hooks:
         self.data = providing(IDataCheck)
         self.headers = providing(IHeaderAdder)
         self.observers = providing(IDeliveryObserver)
+        self.verifiers = providing(ITokenVerifier)  # asked by smarthost.oauth's checker
 
     async def check_connect(self, client: Client) -> Reply | None:
         return await self._first(self.connect, lambda p: p.check_connect(client))
@@ -201,5 +203,5 @@ def build_plugins(
 
 _STAGES = (
     IConnectCheck, IHeloCheck, IMailCheck, IRcptCheck, IDataCheck, IHeaderAdder,
-    IDeliveryObserver,
+    IDeliveryObserver, ITokenVerifier,
 )

@@ -33,6 +33,7 @@ __all__ = [
     "IRcptCheck",
     "ISmarthostPlugin",
     "ISpool",
+    "ITokenVerifier",
     "MessageView",
     "Outcome",
     "PluginContext",
@@ -159,6 +160,23 @@ class IDeliveryObserver(Interface):
     def delivery(entry: QueueEntry, outcome: Outcome) -> None:
         """Called for every recipient's result (delivered, deferred or bounced). Must not
         block; exceptions are logged and ignored (delivery goes on)."""
+
+
+class ITokenVerifier(Interface):
+    """Says whose an OAuth 2.0 bearer token is, for AUTH OAUTHBEARER and XOAUTH2.
+
+    The one stage that can let someone in: a verifier only speaks for the tokens of its
+    authorization server, and the core still applies every relay and sender rule to the user
+    it names. Used when its plugin is in ``[plugins] enabled``; those mechanisms refuse to
+    start without one.
+    """
+
+    def verify(token: str, user: str | None) -> Awaitable[str | None]:
+        """The user name the token belongs to, or None when it is not valid (expired,
+        revoked, unknown: the client gets 535). ``user`` is the name the client gave, if
+        any; the core checks it against the answer, the verifier need not. Raise when the
+        answer cannot be known (the authorization server is down): the client gets 454.
+        Never put the token in an exception or a log line."""
 
 
 @attrs.frozen

@@ -22,6 +22,9 @@ The split of work with the session:
   hand the portal a ``smarthost.auth.VerifiedUser`` naming that source; on failure they
   answer :class:`Rejected`, which the session logs, counts and throttles like a wrong
   password. A name without the mechanism's secret gets a decoy and fails the same way.
+- OAUTHBEARER and XOAUTH2 only parse (``smarthost.oauth``): the token goes to the portal as
+  an ``IBearerToken``, whose checker asks the token verifier plugins. A refused token is
+  answered with one more challenge before the ``535`` (``Credentials.failure_challenge``).
 
 In SMTP, SCRAM's server-final message (``v=``) travels as one more ``334`` challenge that
 the client answers with an empty line (RFC 4954 4, no "additional data with success").
@@ -48,6 +51,7 @@ from twisted.cred.credentials import ICredentials, UsernamePassword
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
+from smarthost import oauth
 from smarthost.auth import (
     Secret,
     VerifiedUser,
@@ -73,6 +77,9 @@ class Credentials:
 
     credentials: ICredentials = attrs.field(repr=False)
     username: str  # for log lines; the portal decides whether it is real
+    # When the portal refuses: send this as one more 334 challenge and answer 535 only after
+    # the client's reply (RFC 7628 3.2.2, OAUTHBEARER's error challenge). None: 535 at once.
+    failure_challenge: bytes | None = None
 
 
 @attrs.frozen
@@ -500,6 +507,56 @@ class ScramExchange:
         return Challenge(b"v=" + base64.b64encode(server_signature))
 
 
+# --- OAUTHBEARER (RFC 7628), XOAUTH2 (Google) -------------------------------------------
+
+
+@implementer(ISASLMechanism)
+class OAuthBearerMechanism:
+    """An OAuth 2.0 bearer token (RFC 7628); whose it is, the portal's token checker asks
+    the verifier plugins (smarthost.oauth)."""
+
+    name = oauth.OAUTHBEARER
+
+    def new(self) -> ISASLExchange:
+        return BearerExchange(oauth.parse_oauthbearer, oauth.OAUTHBEARER_ERROR)
+
+
+@implementer(ISASLMechanism)
+class XOAuth2Mechanism:
+    """Google's and Microsoft's predecessor of OAUTHBEARER, still what most mail clients
+    send; the same token, another message format."""
+
+    name = oauth.XOAUTH2
+
+    def new(self) -> ISASLExchange:
+        return BearerExchange(oauth.parse_xoauth2, oauth.XOAUTH2_ERROR)
+
+
+@implementer(ISASLExchange)
+class BearerExchange:
+    """Client-first, one message: the initial response, or the answer to an empty
+    challenge. A refused token comes back as the error challenge (see ``Credentials``)."""
+
+    def __init__(
+        self, parse: Callable[[bytes], oauth.BearerToken], error_challenge: bytes
+    ) -> None:
+        self._parse, self._error = parse, error_challenge
+        self._state = "start"
+
+    def step(self, response: bytes | None) -> Step:
+        state, self._state = self._state, "done"
+        if state == "start" and response is None:
+            self._state = "asked"
+            return Challenge(b"")
+        if state not in ("start", "asked"):
+            return _FINISHED
+        try:
+            token = self._parse(response or b"")
+        except oauth.MessageError as e:
+            return Rejected(str(e), malformed=True)
+        return Credentials(token, token.user or "", failure_challenge=self._error)
+
+
 # --- the registry ------------------------------------------------------------------------
 
 
@@ -523,6 +580,9 @@ MECHANISMS: dict[str, Callable[[MechanismContext], ISASLMechanism]] = {
     "CRAM-MD5": lambda c: CramMD5Mechanism(c.secrets, c.hostname, c.clock),
     "SCRAM-SHA-256": lambda c: ScramMechanism("SCRAM-SHA-256", c.secrets),
     "SCRAM-SHA-1": lambda c: ScramMechanism("SCRAM-SHA-1", c.secrets),
+    # The portal needs a token verifier plugin for these (smarthost.oauth.require_verifier).
+    "OAUTHBEARER": lambda c: OAuthBearerMechanism(),
+    "XOAUTH2": lambda c: XOAuth2Mechanism(),
 }
 
 # Mechanisms an operator may well ask for and that we refuse on purpose, with the reason
@@ -533,7 +593,7 @@ REFUSED = {
             "use SCRAM-SHA-256, or PLAIN over TLS",
     "GSSAPI": "GSSAPI needs Kerberos, which smarthost does not support; use SCRAM-SHA-256",
     "OAUTH10A": "OAUTH10A (RFC 7628) needs OAuth 1.0a request signing, which smarthost "
-                "does not support; use SCRAM-SHA-256",
+                "does not support; use OAUTHBEARER (OAuth 2.0) or SCRAM-SHA-256",
     "SCRAM-SHA-256-PLUS": "channel binding (-PLUS) is not supported; use SCRAM-SHA-256",
     "SCRAM-SHA-1-PLUS": "channel binding (-PLUS) is not supported; use SCRAM-SHA-1",
     "ANONYMOUS": "ANONYMOUS would let anyone submit mail; list trusted_networks instead",

@@ -496,7 +496,24 @@ class Session(Protocol):
         try:
             user = await self._login(step.credentials)
         except UnauthorizedLogin:
-            return await self._auth_failed(step.username, mechanism)
+            failed = self._auth_failed(step.username, mechanism)
+            if step.failure_challenge is None:
+                return await failed
+            # RFC 7628 3.2.2: the failure goes out as one more challenge (a JSON error); the
+            # client answers it with %x01 (or "*") and only then gets the 535. The failure
+            # is already logged and counted; the throttle's delay runs meanwhile.
+            answer = Deferred.fromCoroutine(failed)
+
+            def finish(raw: bytes) -> None:
+                async def last() -> Reply:
+                    r = await answer
+                    cancelled = raw.strip() == b"*" and r == reply.AUTH_FAILED
+                    return reply.AUTH_CANCELLED if cancelled else r  # RFC 4954 4
+
+                self._await(last(), self._send_reply)
+
+            self._auth_step = finish
+            return Reply(334, "", base64.b64encode(step.failure_challenge).decode("ascii"))
         except Exception:
             self._log.failure("password check failed")
             return reply.AUTH_TEMP

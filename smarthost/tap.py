@@ -25,7 +25,7 @@ from twisted.plugin import IPlugin
 from twisted.python import usage
 from zope.interface import implementer
 
-from smarthost import auth, control, credfactory, listen, sasl, tlscert
+from smarthost import auth, control, credfactory, listen, oauth, sasl, tlscert
 from smarthost.config import Config, ConfigError, load_config
 from smarthost.courier import Courier
 from smarthost.envelope import QueueEntry, QueueId
@@ -176,17 +176,22 @@ def build_parts(
     context = Context(reactor, config.hostname, resolver, deferToThread, config.base_dir)
     try:
         plugins = build_plugins(config.plugins.enabled, config.plugins.settings, context)
-    except PluginError as e:
+        oauth.require_verifier(config.auth.mechanisms, plugins)
+    except (PluginError, ConfigError) as e:
         raise usage.UsageError(f"configuration error: {e}") from None
     for name, _ in plugins:
         maillog.notice("plugin {name} enabled", name=name)
     hooks = Hooks(plugins, reactor)
+    # OAUTHBEARER and XOAUTH2: the token verifier plugins say whose a token is.
+    token_checkers = [oauth.BearerTokenChecker(hooks.verifiers, reactor)] if hooks.verifiers else []
     return Parts(
         config=config,
         spool=spool,
         maillog=maillog,
         policy=policy,
-        portal=credfactory.with_checkers(auth.build_portal(users, deferToThread), checkers),
+        portal=credfactory.with_checkers(
+            auth.build_portal(users, deferToThread), [*checkers, *token_checkers]
+        ),
         server_tls=server_tls,
         scheduler=build_scheduler(config, reactor, spool, maillog, resolver, hooks),
         limits=Limits(reactor, limit_settings(config)),
