@@ -24,7 +24,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from mxpeer import MXPeer
 from smarthost.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
 from smarthost.nexthop import SMTP, Credentials, Host, Route
-from smarthost.outbound import CHUNK, SMTPDelivery, Timeouts, _Connection, _DotStuffer, xtext
+from smarthost.outbound import SMTPDelivery, Timeouts
+from smarthost.smtpclient import CHUNK, ClientConnection, DotStuffer, xtext
 from smarthost.tlscert import issue
 
 FAST = Timeouts(
@@ -421,9 +422,9 @@ class DotStufferTests(SynchronousTestCase):
     def test_any_chunking_stuffs_like_the_whole(self, parts: list[bytes],
                                                  sizes: list[int]) -> None:
         body = b"".join(parts) + b"\r\n"
-        whole = _DotStuffer()
+        whole = DotStuffer()
         expected = whole.feed(body) + whole.end()
-        stuffer, out, pos, i = _DotStuffer(), b"", 0, 0
+        stuffer, out, pos, i = DotStuffer(), b"", 0, 0
         while pos < len(body):
             size = sizes[i % len(sizes)]
             out += stuffer.feed(body[pos : pos + size])
@@ -591,7 +592,7 @@ class TransactionTests(DeliveryTestCase):
 class InjectionUnitTests(SynchronousTestCase):
     def test_bytes_after_220_to_starttls_are_never_replies(self) -> None:
         clock = Clock()
-        conn = _Connection(clock, "evil.test[127.0.0.1]:25")
+        conn = ClientConnection(clock, "evil.test[127.0.0.1]:25")
         conn.makeConnection(StringTransport())
         conn.dataReceived(b"220 hello\r\n")
         self.successResultOf(conn.read_reply(5, "greeting"))
