@@ -11,16 +11,10 @@ pipelined commands wait in the buffer.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import email.utils
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
-from typing import Protocol as TypingProtocol
 
 import attrs
-from twisted.cred.credentials import ICredentials
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
@@ -28,11 +22,11 @@ from twisted.internet.interfaces import (
     ITLSTransport,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from smarthost import limits as limits_mod
 from smarthost import reply
+from smarthost.authdialog import AuthDialog, Login
 from smarthost.dotreader import DataReader, DataResult, HeaderCapture
 from smarthost.envelope import (
     Address,
@@ -50,7 +44,8 @@ from smarthost.maillog import MailLog
 from smarthost.params import mail_params, rcpt_params, split_path
 from smarthost.policy import RelayPolicy
 from smarthost.reply import Reply
-from smarthost.sasl import Challenge, Credentials, ISASLMechanism, Rejected
+from smarthost.sasl import ISASLMechanism
+from smarthost.trace import Hop, received_header, tls_details
 
 SUBMISSION, SUBMISSIONS, SMTP = "submission", "submissions", "smtp"
 
@@ -69,19 +64,11 @@ ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
 AUTH_NOT_OFFERED = Reply(503, "5.5.1", "Authentication not enabled")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
-BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 NOT_ACCEPTED = Reply(502, "5.5.1", "Command not implemented")
 PROTOCOL_PROBE = Reply(500, "5.5.1", "This is an SMTP server; closing")
 FORBIDDEN_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
-
-
-class Login(TypingProtocol):
-    """Checks credentials through the cred portal; fires with the user name, fails with
-    ``UnauthorizedLogin`` for wrong credentials (anything else is our fault: 454)."""
-
-    def __call__(self, credentials: ICredentials) -> Deferred[str]: ...
 
 
 @attrs.frozen
@@ -155,7 +142,7 @@ class Session(Protocol):
         self._txn = Transaction()
         self._admitted = False  # counted by the connection limiter
         self._errors = 0
-        self._auth_failures = 0
+        self._auth: AuthDialog | None = None  # made at the first AUTH
         self._stalled: IDelayedCall | None = None
         self._first_data = True
         self._write_failed = False  # the spool could not take the data (disk full)
@@ -176,20 +163,12 @@ class Session(Protocol):
             return
         self._admitted = True
         self._reset_timeout()
-        banner = Reply(220, "", f"{self._settings.hostname} ESMTP smarthost")
-        if not self._hooks.connect:
-            self._send(banner)
-            return
-
-        async def check() -> Reply | None:
-            refusal = await self._hooks.check_connect(self._client())
-            if refusal is None:
-                return banner
-            self._log.refused(self._address, "CONNECT", "", str(refusal))
-            self._close(refusal)
-            return None
-
-        self._await(check(), self._send_reply)
+        client = self._client()
+        self._gate(
+            "CONNECT", "", self._hooks.connect, lambda: self._hooks.check_connect(client),
+            lambda: Reply(220, "", f"{self._settings.hostname} ESMTP smarthost"),
+            refused=self._close,  # a client refused at connect gets no session at all
+        )
 
     def connectionLost(self, reason: Failure = Protocol.connectionLost.__defaults__[0]) -> None:  # type: ignore[index]
         self._closed = True
@@ -383,19 +362,10 @@ class Session(Protocol):
             else:
                 self._send(Reply(250, "", self._settings.hostname))
 
-        if not self._hooks.helo:
-            greet()
-            return
-
-        async def check() -> Reply | None:
-            refusal = await self._hooks.check_helo(self._client(), arg)
-            if refusal is not None:
-                self._log.refused(self._address, "HELO", arg, str(refusal))
-                return refusal
-            greet()
-            return None
-
-        self._await(check(), self._send_reply)
+        client = self._client()
+        self._gate(
+            "HELO", arg, self._hooks.helo, lambda: self._hooks.check_helo(client, arg), greet
+        )
 
     def _extensions(self) -> tuple[str, ...]:
         s = self._settings
@@ -460,86 +430,59 @@ class Session(Protocol):
         if factory is None:
             self._send(UNKNOWN_MECHANISM)
             return
-        exchange = factory.new()
-        mechanism = factory.name
+        if self._auth is None:
+            self._auth = AuthDialog(
+                self, self._login, self._limits, self._log, self._clock, self._address
+            )
+        self._auth.start(factory, initial)
 
-        def respond(raw: bytes | None) -> None:
-            if raw is not None and raw.strip() == b"*":
-                self._send(reply.AUTH_CANCELLED)  # RFC 4954 4: "*" cancels
-                return
-            data: bytes | None = None
-            if raw is not None:
-                try:
-                    # RFC 4954 4: "=" is an empty initial response.
-                    data = b"" if raw == b"=" else base64.b64decode(raw, validate=True)
-                except (binascii.Error, ValueError):
-                    self._send(BAD_BASE64)
-                    return
-            step = exchange.step(data)
-            if isinstance(step, Challenge):
-                self._send(Reply(334, "", base64.b64encode(step.data).decode("ascii")))
-                self._auth_step = respond
-            elif isinstance(step, Credentials):
-                self._await(self._check(step, mechanism), self._send_reply)
-            else:
-                assert isinstance(step, Rejected)
-                failed = self._auth_failed(step.username or "", mechanism)
-                if step.malformed:
-                    failed.close()  # counted and logged above; the answer is a syntax error
-                    self._send(BAD_BASE64)
-                else:
-                    self._await(failed, self._send_reply)
+    # -- what the AUTH dialog asks of us (DialogHost) --
 
-        respond(initial.encode("ascii", "replace") if initial else None)
+    def send(self, r: Reply) -> None:
+        self._send(r)
 
-    async def _check(self, step: Credentials, mechanism: str) -> Reply:
-        try:
-            user = await self._login(step.credentials)
-        except UnauthorizedLogin:
-            failed = self._auth_failed(step.username, mechanism)
-            if step.failure_challenge is None:
-                return await failed
-            # RFC 7628 3.2.2: the failure goes out as one more challenge (a JSON error); the
-            # client answers it with %x01 (or "*") and only then gets the 535. The failure
-            # is already logged and counted; the throttle's delay runs meanwhile.
-            answer = Deferred.fromCoroutine(failed)
+    def answer_later(self, work: Coroutine[Any, Any, Reply | None]) -> None:
+        self._await(work, self._send_reply)
 
-            def finish(raw: bytes) -> None:
-                async def last() -> Reply:
-                    r = await answer
-                    cancelled = raw.strip() == b"*" and r == reply.AUTH_FAILED
-                    return reply.AUTH_CANCELLED if cancelled else r  # RFC 4954 4
+    def next_line(self, handler: Callable[[bytes], None]) -> None:
+        self._auth_step = handler
 
-                self._await(last(), self._send_reply)
-
-            self._auth_step = finish
-            return Reply(334, "", base64.b64encode(step.failure_challenge).decode("ascii"))
-        except Exception:
-            self._log.failure("password check failed")
-            return reply.AUTH_TEMP
+    def authenticated(self, user: str) -> None:
         self._user = user
-        self._log.auth_succeeded(self._address, user, mechanism)
-        return reply.AUTH_OK
-
-    def _auth_failed(
-        self, user: str, mechanism: str
-    ) -> Coroutine[Any, Any, Reply]:
-        """Log and count a failure now; the returned coroutine answers after the throttle's
-        delay (a growing pause per address), or closes after too many on one connection."""
-        self._log.auth_failed(self._address, user, mechanism)
-        delay = self._limits.auth.failed(self._address)
-        self._auth_failures += 1
-        too_many = self._auth_failures >= self._limits.settings.auth_failures_per_connection
-
-        async def answer() -> Reply:
-            await deferLater(self._clock, delay)
-            return limits_mod.TOO_MANY_AUTH_FAILURES if too_many else reply.AUTH_FAILED
-
-        return answer()
 
     def _send_reply(self, r: Reply | None) -> None:
         if r is not None:
             self._send(r)
+
+    def _gate(
+        self,
+        stage: str,
+        subject: str,
+        plugins: Sequence[object],
+        check: Callable[[], Coroutine[Any, Any, Reply | None]],
+        accept: Callable[[], Reply | None],
+        refused: Callable[[Reply], None] | None = None,
+    ) -> None:
+        """Ask the plugins of one stage, then ``accept`` (which may answer).
+
+        With no plugin at this stage the answer goes out at once, with no Deferred in the way;
+        otherwise after the plugins, in command order. A refusal is logged and sent instead
+        (or handed to ``refused``)."""
+        if not plugins:
+            self._send_reply(accept())
+            return
+
+        async def run() -> Reply | None:
+            refusal = await check()
+            if refusal is None:
+                return accept()
+            self._log.refused(self._address, stage, subject, str(refusal))
+            if refused is None:
+                return refusal
+            refused(refusal)
+            return None
+
+        self._await(run(), self._send_reply)
 
     def smtp_MAIL(self, arg: str) -> None:
         if not self._helo:
@@ -581,18 +524,10 @@ class Session(Protocol):
             self._txn = txn
             return reply.SENDER_OK
 
-        if not self._hooks.mail:
-            self._send(accept())
-            return
-
-        async def check() -> Reply:
-            refusal = await self._hooks.check_mail(client, str(sender or ""))
-            if refusal is not None:
-                self._log.refused(self._address, "MAIL", str(sender or ""), str(refusal))
-                return refusal
-            return accept()
-
-        self._await(check(), self._send_reply)
+        text = str(sender or "")
+        self._gate(
+            "MAIL", text, self._hooks.mail, lambda: self._hooks.check_mail(client, text), accept
+        )
 
     def _rate_key(self) -> str | None:
         """Whose hourly sending rate a message counts against: the user, or a trusted
@@ -641,19 +576,11 @@ class Session(Protocol):
                 txn.recipients.append(recipient)
             return reply.RECIPIENT_OK
 
-        if not self._hooks.rcpt:
-            self._send(accept())
-            return
-
-        async def check() -> Reply:
-            sender = str(txn.sender) if txn.sender is not None else ""
-            refusal = await self._hooks.check_rcpt(self._client(), sender, recipient.address)
-            if refusal is not None:
-                self._log.refused(self._address, "RCPT", recipient.address, str(refusal))
-                return refusal
-            return accept()
-
-        self._await(check(), self._send_reply)
+        client, sender = self._client(), str(txn.sender) if txn.sender is not None else ""
+        self._gate(
+            "RCPT", recipient.address, self._hooks.rcpt,
+            lambda: self._hooks.check_rcpt(client, sender, recipient.address), accept,
+        )
 
     def smtp_DATA(self, arg: str) -> None:
         if arg:
@@ -755,25 +682,18 @@ class Session(Protocol):
         self._await(commit(), self._send_reply)
 
     def _received_header(self, queue_id: str) -> bytes:
-        """RFC 5321 4.4 trace header; protocol names per RFC 3848 (ESMTPS, ESMTPSA, ...)."""
-        protocol = ("ESMTP" if self._esmtp else "SMTP") + ("S" if self._tls else "")
-        if self._user is not None:
-            protocol += "A"
-        if self._txn.smtputf8:
-            protocol = "UTF8" + protocol
-        tls = ""
-        if self._tls:
-            version, cipher = _tls_details(self.transport)
-            tls = f"\r\n\t(using {version} with cipher {cipher})"
-        recipients = self._txn.recipients
-        rcpt = f"\r\n\tfor <{recipients[0].address}>" if len(recipients) == 1 else ""
-        date = email.utils.formatdate(self._clock.seconds(), localtime=True)
-        helo = _header_safe(self._helo)
-        return (
-            f"Received: from {helo} ([{self._address}])\r\n"
-            f"\tby {self._settings.hostname} (smarthost) with {protocol} id {queue_id}"
-            f"{tls}{rcpt};\r\n\t{date}\r\n"
-        ).encode()
+        hop = Hop(
+            helo=self._helo,
+            address=self._address,
+            esmtp=self._esmtp,
+            tls=tls_details(self.transport) if self._tls else None,
+            authenticated=self._user is not None,
+            smtputf8=self._txn.smtputf8,
+        )
+        recipients = [r.address for r in self._txn.recipients]
+        return received_header(
+            hop, self._settings.hostname, queue_id, recipients, self._clock.seconds()
+        )
 
     def smtp_RSET(self, arg: str) -> None:
         self._txn = Transaction()
@@ -808,15 +728,3 @@ def _address_error(path: str, utf8: bool, default: Reply) -> Reply:
     if not utf8 and not path.isascii():
         return reply.SMTPUTF8_REQUIRED
     return default
-
-
-def _header_safe(text: str) -> str:
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text) or "unknown"
-
-
-def _tls_details(transport: object) -> tuple[str, str]:
-    try:
-        handle = transport.getHandle()  # type: ignore[attr-defined]
-        return handle.get_protocol_version_name(), handle.get_cipher_name()
-    except Exception:
-        return "TLS", "unknown"
