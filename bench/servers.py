@@ -259,10 +259,10 @@ hold_user_after_per_hour = 1000000000
         return self.proc.pid
 
     def queue_size(self) -> int:
-        """Committed messages still queued: the spool's state/ files (what `queue list` reads,
-        without parsing them, so polling it does not load the machine)."""
+        """Committed messages still queued: the spool's data/ files (one per message; counted
+        without parsing, so polling does not load the machine)."""
         try:
-            return sum(1 for n in os.listdir(self.spool / "state") if n.endswith(".json"))
+            return len(os.listdir(self.spool / "data"))
         except FileNotFoundError:
             return 0
 

@@ -100,7 +100,9 @@ class ListenerService(Service):
                 address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}",
                 description=description,
             )
-        self._log.notice("ready")
+        # "ready" once everything has started: the spool is recovered in startService, after
+        # the listeners (opened before twistd drops privileges) but before any connection.
+        self._reactor.callWhenRunning(self._log.notice, "ready")
 
     def _failed(self, failure: Any) -> None:
         # A port that cannot be opened is fatal: an MTA silently missing a listener is worse.
