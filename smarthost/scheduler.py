@@ -34,7 +34,7 @@ from smarthost.envelope import (
 )
 from smarthost.interfaces import ISpool
 from smarthost.maillog import MailLog
-from smarthost.spool import CorruptEntry
+from smarthost.spoolfile import CorruptEntry
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 

@@ -50,15 +50,11 @@ still loads: a file without the magic is such a body, and its state file says ev
 from __future__ import annotations
 
 import gc
-import json
 import os
-import secrets
 import shutil
-import struct
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock
@@ -69,181 +65,32 @@ from zope.interface import implementer
 from smarthost.envelope import Envelope, QueueEntry, QueueId
 from smarthost.interfaces import IIncomingMessage, ISpool
 from smarthost.safeio import fsync_dir
-
-FILE_MODE = 0o600  # mail is private: only the daemon's user reads the spool
-DIR_MODE = 0o700
-
-TMP, DATA, STATE, CORRUPT = "tmp", "data", "state", "corrupt"
-_STATE_SUFFIX = ".json"
-_COMMIT_SUFFIX = ".q"
-
-# PNG's trick: a high-bit byte, CRLF, ^Z and LF, so a file mangled by a text-mode copy shows.
-# No body the previous layout stored can begin with it: those start with our Received: line.
-MAGIC = b"\x89SHQ\r\n\x1a\n"
-_HEADER = struct.Struct(">8sII")  # magic, JSON length, CRC-32 of the JSON
-MAX_HEADER_JSON = 64 * 1024 * 1024  # far beyond any envelope; a bigger length is damage
-_FIRST_READ = 16 * 1024  # one read() fetches header and body of a typical message
-SPILL_THRESHOLD = 1024 * 1024
-MAX_BATCH = 128  # operations per blocking job: bounds a batch's latency and open files
-# Recorded in state files: the message file's length when the state was written, so recovery
-# can check a body's size with one stat() and without reading its header.
-_DATA_LENGTH = "spool_data_length"
-
-RunBlocking = Callable[..., "Deferred[Any]"]
-
-
-class CorruptEntry(ValueError):
-    """A message's state (or header record) exists but does not hold a QueueEntry for its id."""
-
-
-@attrs.frozen
-class CorruptFile:
-    """One file recovery moved aside; paths are relative to the spool directory."""
-
-    path: str  # where it was, e.g. "state/<id>.json"
-    moved_to: str  # e.g. "corrupt/<id>.json"
-    reason: str
-
-
-@attrs.frozen
-class RecoveryReport:
-    """What start-up recovery found and did, for the operator log."""
-
-    queued: int  # committed messages found intact
-    removed_tmp: tuple[str, ...] = ()  # names in tmp/: receptions never acknowledged
-    removed_orphans: tuple[str, ...] = ()  # kept for callers; this layout has no orphans
-    corrupt: tuple[CorruptFile, ...] = ()
-
-    @property
-    def clean(self) -> bool:
-        return not (self.removed_tmp or self.removed_orphans or self.corrupt)
-
-
-@attrs.frozen
-class _Paths:
-    """Every path in the spool. Only validated :class:`QueueId` values become file names."""
-
-    root: str
-
-    def dir(self, name: str) -> str:
-        return os.path.join(self.root, name)
-
-    def spill(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, TMP, _name(queue_id))
-
-    def commit_tmp(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, TMP, _name(queue_id) + _COMMIT_SUFFIX)
-
-    def state_tmp(self, queue_id: QueueId) -> str:
-        # Random part: the admin CLI may rewrite a state file while the daemon does.
-        return os.path.join(self.root, TMP, f"{_name(queue_id)}.{secrets.token_hex(4)}.json")
-
-    def data(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, DATA, _name(queue_id))
-
-    def state(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, STATE, _name(queue_id) + _STATE_SUFFIX)
-
-
-def _name(queue_id: QueueId) -> str:
-    # A plain str here would be a path built from unvalidated input (``../../etc/x``).
-    if not isinstance(queue_id, QueueId):
-        raise TypeError(f"expected a QueueId, got {type(queue_id).__name__}")
-    return queue_id.value
-
-
-def _parse_id(name: str) -> QueueId | None:
-    try:
-        return QueueId(name)
-    except ValueError:
-        return None
-
-
-def _id_from_state_name(name: str) -> QueueId | None:
-    if not name.endswith(_STATE_SUFFIX):
-        return None
-    return _parse_id(name[: -len(_STATE_SUFFIX)])
-
-
-def _create(path: str) -> int:
-    # O_EXCL: never write through a file (or symlink) someone else put there.
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _unlink_quietly(path: str | None) -> None:
-    # Only on paths to undo after a failure, where the original error is the one to report.
-    if path is not None:
-        with suppress(OSError):
-            os.unlink(path)
-
-
-def _json(data: dict[str, Any]) -> bytes:
-    # Compact, so json uses its C encoder; ensure_ascii: any str (even a lone surrogate from a
-    # sloppy decoder) round-trips.
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
-
-
-def _encode_state(entry: QueueEntry, data_length: int) -> bytes:
-    return _json({**entry.to_json(), _DATA_LENGTH: data_length}) + b"\n"
-
-
-def _encode_header(entry: QueueEntry) -> bytes:
-    raw = _json(entry.to_json())
-    return _HEADER.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw
-
-
-def _decode(queue_id: QueueId, raw: bytes, what: str = "state") -> tuple[QueueEntry, int | None]:
-    """The entry, and the message file length the state recorded (None: the old layout)."""
-    try:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        entry = QueueEntry.from_json(data)
-        length = data.get(_DATA_LENGTH)
-        if length is not None and not isinstance(length, int):
-            raise ValueError(f"{_DATA_LENGTH} is not a number")
-    except Exception as e:
-        # Includes KeyError from a missing field, which must not read as "not queued".
-        raise CorruptEntry(f"{queue_id}: unreadable {what}: {type(e).__name__}: {e}") from e
-    if entry.queue_id != queue_id:
-        raise CorruptEntry(f"{queue_id}: {what} names another message ({entry.queue_id})")
-    return entry, length
-
-
-def _read_header(queue_id: QueueId, f: BinaryIO) -> tuple[QueueEntry, int]:
-    """The committed entry and the body's offset, from a message file at position 0.
-
-    :class:`CorruptEntry` when the header record is damaged or missing, or when the file's
-    length disagrees with the body size the header records.
-    """
-    head = f.read(_FIRST_READ)
-    if not head.startswith(MAGIC):
-        raise CorruptEntry(f"{queue_id}: message file without header and without state")
-    if len(head) < _HEADER.size:
-        raise CorruptEntry(f"{queue_id}: message file too short for its header")
-    _, length, crc = _HEADER.unpack_from(head)
-    if length > MAX_HEADER_JSON:
-        raise CorruptEntry(f"{queue_id}: header length {length} is not plausible")
-    offset = _HEADER.size + length
-    raw = head[_HEADER.size : offset]
-    if len(raw) < length:
-        raw += f.read(length - len(raw))
-    if len(raw) != length or zlib.crc32(raw) != crc:
-        raise CorruptEntry(f"{queue_id}: header checksum mismatch")
-    entry, _ = _decode(queue_id, raw, "header")
-    size = os.fstat(f.fileno()).st_size
-    if size != offset + entry.size:
-        raise CorruptEntry(
-            f"{queue_id}: message body is {size - offset} bytes, header says {entry.size}"
-        )
-    return entry, offset
-
+from smarthost.spoolfile import (
+    CORRUPT,
+    DATA,
+    DIR_MODE,
+    HEADER,
+    MAGIC,
+    MAX_BATCH,
+    SPILL_THRESHOLD,
+    STATE,
+    TMP,
+    CorruptEntry,
+    CorruptFile,
+    RecoveryReport,
+    RunBlocking,
+    SpoolPaths,
+    create_exclusive,
+    decode_entry,
+    encode_header,
+    encode_state,
+    file_name,
+    id_from_state_name,
+    parse_id,
+    read_header,
+    unlink_quietly,
+    write_all,
+)
 
 _RECEIVING, _COMMITTING, _DONE = "receiving", "committing", "done"
 _COMMIT, _UPDATE, _REMOVE = "commit", "update", "remove"
@@ -304,19 +151,19 @@ class IncomingMessage:
 
     def _spill(self) -> None:
         path = self._spool._paths.spill(self.queue_id)
-        fd = _create(path)
+        fd = create_exclusive(path)
         try:
             file = os.fdopen(fd, "wb")
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         try:
             file.writelines(self._chunks)
         except BaseException:
             with suppress(OSError):
                 file.close()
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         self._file, self._chunks = file, []
 
@@ -361,7 +208,7 @@ class IncomingMessage:
             return
         path = self._spool._paths.spill(self.queue_id)
         self._file.flush()
-        fd = _create(path + ".new")
+        fd = create_exclusive(path + ".new")
         try:
             new = os.fdopen(fd, "wb")
             new.write(data)
@@ -369,7 +216,7 @@ class IncomingMessage:
                 shutil.copyfileobj(old, new, 1024 * 1024)
             new.flush()
         except BaseException:
-            _unlink_quietly(path + ".new")
+            unlink_quietly(path + ".new")
             raise
         os.replace(path + ".new", path)
         self._file.close()
@@ -389,7 +236,7 @@ class IncomingMessage:
             with suppress(OSError):
                 self._file.close()
             self._file = None
-            _unlink_quietly(self._spool._paths.spill(self.queue_id))
+            unlink_quietly(self._spool._paths.spill(self.queue_id))
 
 
 @implementer(ISpool)
@@ -410,7 +257,7 @@ class Spool:
         run_blocking: RunBlocking,
         spill_threshold: int = SPILL_THRESHOLD,
     ) -> None:
-        self._paths = _Paths(os.path.abspath(os.fspath(directory)))
+        self._paths = SpoolPaths(os.path.abspath(os.fspath(directory)))
         self._clock = clock
         self._run_blocking = run_blocking
         self._spill_threshold = spill_threshold
@@ -478,7 +325,7 @@ class Spool:
 
         states: dict[QueueId, str] = {}
         for name in sorted(os.listdir(state)):
-            queue_id = _id_from_state_name(name)
+            queue_id = id_from_state_name(name)
             if queue_id is None:
                 corrupt.append(self._quarantine(STATE, name, "not a state file name"))
             else:
@@ -486,7 +333,7 @@ class Spool:
 
         intact: dict[QueueId, QueueEntry] = {}
         for name in sorted(os.listdir(data)):
-            queue_id = _parse_id(name)
+            queue_id = parse_id(name)
             if queue_id is None:
                 corrupt.append(self._quarantine(DATA, name, "not a queue id"))
                 continue
@@ -530,11 +377,11 @@ class Spool:
         """The entry of an intact message; CorruptEntry or OSError saying what is wrong."""
         if not has_state:
             with open(self._paths.data(queue_id), "rb") as f:
-                entry, _ = _read_header(queue_id, f)
+                entry, _ = read_header(queue_id, f)
             return entry
         try:
             with open(self._paths.state(queue_id), "rb") as f:
-                entry, length = _decode(queue_id, f.read())
+                entry, length = decode_entry(queue_id, f.read())
         except FileNotFoundError:  # listed a moment ago: someone else is changing the spool
             raise CorruptEntry(f"{queue_id}: state file vanished") from None
         size = os.stat(self._paths.data(queue_id)).st_size
@@ -595,7 +442,7 @@ class Spool:
 
     def queue_ids(self) -> list[QueueId]:
         """Committed ids in arrival order, without reading any file: cheap for counting."""
-        ids = (_parse_id(n) for n in os.listdir(self._paths.dir(DATA)))
+        ids = (parse_id(n) for n in os.listdir(self._paths.dir(DATA)))
         return sorted((i for i in ids if i is not None), key=lambda i: i.value)
 
     def load(self, queue_id: QueueId) -> QueueEntry:
@@ -605,12 +452,12 @@ class Spool:
         """
         try:
             with open(self._paths.state(queue_id), "rb") as f:
-                return _decode(queue_id, f.read())[0]
+                return decode_entry(queue_id, f.read())[0]
         except FileNotFoundError:
             pass
         try:
             with open(self._paths.data(queue_id), "rb") as f:
-                return _read_header(queue_id, f)[0]
+                return read_header(queue_id, f)[0]
         except FileNotFoundError:
             raise KeyError(queue_id) from None
 
@@ -621,9 +468,9 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(queue_id) from None
         try:
-            head = f.read(_HEADER.size)
-            if len(head) == _HEADER.size and head[:8] == MAGIC:
-                f.seek(_HEADER.size + _HEADER.unpack(head)[1])
+            head = f.read(HEADER.size)
+            if len(head) == HEADER.size and head[:8] == MAGIC:
+                f.seek(HEADER.size + HEADER.unpack(head)[1])
             else:
                 f.seek(0)  # the previous layout: the file is the body
         except BaseException:
@@ -636,12 +483,12 @@ class Spool:
     def update(self, entry: QueueEntry) -> Deferred[None]:
         """Fails with KeyError when the message is no longer queued: an update racing a
         removal must not bring back a state file without its body."""
-        _name(entry.queue_id)
+        file_name(entry.queue_id)
         return self._exclusive(_Op(_UPDATE, entry.queue_id, entry))
 
     def remove(self, queue_id: QueueId) -> Deferred[None]:
         """Fails with KeyError when the message is not queued."""
-        _name(queue_id)  # a wrong type is a bug in the caller: raise now, not in a thread
+        file_name(queue_id)  # a wrong type is a bug in the caller: raise now, not in a thread
         return self._exclusive(_Op(_REMOVE, queue_id))
 
     def _exclusive(self, op: _Op) -> Deferred[None]:
@@ -698,8 +545,8 @@ class Spool:
 
         def fail(op: _Op, error: BaseException) -> None:
             op.error = error
-            _unlink_quietly(op.tmp)
-            _unlink_quietly(op.placed)  # a commit renamed but not durable: not acknowledged
+            unlink_quietly(op.tmp)
+            unlink_quietly(op.placed)  # a commit renamed but not durable: not acknowledged
 
         # 1. every new file written, then each fsynced: with all of them written first, the
         # journal commit of the first fsync carries the others' creation too
@@ -784,27 +631,27 @@ class Spool:
         returns its path and the open descriptor."""
         assert op.entry is not None
         path = self._paths.commit_tmp(op.queue_id)
-        header = _encode_header(op.entry)
+        header = encode_header(op.entry)
         spill = op.spill
         try:
-            fd = _create(path)
+            fd = create_exclusive(path)
         except BaseException:
             self._drop_spill(op)
             raise
         try:
             if spill is None:
-                _write_all(fd, b"".join([header, *op.chunks]))
+                write_all(fd, b"".join([header, *op.chunks]))
             else:
                 # A large message: the header goes first, so its body is copied once.
                 spill.flush()
-                _write_all(fd, header)
+                write_all(fd, header)
                 with open(self._paths.spill(op.queue_id), "rb") as src, os.fdopen(
                     os.dup(fd), "wb"
                 ) as dst:
                     shutil.copyfileobj(src, dst, 1024 * 1024)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         finally:
             self._drop_spill(op)
@@ -815,7 +662,7 @@ class Spool:
             with suppress(OSError):
                 op.spill.close()
             op.spill = None
-            _unlink_quietly(self._paths.spill(op.queue_id))
+            unlink_quietly(self._paths.spill(op.queue_id))
 
     def _write_state(self, op: _Op) -> tuple[str, int]:
         assert op.entry is not None
@@ -824,12 +671,12 @@ class Spool:
         except FileNotFoundError:
             raise KeyError(op.queue_id) from None
         path = self._paths.state_tmp(op.queue_id)
-        fd = _create(path)
+        fd = create_exclusive(path)
         try:
-            _write_all(fd, _encode_state(op.entry, length))
+            write_all(fd, encode_state(op.entry, length))
         except BaseException:
             os.close(fd)
-            _unlink_quietly(path)
+            unlink_quietly(path)
             raise
         return path, fd
 

@@ -35,7 +35,8 @@ from smarthost.envelope import (
     RecipientState,
 )
 from smarthost.interfaces import IIncomingMessage, ISpool
-from smarthost.spool import MAGIC, CorruptEntry, CorruptFile, IncomingMessage, RecoveryReport, Spool
+from smarthost.spool import IncomingMessage, Spool
+from smarthost.spoolfile import MAGIC, CorruptEntry, CorruptFile, RecoveryReport
 
 
 def run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -195,7 +196,7 @@ class CommitTests(SpoolTestCase):
         def full(path: str) -> int:
             raise OSError(28, "No space left on device")
 
-        self.patch(spool_module, "_create", full)
+        self.patch(spool_module, "create_exclusive", full)
         message = spool.receive()
         message.write(b"short")
         self.assertRaises(OSError, message.write, b"pushes it over the threshold")
@@ -462,13 +463,13 @@ class ReadTests(SpoolTestCase):
     def test_entries_after_recovery_come_from_memory_once(self) -> None:
         kept, updated, removed = self.commit(), self.commit(), self.commit()
         reads: list[QueueId] = []
-        real = spool_module._read_header
+        real = spool_module.read_header
 
         def counting(queue_id: QueueId, f: Any) -> Any:
             reads.append(queue_id)
             return real(queue_id, f)
 
-        self.patch(spool_module, "_read_header", counting)
+        self.patch(spool_module, "read_header", counting)
         spool = self.open()
         self.assertEqual(len(reads), 3)  # recovery read each message once
         # Changes after recovery are seen by the in-memory copy.
