@@ -11,6 +11,7 @@ import os
 import re
 import selectors
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -135,3 +136,12 @@ class Daemon:
     def add_user(self, name: str, password: str) -> None:
         result = self.admin("passwd", "--users", "var/users", name, stdin=password + "\n")
         assert result.returncode == 0, result.stderr
+
+
+def client_tls() -> ssl.SSLContext:
+    """The tests' TLS client: the daemon's certificate is self-signed, so no verification
+    (what is tested is the server side of TLS, not the PKI)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx

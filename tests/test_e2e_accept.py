@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import SMARTHOST, TWISTD, Daemon
+from daemon import SMARTHOST, TWISTD, Daemon, client_tls
 
 # Delivery must never reach a real resolver or MX: the only nameserver is a closed loopback port.
 CONFIG = """
@@ -38,13 +38,6 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d.start()
     yield d
     d.stop()
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def queued(d: Daemon) -> list[dict[str, object]]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
 
-from daemon import Daemon
+from daemon import Daemon, client_tls
 from smarthost.limits import (
     AUTH_WINDOW,
     TOO_MANY_CONNECTIONS,
@@ -127,15 +126,8 @@ def test_connections_per_ip_get_421_beyond_the_limit(daemon: Daemon) -> None:
             s.close()
 
 
-def tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
 def login(port: int, source: str, password: str) -> int:
-    with smtplib.SMTP_SSL("127.0.0.1", port, timeout=30, context=tls(),
+    with smtplib.SMTP_SSL("127.0.0.1", port, timeout=30, context=client_tls(),
                           source_address=(source, 0)) as s:
         s.ehlo()
         s.user, s.password = "alice@example.test", password
@@ -164,7 +156,7 @@ def test_compromised_account_brake_holds_then_release_delivers(tmp_path: Path) -
     d.start()
     try:
         with smtplib.SMTP_SSL("127.0.0.1", d.ports["submissions"], timeout=30,
-                              context=tls()) as s:
+                              context=client_tls()) as s:
             s.login("alice@example.test", "right password")
             for n in range(2):
                 s.sendmail("alice@example.test", ["postmaster@example.test"],

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from daemon import Daemon
+from daemon import Daemon, client_tls
 from smarthost import tlscert
 
 SECRET = "introspection secret"
@@ -116,13 +116,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, server: IntrospectionServer
     d.start()
     yield d
     d.stop()
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def xoauth2(user: str, token: str) -> Callable[..., str]:

@@ -4,7 +4,6 @@ smtplib's CRAM-MD5 and a scramp-driven AUTH dialog; the users file holds no pass
 from __future__ import annotations
 
 import smtplib
-import ssl
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,7 +11,7 @@ import bcrypt
 import pytest
 from scramp import ScramClient
 
-from daemon import Daemon
+from daemon import Daemon, client_tls
 
 MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
 CONFIG = f"""
@@ -38,13 +37,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d.start()
     yield d
     d.stop()
-
-
-def client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
 
 
 def connect(d: Daemon, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
