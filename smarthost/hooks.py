@@ -95,6 +95,21 @@ class Hooks:
                 added.append((field, value))
         return added
 
+    async def screen(
+        self, client: Client, message: MessageView, prepend: Callable[[bytes], None]
+    ) -> Reply | None:
+        """The DATA stage: every data check, then the header adders (whose headers go on top
+        of the message through ``prepend``); a refusal or a failure stops there."""
+        refusal = await self.check_data(client, message)
+        if refusal is not None:
+            return refusal
+        added = await self.added_headers(client, message)
+        if isinstance(added, Reply):
+            return added
+        if added:
+            prepend(format_headers(added))
+        return None
+
     def observe(self, entry: QueueEntry, outcome: Outcome) -> None:
         for name, plugin in self.observers:
             try:

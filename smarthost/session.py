@@ -27,32 +27,31 @@ from twisted.python.failure import Failure
 from smarthost import limits as limits_mod
 from smarthost import reply
 from smarthost.authdialog import AuthDialog, Login
-from smarthost.dotreader import DataReader, DataResult, HeaderCapture
+from smarthost.dotreader import DataResult
 from smarthost.envelope import (
-    Address,
     AddressError,
     Client,
-    Envelope,
     QueueEntry,
     Recipient,
     parse_path,
 )
-from smarthost.hooks import Hooks, format_headers
-from smarthost.interfaces import IIncomingMessage, ISpool, MessageView
+from smarthost.hooks import Hooks
+from smarthost.interfaces import ISpool
 from smarthost.limits import Limits
 from smarthost.maillog import MailLog
 from smarthost.params import mail_params, rcpt_params, split_path
 from smarthost.policy import RelayPolicy
+from smarthost.reception import NO_STORAGE, Reception
 from smarthost.reply import Reply
 from smarthost.sasl import ISASLMechanism
 from smarthost.trace import Hop, received_header, tls_details
+from smarthost.transaction import Transaction
 
 SUBMISSION, SUBMISSIONS, SMTP = "submission", "submissions", "smtp"
 
 MAX_COMMAND_LINE = 16384  # RFC 5321 says 512; AUTH responses and long parameters need more
 MAX_BUFFER = 1 << 20  # pipelined bytes held while a reply is pending, before we stop reading
 
-NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
 NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
@@ -89,19 +88,6 @@ class SessionSettings:
         return self.role != SMTP and bool(self.mechanisms)
 
 
-@attrs.define
-class Transaction:
-    """Per-transaction state (MAIL ... DATA), cleared by RSET, EHLO and after each message."""
-
-    sender: Address | None = None
-    sender_given: bool = False
-    smtputf8: bool = False
-    body: str | None = None
-    ret: str | None = None
-    envid: str | None = None
-    recipients: list[Recipient] = attrs.Factory(list)
-
-
 class Session(Protocol):
     def __init__(
         self,
@@ -135,8 +121,7 @@ class Session(Protocol):
         self._closed = False
         self._discard_line = False  # skipping the rest of an over-long command line
         self._auth_step: Callable[[bytes], None] | None = None
-        self._reader: DataReader | None = None
-        self._incoming: IIncomingMessage | None = None
+        self._reception: Reception | None = None  # in DATA
         self._timeout: IDelayedCall | None = None
         self._paused = False
         self._txn = Transaction()
@@ -145,8 +130,6 @@ class Session(Protocol):
         self._auth: AuthDialog | None = None  # made at the first AUTH
         self._stalled: IDelayedCall | None = None
         self._first_data = True
-        self._write_failed = False  # the spool could not take the data (disk full)
-        self._headers: HeaderCapture | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -179,9 +162,9 @@ class Session(Protocol):
         if self._admitted:
             self._admitted = False
             self._limits.connections.release(self._address)
-        if self._incoming is not None:
-            self._incoming.abort()
-            self._incoming = None
+        if self._reception is not None:
+            self._reception.incoming.abort()
+            self._reception = None
 
     def _client(self) -> Client:
         return Client(
@@ -227,10 +210,9 @@ class Session(Protocol):
             self._send(r)
         self._closed = True
         self._buffer = b""
-        self._reader = None
-        if self._incoming is not None:  # a half-received message is never kept
-            self._incoming.abort()
-            self._incoming = None
+        if self._reception is not None:  # a half-received message is never kept
+            self._reception.incoming.abort()
+            self._reception = None
         if self.transport is not None:
             self.transport.loseConnection()
 
@@ -263,9 +245,9 @@ class Session(Protocol):
     def _process(self) -> None:
         """Handle buffered input until it runs out or a reply is pending."""
         while not self._busy and not self._closed and self._buffer:
-            if self._reader is not None:
+            if self._reception is not None:
                 data, self._buffer = self._buffer, b""
-                result = self._reader.feed(data)
+                result = self._reception.feed(data)
                 if result is not None:
                     self._end_of_data(result)
                 continue
@@ -592,80 +574,45 @@ class Session(Protocol):
         if not self._txn.recipients:
             self._send(NO_RECIPIENTS)
             return
-        self._incoming = self._spool.receive()
-        self._write_failed = False
-        self._headers = HeaderCapture() if (self._hooks.data or self._hooks.headers) else None
+        incoming = self._spool.receive()
         try:
-            self._incoming.write(self._received_header(self._incoming.queue_id.value))
+            incoming.write(self._received_header(incoming.queue_id.value))
         except OSError:
-            self._incoming.abort()
-            self._incoming = None
+            incoming.abort()
             self._send(NO_STORAGE)
             return
-        self._reader = DataReader(self._write, self._settings.max_size)
+        self._reception = Reception(
+            incoming, self._settings.max_size, self._log,
+            capture_headers=bool(self._hooks.data or self._hooks.headers),
+        )
         self._send(reply.START_DATA)
 
-    def _write(self, data: bytes) -> None:
-        """The DATA sink: a full disk must answer 452 at the end, not kill the session."""
-        if self._write_failed or self._incoming is None:
-            return
-        if self._headers is not None:
-            self._headers.feed(data)
-        try:
-            self._incoming.write(data)
-        except OSError:
-            self._log.failure("{queue_id}: cannot write to the spool",
-                              queue_id=str(self._incoming.queue_id))
-            self._write_failed = True
-
     def _end_of_data(self, result: DataResult) -> None:
-        self._reader = None
-        incoming, self._incoming = self._incoming, None
-        assert incoming is not None
+        reception, self._reception = self._reception, None
+        assert reception is not None
+        incoming = reception.incoming
         txn, self._txn = self._txn, Transaction()
-        headers, self._headers = self._headers, None
-        error = result.error
-        if error is None and self._write_failed:
-            error = NO_STORAGE
+        self._buffer = result.leftover + self._buffer
+        error = reception.error(result)
         if error is not None:
             incoming.abort()
             if result.fatal:
                 self._close(error)
-                return
-            self._send(error)
-            self._buffer = result.leftover + self._buffer
+            else:
+                self._send(error)
             return
-        self._buffer = result.leftover + self._buffer
         client = self._client()
         rate_key = self._rate_key()
-        anonymous = rate_key is None
-        envelope = Envelope(
-            sender=str(txn.sender) if txn.sender is not None else "",
-            recipients=tuple(_restrict_dsn(r) for r in txn.recipients)
-            if anonymous
-            else tuple(txn.recipients),
-            client_address=self._address,
-            client_name=self._helo,
-            user=self._user,
-            # Anonymous senders are unverified: reports to them carry headers only.
-            ret="HDRS" if anonymous else txn.ret,
-            envid=txn.envid,
-            body=txn.body,
-            smtputf8=txn.smtputf8,
-            received_at=self._clock.seconds(),
+        envelope = txn.envelope(
+            client_address=self._address, client_name=self._helo, user=self._user,
+            anonymous=rate_key is None, received_at=self._clock.seconds(),
         )
 
         async def commit() -> Reply:
             nonlocal envelope
-            if headers is not None:
-                view = MessageView(envelope, headers.value, result.size, incoming.read)
-                refusal = await self._hooks.check_data(client, view)
-                if refusal is None:
-                    added = await self._hooks.added_headers(client, view)
-                    if isinstance(added, Reply):
-                        refusal = added
-                    elif added:
-                        incoming.prepend(format_headers(added))
+            view = reception.view(envelope, result.size)
+            if view is not None:
+                refusal = await self._hooks.screen(client, view, incoming.prepend)
                 if refusal is not None:
                     incoming.abort()
                     self._log.refused(self._address, "DATA", envelope.sender, str(refusal))
@@ -713,15 +660,6 @@ class Session(Protocol):
 
     def smtp_HELP(self, arg: str) -> None:
         self._send(HELP)
-
-
-def _restrict_dsn(recipient: Recipient) -> Recipient:
-    """DSN requests from clients we do not know (neither authenticated nor trusted) are
-    limited to failure reports: success and delay reports to an unverified sender would let
-    anyone make us send mail to any address (Postfix's DSN_README advises the same)."""
-    if recipient.notify and "FAILURE" not in recipient.notify:
-        return attrs.evolve(recipient, notify=("NEVER",))
-    return attrs.evolve(recipient, notify=("FAILURE",))
 
 
 def _address_error(path: str, utf8: bool, default: Reply) -> Reply:
