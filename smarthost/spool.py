@@ -66,52 +66,35 @@ from smarthost.envelope import Envelope, QueueEntry, QueueId
 from smarthost.interfaces import IIncomingMessage, ISpool
 from smarthost.safeio import fsync_dir
 from smarthost.spoolfile import (
+    COMMIT,
     CORRUPT,
     DATA,
     DIR_MODE,
     HEADER,
     MAGIC,
     MAX_BATCH,
+    REMOVE,
     SPILL_THRESHOLD,
     STATE,
     TMP,
+    UPDATE,
+    BatchWriter,
     CorruptEntry,
     CorruptFile,
+    Op,
     RecoveryReport,
     RunBlocking,
     SpoolPaths,
     create_exclusive,
     decode_entry,
-    encode_header,
-    encode_state,
     file_name,
     id_from_state_name,
     parse_id,
     read_header,
     unlink_quietly,
-    write_all,
 )
 
 _RECEIVING, _COMMITTING, _DONE = "receiving", "committing", "done"
-_COMMIT, _UPDATE, _REMOVE = "commit", "update", "remove"
-
-
-@attrs.define(eq=False)
-class _Op:
-    """One change waiting for (or inside) a batch. The thread owns it while the batch runs."""
-
-    kind: str
-    queue_id: QueueId
-    entry: QueueEntry | None = None  # commit, update
-    chunks: list[bytes] = attrs.Factory(list)  # commit: the body, in memory
-    spill: BinaryIO | None = None  # commit: the body, spilled to tmp/<id>
-    deferred: Deferred[None] = attrs.Factory(Deferred)
-    # Thread side, during the batch:
-    tmp: str | None = None  # the file written in tmp/, before its rename
-    fd: int | None = None  # open on ``tmp`` until it is fsynced
-    placed: str | None = None  # where a commit was renamed to (undone if the batch fails)
-    had_state: bool = False  # remove: a state file existed, so the body goes in step 4
-    error: BaseException | None = None
 
 
 @implementer(IIncomingMessage)
@@ -171,7 +154,7 @@ class IncomingMessage:
         self._check("commit")
         self._state = _COMMITTING
         entry = QueueEntry.new(self.queue_id, envelope, self._size)
-        op = _Op(_COMMIT, self.queue_id, entry, self._chunks, self._file)
+        op = Op(COMMIT, self.queue_id, entry, self._chunks, self._file)
         self._chunks, self._file = [], None  # the batch's thread owns them now
         d = self._spool._submit(op)
 
@@ -265,7 +248,8 @@ class Spool:
         # its operations by phase, so two changes to one message must not share a batch.
         self._locks: dict[QueueId, DeferredLock] = {}
         self._live: set[QueueId] = set()  # ids being received or committed here
-        self._waiting: list[_Op] = []  # the next batch
+        self._writer = BatchWriter(self._paths)
+        self._waiting: list[Op] = []  # the next batch
         self._syncing = False  # a batch's blocking job is running
         self.batches = 0  # blocking jobs started: for tests and the curious
         # What recovery read, served once by entries() (the scheduler's start) so start-up
@@ -484,14 +468,14 @@ class Spool:
         """Fails with KeyError when the message is no longer queued: an update racing a
         removal must not bring back a state file without its body."""
         file_name(entry.queue_id)
-        return self._exclusive(_Op(_UPDATE, entry.queue_id, entry))
+        return self._exclusive(Op(UPDATE, entry.queue_id, entry))
 
     def remove(self, queue_id: QueueId) -> Deferred[None]:
         """Fails with KeyError when the message is not queued."""
         file_name(queue_id)  # a wrong type is a bug in the caller: raise now, not in a thread
-        return self._exclusive(_Op(_REMOVE, queue_id))
+        return self._exclusive(Op(REMOVE, queue_id))
 
-    def _exclusive(self, op: _Op) -> Deferred[None]:
+    def _exclusive(self, op: Op) -> Deferred[None]:
         queue_id = op.queue_id
         lock = self._locks.setdefault(queue_id, DeferredLock())
         d: Deferred[None] = lock.run(self._submit, op)
@@ -501,7 +485,7 @@ class Spool:
             if not lock.locked and self._locks.get(queue_id) is lock:
                 del self._locks[queue_id]
             if self._recovered is not None and not isinstance(result, Failure):
-                if op.kind == _REMOVE:
+                if op.kind == REMOVE:
                     self._recovered.pop(queue_id, None)
                 elif op.entry is not None:
                     self._recovered[queue_id] = op.entry
@@ -512,7 +496,7 @@ class Spool:
 
     # -- group commit -----------------------------------------------------------------------
 
-    def _submit(self, op: _Op) -> Deferred[None]:
+    def _submit(self, op: Op) -> Deferred[None]:
         self._waiting.append(op)
         if not self._syncing:
             self._start_batch()
@@ -522,164 +506,22 @@ class Spool:
         batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
         self._syncing = True
         self.batches += 1
-        d = self._run_blocking(self._sync, batch)
+        d = self._run_blocking(self._writer.run, batch)
         d.addBoth(self._batch_done, batch)
 
-    def _batch_done(self, result: object, batch: list[_Op]) -> None:
+    def _batch_done(self, result: object, batch: list[Op]) -> None:
         """On the reactor thread, after the blocking job: start the next batch (the disk works
         while we answer), then fire this one's Deferreds."""
         self._syncing = False
         if self._waiting:
             self._start_batch()
         for op in batch:
-            if isinstance(result, Failure):  # a bug in _sync itself: nothing is known
+            if isinstance(result, Failure):  # a bug in the batch writer itself: nothing is known
                 op.deferred.errback(result)
             elif op.error is not None:
                 op.deferred.errback(op.error)
             else:
                 op.deferred.callback(None)
-
-    def _sync(self, batch: list[_Op]) -> None:
-        """The blocking job for one batch; each operation's failure is kept in ``op.error``."""
-        live = batch
-
-        def fail(op: _Op, error: BaseException) -> None:
-            op.error = error
-            unlink_quietly(op.tmp)
-            unlink_quietly(op.placed)  # a commit renamed but not durable: not acknowledged
-
-        # 1. every new file written, then each fsynced: with all of them written first, the
-        # journal commit of the first fsync carries the others' creation too
-        for op in live:
-            try:
-                if op.kind == _COMMIT:
-                    op.tmp, op.fd = self._write_message(op)
-                elif op.kind == _UPDATE:
-                    op.tmp, op.fd = self._write_state(op)
-                else:
-                    op.had_state = os.path.lexists(self._paths.state(op.queue_id))
-            except BaseException as e:
-                fail(op, e)
-        for op in live:
-            if op.fd is not None:
-                try:
-                    os.fsync(op.fd)
-                except BaseException as e:
-                    fail(op, e)
-                finally:
-                    os.close(op.fd)
-                    op.fd = None
-        live = [op for op in live if op.error is None]
-
-        # 2. the renames (each a commit point) and unlinks
-        dirty: dict[str, list[_Op]] = {DATA: [], STATE: []}
-        for op in live:
-            try:
-                if op.kind == _COMMIT:
-                    target = self._paths.data(op.queue_id)
-                    if os.path.lexists(target):  # never replace a committed message
-                        raise FileExistsError(f"{op.queue_id}: queue id already in use")
-                    os.rename(op.tmp or "", target)
-                    op.tmp, op.placed = None, target
-                    dirty[DATA].append(op)
-                elif op.kind == _UPDATE:
-                    os.replace(op.tmp or "", self._paths.state(op.queue_id))
-                    op.tmp = None
-                    dirty[STATE].append(op)
-                elif op.had_state:
-                    # State first: a crash before the body goes leaves a message with its
-                    # first entry, delivered again (at-least-once), never a state without body.
-                    with suppress(FileNotFoundError):
-                        os.unlink(self._paths.state(op.queue_id))
-                    dirty[STATE].append(op)
-                else:
-                    try:
-                        os.unlink(self._paths.data(op.queue_id))
-                    except FileNotFoundError:
-                        raise KeyError(op.queue_id) from None
-                    dirty[DATA].append(op)
-            except BaseException as e:
-                fail(op, e)
-
-        # 3. one fsync per directory changed, for the whole batch
-        for name in (STATE, DATA):
-            if dirty[name]:
-                try:
-                    fsync_dir(self._paths.dir(name))
-                except BaseException as e:
-                    for op in dirty[name]:
-                        fail(op, e)
-
-        # 4. the bodies of removed messages that had a state file, once that is gone for good
-        late = [op for op in live if op.kind == _REMOVE and op.had_state and op.error is None]
-        for op in late:
-            try:
-                os.unlink(self._paths.data(op.queue_id))
-            except FileNotFoundError:
-                pass  # a state without its body: gone now, as asked
-            except BaseException as e:
-                fail(op, e)
-        if late:
-            try:
-                fsync_dir(self._paths.dir(DATA))
-            except BaseException as e:
-                for op in late:
-                    fail(op, e)
-
-    def _write_message(self, op: _Op) -> tuple[str, int]:
-        """tmp/<id>.q: header record and body, written (not yet fsynced) in the batch's thread;
-        returns its path and the open descriptor."""
-        assert op.entry is not None
-        path = self._paths.commit_tmp(op.queue_id)
-        header = encode_header(op.entry)
-        spill = op.spill
-        try:
-            fd = create_exclusive(path)
-        except BaseException:
-            self._drop_spill(op)
-            raise
-        try:
-            if spill is None:
-                write_all(fd, b"".join([header, *op.chunks]))
-            else:
-                # A large message: the header goes first, so its body is copied once.
-                spill.flush()
-                write_all(fd, header)
-                with open(self._paths.spill(op.queue_id), "rb") as src, os.fdopen(
-                    os.dup(fd), "wb"
-                ) as dst:
-                    shutil.copyfileobj(src, dst, 1024 * 1024)
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(path)
-            raise
-        finally:
-            self._drop_spill(op)
-        return path, fd
-
-    def _drop_spill(self, op: _Op) -> None:
-        if op.spill is not None:
-            with suppress(OSError):
-                op.spill.close()
-            op.spill = None
-            unlink_quietly(self._paths.spill(op.queue_id))
-
-    def _write_state(self, op: _Op) -> tuple[str, int]:
-        assert op.entry is not None
-        try:
-            length = os.stat(self._paths.data(op.queue_id)).st_size
-        except FileNotFoundError:
-            raise KeyError(op.queue_id) from None
-        path = self._paths.state_tmp(op.queue_id)
-        fd = create_exclusive(path)
-        try:
-            write_all(fd, encode_state(op.entry, length))
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(path)
-            raise
-        return path, fd
-
 
 async def release_held(spool: ISpool, name: str) -> list[QueueEntry]:
     """Un-hold every message held for ``name`` (a user, or the trusted client address of

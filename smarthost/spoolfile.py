@@ -1,6 +1,6 @@
 """The spool's files: where they live, how a message file and a state file are encoded and
-checked. Pure file-format code, shared by the daemon's :class:`~smarthost.spool.Spool` and the
-admin tool (through it); the group commit and the queue API are in :mod:`smarthost.spool`.
+checked, and the blocking half of the group commit (:class:`BatchWriter`, run in a thread).
+The queue API, the batching and recovery are in :mod:`smarthost.spool`.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import struct
 import zlib
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from smarthost.envelope import QueueEntry, QueueId
+from smarthost.safeio import fsync_dir
 
 FILE_MODE = 0o600  # mail is private: only the daemon's user reads the spool
 DIR_MODE = 0o700
@@ -194,3 +196,173 @@ def read_header(queue_id: QueueId, f: BinaryIO) -> tuple[QueueEntry, int]:
             f"{queue_id}: message body is {size - offset} bytes, header says {entry.size}"
         )
     return entry, offset
+
+
+COMMIT, UPDATE, REMOVE = "commit", "update", "remove"
+
+
+@attrs.define(eq=False)
+class Op:
+    """One change waiting for (or inside) a batch. The thread owns it while the batch runs."""
+
+    kind: str
+    queue_id: QueueId
+    entry: QueueEntry | None = None  # commit, update
+    chunks: list[bytes] = attrs.Factory(list)  # commit: the body, in memory
+    spill: BinaryIO | None = None  # commit: the body, spilled to tmp/<id>
+    deferred: Deferred[None] = attrs.Factory(Deferred)
+    # Thread side, during the batch:
+    tmp: str | None = None  # the file written in tmp/, before its rename
+    fd: int | None = None  # open on ``tmp`` until it is fsynced
+    placed: str | None = None  # where a commit was renamed to (undone if the batch fails)
+    had_state: bool = False  # remove: a state file existed, so the body goes in step 4
+    error: BaseException | None = None
+
+
+class BatchWriter:
+    """The blocking half of the group commit: runs one batch in a thread (see
+    :mod:`smarthost.spool` for the order of writes, fsyncs and renames)."""
+
+    def __init__(self, paths: SpoolPaths) -> None:
+        self.paths = paths
+
+    def run(self, batch: list[Op]) -> None:
+        """The blocking job for one batch; each operation's failure is kept in ``op.error``."""
+        live = batch
+
+        def fail(op: Op, error: BaseException) -> None:
+            op.error = error
+            unlink_quietly(op.tmp)
+            unlink_quietly(op.placed)  # a commit renamed but not durable: not acknowledged
+
+        # 1. every new file written, then each fsynced: with all of them written first, the
+        # journal commit of the first fsync carries the others' creation too
+        for op in live:
+            try:
+                if op.kind == COMMIT:
+                    op.tmp, op.fd = self._write_message(op)
+                elif op.kind == UPDATE:
+                    op.tmp, op.fd = self._write_state(op)
+                else:
+                    op.had_state = os.path.lexists(self.paths.state(op.queue_id))
+            except BaseException as e:
+                fail(op, e)
+        for op in live:
+            if op.fd is not None:
+                try:
+                    os.fsync(op.fd)
+                except BaseException as e:
+                    fail(op, e)
+                finally:
+                    os.close(op.fd)
+                    op.fd = None
+        live = [op for op in live if op.error is None]
+
+        # 2. the renames (each a commit point) and unlinks
+        dirty: dict[str, list[Op]] = {DATA: [], STATE: []}
+        for op in live:
+            try:
+                if op.kind == COMMIT:
+                    target = self.paths.data(op.queue_id)
+                    if os.path.lexists(target):  # never replace a committed message
+                        raise FileExistsError(f"{op.queue_id}: queue id already in use")
+                    os.rename(op.tmp or "", target)
+                    op.tmp, op.placed = None, target
+                    dirty[DATA].append(op)
+                elif op.kind == UPDATE:
+                    os.replace(op.tmp or "", self.paths.state(op.queue_id))
+                    op.tmp = None
+                    dirty[STATE].append(op)
+                elif op.had_state:
+                    # State first: a crash before the body goes leaves a message with its
+                    # first entry, delivered again (at-least-once), never a state without body.
+                    with suppress(FileNotFoundError):
+                        os.unlink(self.paths.state(op.queue_id))
+                    dirty[STATE].append(op)
+                else:
+                    try:
+                        os.unlink(self.paths.data(op.queue_id))
+                    except FileNotFoundError:
+                        raise KeyError(op.queue_id) from None
+                    dirty[DATA].append(op)
+            except BaseException as e:
+                fail(op, e)
+
+        # 3. one fsync per directory changed, for the whole batch
+        for name in (STATE, DATA):
+            if dirty[name]:
+                try:
+                    fsync_dir(self.paths.dir(name))
+                except BaseException as e:
+                    for op in dirty[name]:
+                        fail(op, e)
+
+        # 4. the bodies of removed messages that had a state file, once that is gone for good
+        late = [op for op in live if op.kind == REMOVE and op.had_state and op.error is None]
+        for op in late:
+            try:
+                os.unlink(self.paths.data(op.queue_id))
+            except FileNotFoundError:
+                pass  # a state without its body: gone now, as asked
+            except BaseException as e:
+                fail(op, e)
+        if late:
+            try:
+                fsync_dir(self.paths.dir(DATA))
+            except BaseException as e:
+                for op in late:
+                    fail(op, e)
+
+    def _write_message(self, op: Op) -> tuple[str, int]:
+        """tmp/<id>.q: header record and body, written (not yet fsynced) in the batch's thread;
+        returns its path and the open descriptor."""
+        assert op.entry is not None
+        path = self.paths.commit_tmp(op.queue_id)
+        header = encode_header(op.entry)
+        spill = op.spill
+        try:
+            fd = create_exclusive(path)
+        except BaseException:
+            self._drop_spill(op)
+            raise
+        try:
+            if spill is None:
+                write_all(fd, b"".join([header, *op.chunks]))
+            else:
+                # A large message: the header goes first, so its body is copied once.
+                spill.flush()
+                write_all(fd, header)
+                with open(self.paths.spill(op.queue_id), "rb") as src, os.fdopen(
+                    os.dup(fd), "wb"
+                ) as dst:
+                    shutil.copyfileobj(src, dst, 1024 * 1024)
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(path)
+            raise
+        finally:
+            self._drop_spill(op)
+        return path, fd
+
+    def _drop_spill(self, op: Op) -> None:
+        if op.spill is not None:
+            with suppress(OSError):
+                op.spill.close()
+            op.spill = None
+            unlink_quietly(self.paths.spill(op.queue_id))
+
+    def _write_state(self, op: Op) -> tuple[str, int]:
+        assert op.entry is not None
+        try:
+            length = os.stat(self.paths.data(op.queue_id)).st_size
+        except FileNotFoundError:
+            raise KeyError(op.queue_id) from None
+        path = self.paths.state_tmp(op.queue_id)
+        fd = create_exclusive(path)
+        try:
+            write_all(fd, encode_state(op.entry, length))
+        except BaseException:
+            os.close(fd)
+            unlink_quietly(path)
+            raise
+        return path, fd

@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smarthost import spool as spool_module
+from smarthost import spoolfile as spoolfile_module
 from smarthost.envelope import (
     DELIVERED,
     Envelope,
@@ -246,7 +247,7 @@ class CommitTests(SpoolTestCase):
         def broken(path: str) -> None:
             raise OSError(5, "Input/output error")
 
-        self.patch(spool_module, "fsync_dir", broken)
+        self.patch(spoolfile_module, "fsync_dir", broken)
         message = self.spool.receive()
         message.write(b"x\r\n")
         self.failureResultOf(message.commit(envelope()), OSError)
@@ -342,14 +343,15 @@ class GroupCommitTests(SpoolTestCase):
         def broken(batch: object) -> None:
             raise RuntimeError("bug")
 
-        self.patch(self.spool, "_sync", broken)
+        writer = self.spool._writer
+        self.patch(writer, "run", broken)
         message = self.spool.receive()
         d = message.commit(envelope())
         self.jobs.run_next()
         self.failureResultOf(d, RuntimeError)
         self.assertEqual(self.spool._live, set())
         # The spool still works afterwards.
-        self.patch(self.spool, "_sync", Spool._sync.__get__(self.spool))
+        self.patch(writer, "run", type(writer).run.__get__(writer))
         d = self.spool.receive().commit(envelope())
         self.jobs.run_next()
         self.successResultOf(d)
