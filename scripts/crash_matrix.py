@@ -26,7 +26,6 @@ between the MX's 250 and our spool update sends the message again.
 from __future__ import annotations
 
 import argparse
-import bisect
 import hashlib
 import json
 import os
@@ -61,6 +60,7 @@ RECOVERY = re.compile(
     r"(\d+) orphan bodies removed, (\d+) moved to corrupt/"
 )
 # Lines in the daemon log that deserve a look even when nothing was lost.
+DELIVERED_LINE = re.compile(r"(\w+): to=<(.*?)> relay=\S+ result=delivered")
 TROUBLE = re.compile(r"Traceback|Unhandled|scheduling error|delivery attempt failed|CRITICAL")
 CLIENT_TIMEOUT = 10.0  # seconds, per smtplib operation
 MAX_WINDOW = 2.0  # seconds after the load starts: the kill happens by then in every mode
@@ -442,17 +442,15 @@ def _drain(host: Smarthost, deadline: float, result: Result) -> None:
         host.stop()
 
 
-def _count(result: Result, clients: list[Client], mx: MXPeer, kills: list[int]) -> None:
-    """``kills``: how many messages the MX held after each kill, to tell runs apart."""
+def _count(result: Result, clients: list[Client], mx: MXPeer) -> None:
     attempted = {s.token: s for c in clients for s in c.attempted}
     acked = {s.token: s for c in clients for s in c.acked}
     result.acknowledged = len(acked)
     result.acknowledged_pairs = sum(len(s.recipients) for s in acked.values())
     result.unacknowledged = len(attempted) - len(acked)
     received: Counter[tuple[str, str]] = Counter()
-    runs: dict[tuple[str, str], list[int]] = {}
     delivered_tokens: set[str] = set()
-    for index, message in enumerate(mx.messages):
+    for message in mx.messages:
         if message.mail_from in ("", "<>"):
             result.bounces += 1
             continue
@@ -468,24 +466,27 @@ def _count(result: Result, clients: list[Client], mx: MXPeer, kills: list[int]) 
             result.damaged.append(f"{token} ({len(message.data)} octets received)")
         for rcpt in message.rcpt_tos:
             received[(token, rcpt)] += 1
-            runs.setdefault((token, rcpt), []).append(bisect.bisect_right(kills, index))
     for token, sent in sorted(acked.items()):
         result.lost += [f"{token} -> {r}" for r in sent.recipients if not received[(token, r)]]
     copies = [n for n in received.values() if n > 1]
     result.duplicates, result.extra_copies = len(copies), sum(n - 1 for n in copies)
-    result.same_run_duplicates = sorted(
-        f"{token} -> {rcpt} (run {max(r, key=r.count)})"
-        for (token, rcpt), r in runs.items()
-        if len(set(r)) < len(r)
-    )
     result.unacknowledged_delivered = len(delivered_tokens - acked.keys())
 
 
 def _read_logs(result: Result, host: Smarthost) -> None:
     totals = {"starts": host.starts, "queued": 0, "tmp": 0, "orphans": 0, "corrupt": 0}
+    # A delivery the daemon itself logged twice in one run would be a scheduler bug; copies
+    # across a kill are at-least-once delivery. The MX's arrival order cannot tell these
+    # apart (a message finishing at the MX just after a kill looks like the next run's), so
+    # runs are told apart by the daemon's own log: each start logs its recovery line.
+    run, delivered = 0, Counter[tuple[int, str, str]]()
     for line in host.history:
+        done = DELIVERED_LINE.search(line)
+        if done:
+            delivered[(run, done.group(1), done.group(2))] += 1
         match = RECOVERY.search(line)
         if match:
+            run += 1
             result.recovery_lines.append(line[match.start(1) :])
             for key, value in zip(("queued", "tmp", "orphans", "corrupt"), match.groups(),
                                   strict=True):
@@ -493,6 +494,9 @@ def _read_logs(result: Result, host: Smarthost) -> None:
         if TROUBLE.search(line):
             result.trouble.append(line)
     result.recovery = totals
+    result.same_run_duplicates = sorted(
+        f"{qid} -> {rcpt} (run {n})" for (n, qid, rcpt), count in delivered.items() if count > 1
+    )
     corrupt = host.spool / "corrupt"
     result.corrupt = sorted(os.listdir(corrupt)) if corrupt.is_dir() else []
 
@@ -510,13 +514,11 @@ def run(
     mx.start()
     host = Smarthost(workdir, mx.port)
     clients: list[Client] = []
-    kills: list[int] = []
     try:
         for number in range(settings.cycles):
             report, cycle_clients = _cycle(host, number, settings, rng)
             result.cycles.append(report)
             clients += cycle_clients
-            kills.append(len(mx.messages))
             if progress is not None:
                 progress(
                     f"cycle {number + 1}/{settings.cycles}: {report.mode} kill at "
@@ -528,7 +530,7 @@ def run(
         if host.running():
             host.kill9()
         mx.stop()
-    _count(result, clients, mx, kills)
+    _count(result, clients, mx)
     _read_logs(result, host)
     result.seconds = time.monotonic() - began
     return result
