@@ -18,6 +18,16 @@ this attempt. Under "opportunistic" TLS a failed STARTTLS *handshake* is also a 
 (next host, else deferred) and never falls back to plaintext: SPEC allows plaintext only when
 STARTTLS is not offered, and retrying in the clear would let anyone who can break handshakes
 read the mail.
+
+Connection reuse, like Postfix's connection cache: after a transaction that left the dialog
+clean, ``RSET``; on ``250`` the connection is parked, keyed by host (name, address, port), TLS
+policy, implicit TLS and credentials, so a connection is never shared across different
+credentials or TLS requirements. The next delivery with the same key takes it (no connect,
+EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked too long
+(:class:`Reuse`) gets ``QUIT``. A parked connection is never in use, so it carries one
+transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the
+server hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not
+the message's fault: a fresh connection to the same host is opened instead, transparently.
 """
 
 from __future__ import annotations
@@ -25,22 +35,25 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
 
 import attrs
 from twisted.internet import error
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
+    IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
+from twisted.logger import Logger
 
 from smarthost.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
 from smarthost.nexthop import Credentials, Host, Route
@@ -75,6 +88,31 @@ class Timeouts:
     data_block: float = 180.0
     data_end: float = 600.0
     quit: float = 30.0
+    rset: float = 20.0  # before parking a connection (Postfix's smtp_rset_timeout)
+
+
+@attrs.frozen
+class Reuse:
+    """Limits of the connection cache, with Postfix's defaults."""
+
+    idle: float = 2.0  # seconds parked before QUIT (smtp_connection_cache_time_limit)
+    uses: int = 100  # transactions per connection (smtp_connection_reuse_count_limit)
+    age: float = 300.0  # seconds since connecting (smtp_connection_reuse_time_limit)
+
+
+# A connection may only carry mail for an equal key: same host, TLS policy and credentials.
+_Key: TypeAlias = tuple[Host, str, bool, Credentials | None]
+
+
+@attrs.define(eq=False)
+class _Session:
+    """A connection ready for MAIL, with what it announced and how much it was used."""
+
+    conn: ClientConnection
+    extensions: dict[str, str]
+    opened: float
+    uses: int = 0
+    timer: IDelayedCall | None = None
 
 
 class SMTPDelivery:
@@ -94,6 +132,7 @@ class SMTPDelivery:
         trust_root: IOpenSSLTrustRoot | Certificate | None = None,
         unreachable: Callable[[Host], None] = lambda host: None,
         transcript: bool = False,
+        reuse: Reuse | None = Reuse(),
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
@@ -106,6 +145,10 @@ class SMTPDelivery:
         # Told about hosts that could not be connected to, so routes try them last for a
         # while instead of paying a connect timeout on every message.
         self._unreachable = unreachable
+        self._reuse = reuse  # None: one connection per delivery, QUIT after it
+        self._parked: dict[_Key, list[_Session]] = {}
+        self._closing: set[Deferred[None]] = set()
+        self._shut = False
 
     async def deliver(
         self,
@@ -118,7 +161,8 @@ class SMTPDelivery:
         """One outcome per recipient, in order; network trouble never raises.
 
         Only a bug raises, and the caller then defers every recipient: a possible duplicate
-        is better than a lost message. The connection is closed on every path.
+        is better than a lost message. The connection is parked for reuse or closed on
+        every path.
         """
         if not recipients:
             return []
@@ -141,14 +185,113 @@ class SMTPDelivery:
         open_body: Callable[[], BinaryIO],
         size: int,
     ) -> list[Outcome]:
+        key: _Key = (host, route.tls, route.implicit_tls, route.credentials)
+        while (session := self._take(key)) is not None:
+            try:
+                outcomes = await self._transaction(
+                    session.conn, host, envelope, recipients, open_body, size,
+                    session.extensions, reused=True,
+                )
+            except HostError:
+                # Before MAIL was accepted, so nothing was delivered: the connection went
+                # stale while parked. A fresh one (below) decides, never this failure.
+                self._discard(session)
+                continue
+            except BaseException:
+                self._discard(session)
+                raise
+            await self._finish(key, session)
+            return outcomes
         conn = await self._connect(host, route)
         try:
+            opened = self._clock.seconds()
             extensions = await self._open(conn, host, route)
-            return await self._transaction(
+            session = _Session(conn, extensions, opened)
+            outcomes = await self._transaction(
                 conn, host, envelope, recipients, open_body, size, extensions
             )
-        finally:
+        except BaseException:
             await conn.close(self._timeouts.quit)
+            raise
+        await self._finish(key, session)
+        return outcomes
+
+    # -- the connection cache -------------------------------------------------------------
+    def _take(self, key: _Key) -> _Session | None:
+        """The most recently parked connection for ``key`` still fit for a transaction."""
+        stack = self._parked.get(key)
+        found = None
+        while stack and found is None:
+            session = stack.pop()
+            if session.timer is not None and session.timer.active():
+                session.timer.cancel()
+            session.timer = None
+            if session.conn.idle and not self._too_old(session):
+                found = session
+            else:  # hung up, or said something unasked while parked
+                self._discard(session)
+        if not stack:
+            self._parked.pop(key, None)
+        return found
+
+    def _too_old(self, session: _Session) -> bool:
+        assert self._reuse is not None
+        return (
+            session.uses >= self._reuse.uses
+            or self._clock.seconds() - session.opened >= self._reuse.age
+        )
+
+    async def _finish(self, key: _Key, session: _Session) -> None:
+        """After a transaction: RSET and park the connection, or QUIT."""
+        session.uses += 1
+        conn = session.conn
+        if self._reuse is None or self._shut or self._too_old(session) or not conn.idle:
+            await conn.close(self._timeouts.quit)
+            return
+        try:
+            conn.send("RSET")
+            reply = await conn.read_reply(self._timeouts.rset, "RSET")
+        except HostError:
+            reply = None
+        if reply is None or reply.code != 250 or self._shut or not conn.idle:
+            await conn.close(self._timeouts.quit)
+            return
+        session.timer = self._clock.callLater(self._reuse.idle, self._expire, key, session)
+        self._parked.setdefault(key, []).append(session)
+
+    def _expire(self, key: _Key, session: _Session) -> None:
+        session.timer = None
+        stack = self._parked.get(key, [])
+        if session in stack:
+            stack.remove(session)
+            if not stack:
+                del self._parked[key]
+        self._discard(session)
+
+    def _discard(self, session: _Session) -> None:
+        """QUIT (or abort) in the background; :meth:`close_all` waits for it."""
+        closing = Deferred.fromCoroutine(session.conn.close(self._timeouts.quit))
+        self._closing.add(closing)
+
+        def done(result: object) -> None:
+            self._closing.discard(closing)
+
+        closing.addErrback(lambda f: _log.failure("closing {peer}", f, peer=session.conn.peer))
+        closing.addBoth(done)
+
+    def close_all(self) -> Deferred[None]:
+        """For shutdown: QUIT every parked connection and park no more; fires when all are
+        closed (each close is bounded by the QUIT timeout)."""
+        self._shut = True
+        parked, self._parked = self._parked, {}
+        for stack in parked.values():
+            for session in stack:
+                if session.timer is not None and session.timer.active():
+                    session.timer.cancel()
+                session.timer = None
+                self._discard(session)
+        closing = DeferredList(list(self._closing))
+        return closing.addCallback(lambda _: None)
 
     # -- connection and session -----------------------------------------------------------
     def _tls_options(
@@ -304,6 +447,8 @@ class SMTPDelivery:
         open_body: Callable[[], BinaryIO],
         size: int,
         extensions: dict[str, str],
+        *,
+        reused: bool = False,
     ) -> list[Outcome]:
         t, remote = self._timeouts, _remote(host)
 
@@ -331,6 +476,8 @@ class SMTPDelivery:
         else:
             conn.send(mail)
         reply = await conn.read_reply(t.mail, "MAIL FROM")
+        if reused and 400 <= reply.code < 500:  # e.g. 421: timed out while parked
+            raise HostError(f"{host} answered MAIL on a reused connection with {reply.text}")
         if not reply.positive:
             return [outcome(r, reply) for r in recipients]  # close() reads pipelined replies
 
@@ -353,6 +500,7 @@ class SMTPDelivery:
             if reply.code != 354:
                 if accepted:
                     if reply.positive:  # a 2xx to DATA is nonsense; do not call it delivered
+                        conn.reusable = False
                         raise HostError(f"{host} answered DATA with {reply.text}")
                     for i in accepted:
                         decided[i] = outcome(recipients[i], reply)
@@ -377,6 +525,9 @@ class SMTPDelivery:
                 if decided[i] is None:
                     decided[i] = Outcome(recipient, DEFERRED, e.reason, remote, e.status)
         return _done(decided)
+
+
+_log = Logger(namespace="smarthost.outbound")
 
 
 def _done(decided: list[Outcome | None]) -> list[Outcome]:

@@ -130,6 +130,7 @@ class ClientConnection(Protocol):
         self._paused = False
         self.tls = False
         self.in_data = False  # after 354: anything we send now is message text
+        self.reusable = True  # cleared when the peer misbehaved in a way worth not repeating
 
     # -- the transport, typed -------------------------------------------------------------
     def _transport(self) -> ITransport:
@@ -144,6 +145,24 @@ class ClientConnection(Protocol):
                 tcp.abortConnection()
             else:  # test transports
                 self.transport.loseConnection()
+
+    @property
+    def idle(self) -> bool:
+        """Open, between transactions and quiet: every reply read, nothing unsolicited
+        buffered, nothing awaited. Only such a connection may be kept for another message."""
+        return (
+            self.reusable
+            and self._lost is None
+            and not self._aborting
+            and not self.in_data
+            and not self._discarding
+            and not self._starttls_sent
+            and self.unanswered == 0
+            and not self._replies
+            and not self._partial
+            and not self._buffer
+            and self._waiter is None
+        )
 
     # -- commands out ---------------------------------------------------------------------
     def send(self, *commands: str, secret: bool = False) -> None:

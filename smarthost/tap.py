@@ -247,6 +247,8 @@ def build_scheduler(
         return MaildirDelivery(root, deferToThread, reactor, config.hostname)
 
     smtp = SMTPDelivery(reactor, config.hostname, unreachable=resolver.mark_unreachable)
+    # Connections parked for reuse get a polite QUIT when the daemon stops.
+    reactor.addSystemEventTrigger("before", "shutdown", smtp.close_all)
     courier = Courier(resolver.resolve, smtp, maildir)
     queue = config.queue
     policy = RetryPolicy(

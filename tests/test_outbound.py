@@ -63,11 +63,14 @@ class DeliveryTestCase(TestCase):
         envelope: Envelope | None = None,
         size: int | None = None,
         unreachable: Callable[[Host], None] = lambda host: None,
+        delivery: SMTPDelivery | None = None,
         **route: Any,
     ) -> Deferred[list[Outcome]]:
-        delivery = SMTPDelivery(
+        """One delivery; by ``delivery`` when given, else by a new one that keeps no
+        connection (reuse has its own tests in test_outbound_reuse.py)."""
+        delivery = delivery or SMTPDelivery(
             reactor, "client.test", timeouts=timeouts, trust_root=trust_root,
-            unreachable=unreachable, transcript=True,
+            unreachable=unreachable, transcript=True, reuse=None,
         )
         envelope = envelope or Envelope("sender@example.test", tuple(recipients))
         open_body = body if callable(body) else (lambda: io.BytesIO(body))
