@@ -6,6 +6,7 @@ clock, an endpoint, a ``run_blocking``) as an argument, so tests can pass their 
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,11 @@ def build_parts(
     # Recovery (which creates the directories) waits for startService, after twistd has
     # dropped to --uid/--gid, so the spool belongs to the user that runs the daemon.
     spool = Spool(config.queue.directory, clock=reactor, run_blocking=deferToThread)
-    users = auth.UsersFile(config.auth.users)
+    # Decoy SCRAM salts for unknown names must not change on restart, or recording them across
+    # one would tell real names from made-up ones: key them with a one-way derivative of our
+    # TLS private key, a secret that already lives as long as the installation.
+    decoy_key = hmac.digest(config.tls.key.read_bytes(), b"smarthost SCRAM decoys", "sha256")
+    users = auth.UsersFile(config.auth.users, decoy_key=decoy_key)
     for problem in users.reload().problems:
         maillog.warning("users file {path}: {problem}", path=str(users.path), problem=problem)
     if auth.users_file_is_insecure(config.auth.users):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import smtplib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import bcrypt
 import pytest
@@ -128,3 +129,30 @@ def test_wrong_passwords_and_old_users(daemon: Daemon) -> None:
             daemon.wait_for(f"AUTH failed from 127.0.1.{number} user={user} "
                             f"mechanism={mechanism}")
     assert "wrong" not in "\n".join(line for line in daemon.log if "AUTH" in line)
+
+
+def test_decoy_salts_for_unknown_names_survive_a_restart(tmp_path: Path) -> None:
+    """Otherwise recording an unknown name's salt across a restart would tell it apart from a
+    real user's, whose salt is stored and never changes."""
+    import base64
+
+    d = Daemon(tmp_path, CONFIG)
+
+    def salt() -> str:
+        with connect(d) as s:
+            s.ehlo()
+            first = base64.b64encode(b"n,,n=nobody-here,r=fixednonce").decode()
+            code, reply = s.docmd("AUTH", f"SCRAM-SHA-256 {first}")
+            assert code == 334, reply
+            s.docmd("*")
+        fields = dict(f.split("=", 1) for f in base64.b64decode(reply).decode().split(","))
+        return fields["s"]
+
+    d.start()
+    try:
+        before = salt()
+        d.stop()
+        d.start()
+        assert salt() == before
+    finally:
+        d.stop()
