@@ -32,6 +32,7 @@ from smarthost.maillog import MailLog
 from smarthost.policy import RelayPolicy
 from smarthost.session import Session, SessionSettings
 from smarthost.spool import Spool
+from test_sasl_session import LineClient
 
 TOKEN = "ya29.a0AfH6SMBx-secret_token~value+/=="
 BOB_TOKEN = "bob-token-0123456789"
@@ -312,7 +313,7 @@ def test_checker_accepts_coroutine_verifiers() -> None:
 # -- through a Session -----------------------------------------------------------------------
 
 
-class Client:
+class Client(LineClient):
     def __init__(self, tmp: Path, verifier: FakeVerifier) -> None:
         auth.set_password(tmp / "users", "carol", "correct horse", rounds=4)
         self.clock = Clock()
@@ -336,23 +337,6 @@ class Client:
         self.send("EHLO client.test")
         self.ehlo = self.read()
 
-    def send(self, line: str) -> None:
-        self.session.dataReceived(line.encode("ascii") + b"\r\n")
-
-    def read(self) -> list[str]:
-        for _ in range(40):  # the failed-AUTH throttle and verifier time limit, virtually
-            if self.transport.value():
-                break
-            self.clock.advance(1)
-        lines = self.transport.value().decode().split("\r\n")[:-1]
-        self.transport.clear()
-        return lines
-
-    def step(self, line: str) -> tuple[int, bytes]:
-        self.send(line)
-        [reply] = self.read()
-        code, text = int(reply[:3]), reply[4:]
-        return code, base64.b64decode(text) if code == 334 else text.encode()
 
 
 @pytest.fixture

@@ -29,7 +29,33 @@ def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
     return maybeDeferred(f, *args, **kwargs)
 
 
-class Client:
+class LineClient:
+    """Drives a Session on a StringTransport line by line; AUTH answers decoded."""
+
+    session: Session
+    transport: StringTransport
+    clock: Clock
+
+    def send(self, line: str) -> None:
+        self.session.dataReceived(line.encode("ascii") + b"\r\n")
+
+    def read(self) -> list[str]:
+        for _ in range(40):  # the failed-AUTH throttle (and a verifier's limit), virtually
+            if self.transport.value():
+                break
+            self.clock.advance(1)
+        lines = self.transport.value().decode().split("\r\n")[:-1]
+        self.transport.clear()
+        return lines
+
+    def step(self, line: str) -> tuple[int, bytes]:
+        self.send(line)
+        [reply] = self.read()
+        code, text = int(reply[:3]), reply[4:]
+        return code, base64.b64decode(text) if code == 334 else text.encode()
+
+
+class Client(LineClient):
     def __init__(self, tmp: Path) -> None:
         self.users_path = path = tmp / "users"
         auth.set_password(path, "alice", "correct horse", rounds=4)
@@ -52,23 +78,6 @@ class Client:
         self.send("EHLO client.test")
         self.ehlo = self.read()
 
-    def send(self, line: str) -> None:
-        self.session.dataReceived(line.encode("ascii") + b"\r\n")
-
-    def read(self) -> list[str]:
-        for _ in range(10):  # let the failed-AUTH throttle pass in virtual time
-            if self.transport.value():
-                break
-            self.clock.advance(1)
-        lines = self.transport.value().decode().split("\r\n")[:-1]
-        self.transport.clear()
-        return lines
-
-    def step(self, line: str) -> tuple[int, bytes]:
-        self.send(line)
-        [reply] = self.read()
-        code, text = int(reply[:3]), reply[4:]
-        return code, base64.b64decode(text) if code == 334 else text.encode()
 
 
 @pytest.fixture
