@@ -57,7 +57,7 @@ DOMAINS = ("one.test", "two.test", "three.test")  # all routed to the one MX by 
 TOKEN_HEADER = re.compile(rb"^X-Crash-Token: (\S+)\r?$", re.M)
 RECOVERY = re.compile(
     r"spool .*: (\d+) queued, (\d+) unfinished receptions removed, "
-    r"(\d+) orphan bodies removed, (\d+) moved to corrupt/"
+    r"(\d+) unfinished writes dropped, (\d+) damaged places copied to corrupt/"
 )
 # Lines in the daemon log that deserve a look even when nothing was lost.
 DELIVERED_LINE = re.compile(r"(\w+): to=<(.*?)> relay=\S+ result=delivered")
@@ -349,7 +349,8 @@ class Result:
             f"bounces to the sender:      {self.bounces}",
             f"corrupt/ files:             {len(self.corrupt)}",
             "recovery over {starts} starts: {queued} queued, {tmp} unfinished receptions "
-            "removed, {orphans} orphan bodies removed, {corrupt} moved to corrupt/".format(
+            "removed, {torn} unfinished writes dropped, {corrupt} damaged places copied to "
+            "corrupt/".format(
                 **self.recovery
             ),
             f"queue drained:              {'yes' if self.drained else 'NO'}"
@@ -474,7 +475,7 @@ def _count(result: Result, clients: list[Client], mx: MXPeer) -> None:
 
 
 def _read_logs(result: Result, host: Smarthost) -> None:
-    totals = {"starts": host.starts, "queued": 0, "tmp": 0, "orphans": 0, "corrupt": 0}
+    totals = {"starts": host.starts, "queued": 0, "tmp": 0, "torn": 0, "corrupt": 0}
     # A delivery the daemon itself logged twice in one run would be a scheduler bug; copies
     # across a kill are at-least-once delivery. The MX's arrival order cannot tell these
     # apart (a message finishing at the MX just after a kill looks like the next run's), so
@@ -488,7 +489,7 @@ def _read_logs(result: Result, host: Smarthost) -> None:
         if match:
             run += 1
             result.recovery_lines.append(line[match.start(1) :])
-            for key, value in zip(("queued", "tmp", "orphans", "corrupt"), match.groups(),
+            for key, value in zip(("queued", "tmp", "torn", "corrupt"), match.groups(),
                                   strict=True):
                 totals[key] += int(value)
         if TROUBLE.search(line):

@@ -75,7 +75,7 @@ def _mechanism(name: str) -> None:
 
 def _spool(config: Config) -> Spool:
     directory = config.queue.directory
-    if not (directory / "state").is_dir():
+    if not (directory / "log").is_dir():
         raise CLIError(f"no spool at {directory} (has the daemon ever run with this config?)")
     # No recovery here: the daemon may be receiving into tmp/ right now.
     return Spool(directory, clock=_WallClock(), run_blocking=_run_now)  # type: ignore[arg-type]
@@ -324,7 +324,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _queue(args: argparse.Namespace) -> int:
     spool = _spool(_load(args.config))
-    result: int = args.queue_func(args, spool)
+    try:
+        result: int = args.queue_func(args, spool)
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # e.g. the lock of a daemon whose control socket did not answer
+        raise CLIError(f"spool {spool.directory}: {e}") from None
     return result
 
 

@@ -1,17 +1,27 @@
-"""The spool's files: where they live, how a message file and a state file are encoded and
-checked, and the blocking half of the group commit (:class:`BatchWriter`, run in a thread).
-The queue API, the batching and recovery are in :mod:`smarthost.spool`.
+"""The spool's on-disk format: segment files of checksummed records, how a segment is scanned
+at start-up, and the blocking half of the group commit (:class:`SegmentWriter`, run in a
+thread). The queue API, the in-memory index and the batching are in :mod:`smarthost.spool`.
+
+A record::
+
+    MAGIC (4) | kind (1) | id length (1) | 0 (2) | JSON length (u32) | body length (u64)
+    | CRC-32 of the body (u32) | CRC-32 of everything before it plus id and JSON (u32)
+    | queue id (ASCII) | JSON (the QueueEntry) | body
+
+Kinds: ``MESSAGE`` (an entry and its body: a new message, or one moved forward by
+compaction), ``STATE`` (a newer entry for a message; no body) and ``REMOVED`` (no JSON, no
+body). The id sits outside the JSON so start-up can index a segment without parsing JSON.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import mmap
 import os
-import secrets
-import shutil
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import suppress
 from typing import Any, BinaryIO
 
@@ -24,35 +34,40 @@ from smarthost.safeio import fsync_dir
 FILE_MODE = 0o600  # mail is private: only the daemon's user reads the spool
 DIR_MODE = 0o700
 
-TMP, DATA, STATE, CORRUPT = "tmp", "data", "state", "corrupt"
-STATE_SUFFIX = ".json"
-COMMIT_SUFFIX = ".q"
+TMP, LOG, CORRUPT = "tmp", "log", "corrupt"
+LOCK_FILE = "lock"
+SEGMENT_SUFFIX = ".seg"
 
-# PNG's trick: a high-bit byte, CRLF, ^Z and LF, so a file mangled by a text-mode copy shows.
-# No body the previous layout stored can begin with it: those start with our Received: line.
-MAGIC = b"\x89SHQ\r\n\x1a\n"
-HEADER = struct.Struct(">8sII")  # magic, JSON length, CRC-32 of the JSON
-MAX_HEADER_JSON = 64 * 1024 * 1024  # far beyond any envelope; a bigger length is damage
-FIRST_READ = 16 * 1024  # one read() fetches header and body of a typical message
+MESSAGE, STATE, REMOVED = 1, 2, 3
+KINDS = frozenset({MESSAGE, STATE, REMOVED})
+
+# PNG's trick: a high-bit byte and letters, so a text-mode copy or a shifted offset shows.
+MAGIC = b"\x89SQR"
+PREFIX = struct.Struct(">4sBBxxIQI")  # magic, kind, id length, JSON length, body length, body CRC
+HEADER_SIZE = PREFIX.size + 4  # then the CRC of prefix + id + JSON
+MAX_JSON = 64 * 1024 * 1024  # far beyond any envelope: a bigger length is damage
+MAX_BODY = 1 << 40
+
 SPILL_THRESHOLD = 1024 * 1024
-MAX_BATCH = 128  # operations per blocking job: bounds a batch's latency and open files
-# Recorded in state files: the message file's length when the state was written, so recovery
-# can check a body's size with one stat() and without reading its header.
-DATA_LENGTH = "spool_data_length"
+SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is sealed once it grows past this
+MAX_BATCH = 256  # operations per blocking job: bounds one batch's latency
+COPY_CHUNK = 1024 * 1024
 
 RunBlocking = Callable[..., "Deferred[Any]"]
 
 
 class CorruptEntry(ValueError):
-    """A message's state (or header record) exists but does not hold a QueueEntry for its id."""
+    """A record's entry exists but does not hold a QueueEntry for its id."""
 
 
 @attrs.frozen
-class CorruptFile:
-    """One file recovery moved aside; paths are relative to the spool directory."""
+class Damage:
+    """Bytes of a segment start-up could not read as records; copied to ``corrupt/``."""
 
-    path: str  # where it was, e.g. "state/<id>.json"
-    moved_to: str  # e.g. "corrupt/<id>.json"
+    segment: str  # e.g. "log/00000003.seg"
+    start: int
+    end: int
+    moved_to: str | None  # the copy in corrupt/ (None: a torn tail, nothing worth keeping)
     reason: str
 
 
@@ -62,12 +77,12 @@ class RecoveryReport:
 
     queued: int  # committed messages found intact
     removed_tmp: tuple[str, ...] = ()  # names in tmp/: receptions never acknowledged
-    removed_orphans: tuple[str, ...] = ()  # kept for callers; this layout has no orphans
-    corrupt: tuple[CorruptFile, ...] = ()
+    torn: tuple[Damage, ...] = ()  # unfinished writes at a segment's end: never acknowledged
+    corrupt: tuple[Damage, ...] = ()  # damage with intact records after it, or bad entries
 
     @property
     def clean(self) -> bool:
-        return not (self.removed_tmp or self.removed_orphans or self.corrupt)
+        return not (self.removed_tmp or self.torn or self.corrupt)
 
 
 @attrs.frozen
@@ -82,18 +97,11 @@ class SpoolPaths:
     def spill(self, queue_id: QueueId) -> str:
         return os.path.join(self.root, TMP, file_name(queue_id))
 
-    def commit_tmp(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, TMP, file_name(queue_id) + COMMIT_SUFFIX)
+    def segment(self, number: int) -> str:
+        return os.path.join(self.root, LOG, segment_name(number))
 
-    def state_tmp(self, queue_id: QueueId) -> str:
-        # Random part: the admin CLI may rewrite a state file while the daemon does.
-        return os.path.join(self.root, TMP, f"{file_name(queue_id)}.{secrets.token_hex(4)}.json")
-
-    def data(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, DATA, file_name(queue_id))
-
-    def state(self, queue_id: QueueId) -> str:
-        return os.path.join(self.root, STATE, file_name(queue_id) + STATE_SUFFIX)
+    def lock(self) -> str:
+        return os.path.join(self.root, LOCK_FILE)
 
 
 def file_name(queue_id: QueueId) -> str:
@@ -103,6 +111,17 @@ def file_name(queue_id: QueueId) -> str:
     return queue_id.value
 
 
+def segment_name(number: int) -> str:
+    return f"{number:08d}{SEGMENT_SUFFIX}"
+
+
+def segment_number(name: str) -> int | None:
+    stem = name.removesuffix(SEGMENT_SUFFIX)
+    if stem == name or len(stem) != 8 or not stem.isdigit():
+        return None
+    return int(stem)
+
+
 def parse_id(name: str) -> QueueId | None:
     try:
         return QueueId(name)
@@ -110,18 +129,12 @@ def parse_id(name: str) -> QueueId | None:
         return None
 
 
-def id_from_state_name(name: str) -> QueueId | None:
-    if not name.endswith(STATE_SUFFIX):
-        return None
-    return parse_id(name[: -len(STATE_SUFFIX)])
-
-
 def create_exclusive(path: str) -> int:
     # O_EXCL: never write through a file (or symlink) someone else put there.
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -134,71 +147,178 @@ def unlink_quietly(path: str | None) -> None:
             os.unlink(path)
 
 
-def encode_json(data: dict[str, Any]) -> bytes:
+def encode_entry(entry: QueueEntry) -> bytes:
     # Compact, so json uses its C encoder; ensure_ascii: any str (even a lone surrogate from a
     # sloppy decoder) round-trips.
-    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode("ascii")
+    return json.dumps(entry.to_json(), sort_keys=True, separators=(",", ":")).encode("ascii")
 
 
-def encode_state(entry: QueueEntry, data_length: int) -> bytes:
-    return encode_json({**entry.to_json(), DATA_LENGTH: data_length}) + b"\n"
-
-
-def encode_header(entry: QueueEntry) -> bytes:
-    raw = encode_json(entry.to_json())
-    return HEADER.pack(MAGIC, len(raw), zlib.crc32(raw)) + raw
-
-
-def decode_entry(
-    queue_id: QueueId, raw: bytes, what: str = "state"
-) -> tuple[QueueEntry, int | None]:
-    """The entry, and the message file length the state recorded (None: the old layout)."""
+def decode_entry(queue_id: QueueId, raw: bytes) -> QueueEntry:
     try:
         data = json.loads(raw)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         entry = QueueEntry.from_json(data)
-        length = data.get(DATA_LENGTH)
-        if length is not None and not isinstance(length, int):
-            raise ValueError(f"{DATA_LENGTH} is not a number")
     except Exception as e:
         # Includes KeyError from a missing field, which must not read as "not queued".
-        raise CorruptEntry(f"{queue_id}: unreadable {what}: {type(e).__name__}: {e}") from e
+        raise CorruptEntry(f"{queue_id}: unreadable entry: {type(e).__name__}: {e}") from e
     if entry.queue_id != queue_id:
-        raise CorruptEntry(f"{queue_id}: {what} names another message ({entry.queue_id})")
-    return entry, length
+        raise CorruptEntry(f"{queue_id}: entry names another message ({entry.queue_id})")
+    return entry
 
 
-def read_header(queue_id: QueueId, f: BinaryIO) -> tuple[QueueEntry, int]:
-    """The committed entry and the body's offset, from a message file at position 0.
+def encode_header(kind: int, queue_id: QueueId, raw: bytes, body_length: int,
+                  body_crc: int) -> bytes:
+    ident = queue_id.value.encode("ascii")
+    prefix = PREFIX.pack(MAGIC, kind, len(ident), len(raw), body_length, body_crc)
+    return prefix + struct.pack(">I", zlib.crc32(raw, zlib.crc32(ident, zlib.crc32(prefix)))) \
+        + ident + raw
 
-    :class:`CorruptEntry` when the header record is damaged or missing, or when the file's
-    length disagrees with the body size the header records.
+
+# -- reading --------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Record:
+    """One intact record found by :func:`scan`; offsets are into its segment file."""
+
+    kind: int
+    queue_id: QueueId
+    entry_offset: int  # the JSON
+    entry_length: int
+    body_offset: int
+    body_length: int
+    body_crc: int
+    end: int
+
+
+def _record_at(buf: mmap.mmap | bytes, pos: int, check_body: bool) -> Record | None:
+    """The record starting at ``pos`` if it is whole and its checksums match."""
+    size = len(buf)
+    if pos + HEADER_SIZE > size or buf[pos : pos + 4] != MAGIC:
+        return None
+    _, kind, id_len, json_len, body_len, body_crc = PREFIX.unpack_from(buf, pos)
+    (header_crc,) = struct.unpack_from(">I", buf, pos + PREFIX.size)
+    if kind not in KINDS or json_len > MAX_JSON or body_len > MAX_BODY:
+        return None
+    entry_offset = pos + HEADER_SIZE + id_len
+    body_offset = entry_offset + json_len
+    end = body_offset + body_len
+    if end > size:
+        return None
+    crc = zlib.crc32(buf[pos : pos + PREFIX.size])
+    if zlib.crc32(buf[pos + HEADER_SIZE : body_offset], crc) != header_crc:
+        return None
+    queue_id = parse_id(bytes(buf[pos + HEADER_SIZE : entry_offset]).decode("ascii", "replace"))
+    if queue_id is None:
+        return None
+    if check_body and body_len and zlib.crc32(memoryview(buf)[body_offset:end]) != body_crc:
+        return None
+    return Record(kind, queue_id, entry_offset, json_len, body_offset, body_len, body_crc, end)
+
+
+@attrs.frozen
+class Gap:
+    """Bytes between intact records (or at the end) that are not a record."""
+
+    start: int
+    end: int
+    tail: bool  # nothing intact follows: an unfinished write, not damage
+
+
+def scan(path: str) -> Iterator[Record | Gap]:
+    """Every record of one segment in order, and the gaps between them.
+
+    Every body is checked against its CRC: a write the crash cut short may have left the
+    right length with the wrong bytes (not on ext4, but on file systems that extend the size
+    first). After a bad record the scan looks for the next one that checks out.
     """
-    head = f.read(FIRST_READ)
-    if not head.startswith(MAGIC):
-        raise CorruptEntry(f"{queue_id}: message file without header and without state")
-    if len(head) < HEADER.size:
-        raise CorruptEntry(f"{queue_id}: message file too short for its header")
-    _, length, crc = HEADER.unpack_from(head)
-    if length > MAX_HEADER_JSON:
-        raise CorruptEntry(f"{queue_id}: header length {length} is not plausible")
-    offset = HEADER.size + length
-    raw = head[HEADER.size : offset]
-    if len(raw) < length:
-        raw += f.read(length - len(raw))
-    if len(raw) != length or zlib.crc32(raw) != crc:
-        raise CorruptEntry(f"{queue_id}: header checksum mismatch")
-    entry, _ = decode_entry(queue_id, raw, "header")
-    size = os.fstat(f.fileno()).st_size
-    if size != offset + entry.size:
-        raise CorruptEntry(
-            f"{queue_id}: message body is {size - offset} bytes, header says {entry.size}"
-        )
-    return entry, offset
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos = 0
+            while pos < size:
+                record = _record_at(buf, pos, True)
+                if record is not None:
+                    yield record
+                    pos = record.end
+                    continue
+                found = buf.find(MAGIC, pos + 1)
+                while found != -1 and _record_at(buf, found, True) is None:
+                    found = buf.find(MAGIC, found + 1)
+                yield Gap(pos, size if found == -1 else found, found == -1)
+                if found == -1:
+                    return
+                pos = found
 
 
-COMMIT, UPDATE, REMOVE = "commit", "update", "remove"
+def read_range(path: str, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(data) != length:
+        raise CorruptEntry(f"{path}: short read at {offset}")
+    return data
+
+
+class BodyReader(io.RawIOBase):
+    """A message body: a byte range of a segment, read with ``pread`` (so a reader in a
+    thread and the writer appending to the same file never share a file position)."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        super().__init__()
+        self._fd: int | None = fd
+        self._start, self._length, self._pos = start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self._fd is None:
+            raise ValueError("read from a closed body")
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._length - self._pos)
+        if want <= 0:
+            return 0
+        data = os.pread(self._fd, want, self._start + self._pos)
+        if not data:
+            raise CorruptEntry("message body ends early: its segment was truncated")
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        super().close()
+
+
+def open_body(path: str, start: int, length: int) -> BinaryIO:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return io.BufferedReader(BodyReader(fd, start, length), 64 * 1024)
+
+
+# -- writing --------------------------------------------------------------------------------
+
+COMMIT, UPDATE, REMOVE, RELOCATE = "commit", "update", "remove", "relocate"
 
 
 @attrs.define(eq=False)
@@ -210,139 +330,204 @@ class Op:
     entry: QueueEntry | None = None  # commit, update
     chunks: list[bytes] = attrs.Factory(list)  # commit: the body, in memory
     spill: BinaryIO | None = None  # commit: the body, spilled to tmp/<id>
+    source: Slot | None = None  # relocate: where the message is now
     deferred: Deferred[None] = attrs.Factory(Deferred)
-    # Thread side, during the batch:
-    tmp: str | None = None  # the file written in tmp/, before its rename
-    fd: int | None = None  # open on ``tmp`` until it is fsynced
-    placed: str | None = None  # where a commit was renamed to (undone if the batch fails)
-    had_state: bool = False  # remove: a state file existed, so the body goes in step 4
+    # Set by the thread:
+    placed: Slot | None = None  # where the message went (commit, relocate)
+    entry_at: tuple[int, int, int] | None = None  # update: the new entry's segment, offset, length
     error: BaseException | None = None
 
 
-class BatchWriter:
-    """The blocking half of the group commit: runs one batch in a thread (see
-    :mod:`smarthost.spool` for the order of writes, fsyncs and renames)."""
+@attrs.define(slots=True)
+class Slot:
+    """Where a queued message lives: its body, and the entry in force (the newest record)."""
 
-    def __init__(self, paths: SpoolPaths) -> None:
+    body_segment: int
+    body_offset: int
+    size: int
+    body_crc: int
+    entry_segment: int
+    entry_offset: int
+    entry_length: int
+
+
+@attrs.define
+class Batch:
+    ops: list[Op]
+    doomed: list[int]  # segments to delete, oldest first, once this batch is durable
+    # Set by the thread:
+    head: int = 0  # the segment written to
+    deleted: list[int] = attrs.Factory(list)
+    deletion_error: OSError | None = None  # the ops are durable all the same
+
+
+class SegmentWriter:
+    """The blocking half of the group commit: appends one batch's records to the head segment,
+    one ``fdatasync`` for all of them, then deletes segments nothing refers to any more.
+
+    Only one batch runs at a time (the spool sees to that), so the head's descriptor and
+    length belong to whichever thread runs the current batch.
+    """
+
+    def __init__(self, paths: SpoolPaths, next_number: int, segment_bytes: int) -> None:
         self.paths = paths
+        self.head = next_number
+        self.limit = segment_bytes
+        self._fd: int | None = None
+        self._size = 0
+        self._opened = False  # ``head`` has been created (so a rotation moves on)
+        self._pending = 0  # bytes encoded, not yet written
 
-    def run(self, batch: list[Op]) -> None:
-        """The blocking job for one batch; each operation's failure is kept in ``op.error``."""
-        live = batch
-
-        def fail(op: Op, error: BaseException) -> None:
-            op.error = error
-            unlink_quietly(op.tmp)
-            unlink_quietly(op.placed)  # a commit renamed but not durable: not acknowledged
-
-        # 1. every new file written, then each fsynced: with all of them written first, the
-        # journal commit of the first fsync carries the others' creation too
-        for op in live:
-            try:
-                if op.kind == COMMIT:
-                    op.tmp, op.fd = self._write_message(op)
-                elif op.kind == UPDATE:
-                    op.tmp, op.fd = self._write_state(op)
-                else:
-                    op.had_state = os.path.lexists(self.paths.state(op.queue_id))
-            except BaseException as e:
-                fail(op, e)
-        for op in live:
-            if op.fd is not None:
-                try:
-                    os.fsync(op.fd)
-                except BaseException as e:
-                    fail(op, e)
-                finally:
-                    os.close(op.fd)
-                    op.fd = None
-        live = [op for op in live if op.error is None]
-
-        # 2. the renames (each a commit point) and unlinks
-        dirty: dict[str, list[Op]] = {DATA: [], STATE: []}
-        for op in live:
-            try:
-                if op.kind == COMMIT:
-                    target = self.paths.data(op.queue_id)
-                    if os.path.lexists(target):  # never replace a committed message
-                        raise FileExistsError(f"{op.queue_id}: queue id already in use")
-                    os.rename(op.tmp or "", target)
-                    op.tmp, op.placed = None, target
-                    dirty[DATA].append(op)
-                elif op.kind == UPDATE:
-                    os.replace(op.tmp or "", self.paths.state(op.queue_id))
-                    op.tmp = None
-                    dirty[STATE].append(op)
-                elif op.had_state:
-                    # State first: a crash before the body goes leaves a message with its
-                    # first entry, delivered again (at-least-once), never a state without body.
-                    with suppress(FileNotFoundError):
-                        os.unlink(self.paths.state(op.queue_id))
-                    dirty[STATE].append(op)
-                else:
-                    try:
-                        os.unlink(self.paths.data(op.queue_id))
-                    except FileNotFoundError:
-                        raise KeyError(op.queue_id) from None
-                    dirty[DATA].append(op)
-            except BaseException as e:
-                fail(op, e)
-
-        # 3. one fsync per directory changed, for the whole batch
-        for name in (STATE, DATA):
-            if dirty[name]:
-                try:
-                    fsync_dir(self.paths.dir(name))
-                except BaseException as e:
-                    for op in dirty[name]:
-                        fail(op, e)
-
-        # 4. the bodies of removed messages that had a state file, once that is gone for good
-        late = [op for op in live if op.kind == REMOVE and op.had_state and op.error is None]
-        for op in late:
-            try:
-                os.unlink(self.paths.data(op.queue_id))
-            except FileNotFoundError:
-                pass  # a state without its body: gone now, as asked
-            except BaseException as e:
-                fail(op, e)
-        if late:
-            try:
-                fsync_dir(self.paths.dir(DATA))
-            except BaseException as e:
-                for op in late:
-                    fail(op, e)
-
-    def _write_message(self, op: Op) -> tuple[str, int]:
-        """tmp/<id>.q: header record and body, written (not yet fsynced) in the batch's thread;
-        returns its path and the open descriptor."""
-        assert op.entry is not None
-        path = self.paths.commit_tmp(op.queue_id)
-        header = encode_header(op.entry)
-        spill = op.spill
+    def run(self, batch: Batch) -> None:
+        """The blocking job; each operation's failure is kept in ``op.error``."""
+        if self._fd is None or self._size >= self.limit:
+            self._rotate()
+        assert self._fd is not None
+        batch.head = self.head
+        pending: list[bytes] = []
         try:
-            fd = create_exclusive(path)
-        except BaseException:
-            self._drop_spill(op)
-            raise
+            for op in batch.ops:
+                if op.kind == RELOCATE or op.spill is not None:
+                    self._flush(pending)
+                    self._stream(op)
+                else:
+                    self._encode(op, pending)
+            self._flush(pending)
+            os.fdatasync(self._fd)
+        except BaseException as e:
+            # A failed write or fdatasync leaves the file's contents unknown: nothing of this
+            # batch is acknowledged, and the next batch starts a fresh segment.
+            for op in batch.ops:
+                op.error = op.error or e
+                op.placed = op.entry_at = None
+            self._pending = 0
+            self._close()
+            return
+        finally:
+            for op in batch.ops:
+                self._drop_spill(op)
         try:
-            if spill is None:
-                write_all(fd, b"".join([header, *op.chunks]))
-            else:
-                # A large message: the header goes first, so its body is copied once.
-                spill.flush()
-                write_all(fd, header)
-                with open(self.paths.spill(op.queue_id), "rb") as src, os.fdopen(
-                    os.dup(fd), "wb"
-                ) as dst:
-                    shutil.copyfileobj(src, dst, 1024 * 1024)
+            for number in batch.doomed:
+                with suppress(FileNotFoundError):
+                    os.unlink(self.paths.segment(number))
+                # Oldest first, each durable before the next: a later segment's REMOVED
+                # record must not vanish while the message it removes is still on disk.
+                fsync_dir(self.paths.dir(LOG))
+                batch.deleted.append(number)
+        except OSError as e:
+            batch.deletion_error = e
+
+    def close(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            with suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def _rotate(self) -> None:
+        self._close()
+        if self._opened:
+            self.head += 1
+        self._opened = True
+        fd = create_exclusive(self.paths.segment(self.head))
+        try:
+            fsync_dir(self.paths.dir(LOG))
         except BaseException:
             os.close(fd)
-            unlink_quietly(path)
             raise
-        finally:
-            self._drop_spill(op)
-        return path, fd
+        self._fd, self._size = fd, 0
+
+    def _encode(self, op: Op, pending: list[bytes]) -> None:
+        """A record whose bytes are all in memory, for :meth:`_flush`."""
+        offset = self._size + self._pending
+        if op.kind == REMOVE:
+            self._add(pending, encode_header(REMOVED, op.queue_id, b"", 0, 0))
+            return
+        assert op.entry is not None
+        raw = encode_entry(op.entry)
+        if op.kind == UPDATE:
+            header = encode_header(STATE, op.queue_id, raw, 0, 0)
+            self._add(pending, header)
+            op.entry_at = (self.head, offset + len(header) - len(raw), len(raw))
+            return
+        crc = 0
+        for chunk in op.chunks:
+            crc = zlib.crc32(chunk, crc)
+        header = encode_header(MESSAGE, op.queue_id, raw, op.entry.size, crc)
+        self._add(pending, header, *op.chunks)
+        op.placed = Slot(self.head, offset + len(header), op.entry.size, crc,
+                         self.head, offset + len(header) - len(raw), len(raw))
+
+    def _add(self, pending: list[bytes], *parts: bytes) -> None:
+        pending.extend(parts)
+        self._pending += sum(map(len, parts))
+
+    def _flush(self, pending: list[bytes]) -> None:
+        if not pending:
+            return
+        data = b"".join(pending)
+        pending.clear()
+        self._pending = 0
+        start = self._size
+        try:
+            write_all(self._fd or -1, data)
+        except BaseException:
+            self._truncate(start)
+            raise
+        self._size += len(data)
+
+    def _stream(self, op: Op) -> None:
+        """A record whose body comes from a file (a spilled message, or one moved forward):
+        header with a zero CRC, body copied, then the header rewritten with the real CRC."""
+        fd = self._fd or -1
+        start = self._size
+        if op.kind == RELOCATE:
+            source = op.source
+            assert source is not None
+            raw = read_range(self.paths.segment(source.entry_segment), source.entry_offset,
+                             source.entry_length)
+            size = source.size
+            body = open_body(self.paths.segment(source.body_segment), source.body_offset, size)
+        else:
+            assert op.entry is not None and op.spill is not None
+            raw = encode_entry(op.entry)
+            size = op.entry.size
+            op.spill.flush()
+            body = open(self.paths.spill(op.queue_id), "rb")
+        try:
+            header = encode_header(MESSAGE, op.queue_id, raw, size, 0)
+            write_all(fd, header)
+            crc, copied = 0, 0
+            while chunk := body.read(COPY_CHUNK):
+                crc = zlib.crc32(chunk, crc)
+                write_all(fd, chunk)
+                copied += len(chunk)
+            if copied != size:
+                raise CorruptEntry(f"{op.queue_id}: body is {copied} bytes, entry says {size}")
+            os.pwrite(fd, encode_header(MESSAGE, op.queue_id, raw, size, crc), start)
+        except BaseException as e:
+            body.close()
+            self._truncate(start)
+            if isinstance(e, OSError | CorruptEntry):  # this message's problem, not the batch's
+                op.error = e
+                return
+            raise
+        body.close()
+        self._size = start + len(header) + size
+        op.placed = Slot(self.head, start + len(header), size, crc,
+                         self.head, start + len(header) - len(raw), len(raw))
+
+    def _truncate(self, size: int) -> None:
+        """Undo a partial append; when even that fails the segment is given up."""
+        try:
+            os.ftruncate(self._fd or -1, size)
+            os.lseek(self._fd or -1, size, os.SEEK_SET)
+        except OSError:
+            self._close()
+            raise
+        self._size = size
 
     def _drop_spill(self, op: Op) -> None:
         if op.spill is not None:
@@ -350,19 +535,3 @@ class BatchWriter:
                 op.spill.close()
             op.spill = None
             unlink_quietly(self.paths.spill(op.queue_id))
-
-    def _write_state(self, op: Op) -> tuple[str, int]:
-        assert op.entry is not None
-        try:
-            length = os.stat(self.paths.data(op.queue_id)).st_size
-        except FileNotFoundError:
-            raise KeyError(op.queue_id) from None
-        path = self.paths.state_tmp(op.queue_id)
-        fd = create_exclusive(path)
-        try:
-            write_all(fd, encode_state(op.entry, length))
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(path)
-            raise
-        return path, fd

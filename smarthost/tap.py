@@ -296,17 +296,18 @@ class DeliveryService(Service):
             return
         parts.maillog.notice(
             "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
-            "{orphans} orphan bodies removed, {corrupt} moved to corrupt/",
+            "{torn} unfinished writes dropped, {corrupt} damaged places copied to corrupt/",
             directory=parts.spool.directory,
             queued=report.queued,
             tmp=len(report.removed_tmp),
-            orphans=len(report.removed_orphans),
+            torn=len(report.torn),
             corrupt=len(report.corrupt),
         )
-        for damaged in report.corrupt:
+        for damage in report.corrupt:
             parts.maillog.warning(
-                "spool: moved {path} to {moved_to}: {reason}", path=damaged.path,
-                moved_to=damaged.moved_to, reason=damaged.reason,
+                "spool: {segment} bytes {start}-{end} copied to {moved_to}: {reason}",
+                segment=damage.segment, start=damage.start, end=damage.end,
+                moved_to=damage.moved_to, reason=damage.reason,
             )
         count = parts.scheduler.start()
         parts.maillog.notice("scheduler started with {count} queued", count=count)

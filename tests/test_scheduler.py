@@ -179,6 +179,7 @@ class SchedulerTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         # Durability is test_spool's business; here thousands of fsyncs would only cost time.
         self.patch(os, "fsync", lambda fd: None)
+        self.patch(os, "fdatasync", lambda fd: None)
         self.directory = Path(tempfile.mkdtemp(prefix="scheduler-test-"))
         self.addCleanup(shutil.rmtree, self.directory)
         self.clock = Clock()
@@ -188,8 +189,13 @@ class SchedulerTestCase(SynchronousTestCase):
         self.scheduler = self.make_scheduler()
 
     def open_spool(self, kind: type[Spool] = Spool) -> Spool:
+        """A daemon's spool; the one before (a "crashed" daemon) gives up its lock first."""
+        previous: Spool | None = getattr(self, "spool", None)
+        if previous is not None:
+            previous.close()
         spool = kind(self.directory / "spool", clock=self.clock, run_blocking=run_now)
         spool.recover()
+        self.addCleanup(spool.close)
         return spool
 
     def make_scheduler(self, policy: RetryPolicy | None = None,
