@@ -33,9 +33,10 @@ tool builds the same index by reading the segments, while the daemon appends to 
 
 **Space.** A segment is sealed once it passes ``segment_bytes`` (64 MiB). The oldest segment
 is deleted once no queued message has its body there. When more than ``COMPACT_AFTER`` sealed
-segments pile up behind a long-deferred message, the oldest one's messages are copied forward
-into the head (entry in force plus body), after which it is deleted: the disk holds at most
-about twice the live mail plus a few segments.
+segments pile up behind a long-deferred message and the segments hold more than twice the
+queued mail, the oldest one's messages are copied forward into the head (entry in force plus
+body), after which it is deleted: the disk holds at most about twice the live mail plus a few
+segments.
 
 **Recovery** (:meth:`Spool.recover`) reads every segment, checking every record's checksums.
 A record the crash cut short at the end of the segment being written is dropped (it was never
@@ -242,13 +243,14 @@ class _Index:
     slots: dict[QueueId, Slot] = attrs.Factory(dict)
     bodies: dict[int, set[QueueId]] = attrs.Factory(dict)  # segment -> ids with their body there
     segments: list[int] = attrs.Factory(list)  # present on disk, oldest first
+    sizes: dict[int, int] = attrs.Factory(dict)  # segment -> bytes
+    live_bytes: int = 0  # the bodies of queued messages
 
     def place(self, queue_id: QueueId, slot: Slot) -> None:
-        old = self.slots.get(queue_id)
-        if old is not None:
-            self.bodies[old.body_segment].discard(queue_id)
+        self.drop(queue_id)
         self.slots[queue_id] = slot
         self.bodies.setdefault(slot.body_segment, set()).add(queue_id)
+        self.live_bytes += slot.size
 
     def restate(self, queue_id: QueueId, segment: int, offset: int, length: int) -> None:
         old = self.slots.get(queue_id)
@@ -261,6 +263,7 @@ class _Index:
         old = self.slots.pop(queue_id, None)
         if old is not None:
             self.bodies[old.body_segment].discard(queue_id)
+            self.live_bytes -= old.size
 
     def add_segment(self, number: int) -> None:
         if number not in self.segments:
@@ -464,6 +467,7 @@ class Spool:
         except FileNotFoundError:  # deleted by the daemon while the admin tool reads
             return
         index.add_segment(number)
+        index.sizes[number] = items[-1].end if items else 0
         for item in items:
             if isinstance(item, Gap):
                 yield item
@@ -711,9 +715,11 @@ class Spool:
         index = self._ensure_index()
         if not isinstance(result, Failure):
             index.add_segment(batch.head)
+            index.sizes[batch.head] = batch.head_size
             for number in batch.deleted:
                 index.segments.remove(number)
                 index.bodies.pop(number, None)
+                index.sizes.pop(number, None)
                 self._compacting.discard(number)
             for op in batch.ops:
                 if op.error is not None:
@@ -749,7 +755,11 @@ class Spool:
                 break
             self._doomed.append(number)
         sealed = [n for n in index.segments if n != writer.head and n not in self._doomed]
-        if len(sealed) > COMPACT_AFTER and sealed[0] not in self._compacting:
+        on_disk = sum(index.sizes.get(n, 0) for n in index.segments)
+        # Copy forward only when it frees space: with more live mail than COMPACT_AFTER
+        # segments hold, a rule on the count alone would rewrite the spool for ever.
+        if (len(sealed) > COMPACT_AFTER and on_disk > 2 * index.live_bytes
+                and sealed[0] not in self._compacting):
             oldest = sealed[0]
             self._compacting.add(oldest)
             for queue_id in sorted(index.bodies.get(oldest, ()), key=lambda i: i.value):

@@ -357,6 +357,7 @@ class Batch:
     doomed: list[int]  # segments to delete, oldest first, once this batch is durable
     # Set by the thread:
     head: int = 0  # the segment written to
+    head_size: int = 0  # its length after the batch
     deleted: list[int] = attrs.Factory(list)
     deletion_error: OSError | None = None  # the ops are durable all the same
 
@@ -406,6 +407,7 @@ class SegmentWriter:
         finally:
             for op in batch.ops:
                 self._drop_spill(op)
+        batch.head_size = self._size
         try:
             for number in batch.doomed:
                 with suppress(FileNotFoundError):
