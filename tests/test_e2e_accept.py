@@ -297,3 +297,24 @@ def test_twistd_uid_gid_drop_leaves_the_spool_to_the_daemon_user() -> None:
     finally:
         d.stop()
         shutil.rmtree(tmp_path)
+
+
+def test_a_second_daemon_on_the_same_spool_stops_with_a_clear_error(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    spool = daemon.directory / "var/spool"
+    other = tmp_path / "second"
+    other.mkdir()
+    second = Daemon(other, f'[queue]\ndirectory = "{spool}"\n')
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "--logfile=-", "smarthost", "--config",
+         str(second.config_path)],
+        cwd=other, capture_output=True, text=True, timeout=60,
+    )
+    assert f"cannot use the spool {spool}" in result.stdout, result.stdout[-2000:]
+    assert "holds" in result.stdout and "stopping" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    # The first daemon keeps its spool and goes on accepting (and delivering).
+    with smtplib.SMTP("127.0.0.1", daemon.ports["smtp"], timeout=30) as s:
+        s.sendmail("x@client.test", ["postmaster@example.test"], MESSAGE)
+    daemon.wait_for("to=<postmaster@example.test> relay=maildir result=delivered")
