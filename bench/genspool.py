@@ -2,7 +2,7 @@
 
 Run with the project's venv python: ``python bench/genspool.py DIR N``. It uses the real
 :class:`smarthost.spool.Spool` (so the files are exactly what the daemon writes) with a
-synchronous ``run_blocking``. The per-message fsyncs are skipped here, and one ``sync()`` is
+synchronous ``run_blocking``. The per-batch syncs are skipped here, and one ``sync()`` is
 made at the end: how the files got to disk does not change what start-up has to read.
 """
 
@@ -40,7 +40,7 @@ def body(n: int, size: int = 4096) -> bytes:
 
 
 def main(directory: str, count: int) -> None:
-    os.fsync = lambda fd: None  # see the module docstring
+    os.fsync = os.fdatasync = lambda fd: None  # see the module docstring
     clock = WallClock()
     spool, _ = Spool.open(directory, clock=clock, run_blocking=run_now)  # type: ignore[arg-type]
     later = time.time() + 86400  # deferred: nothing is due while the benchmark watches
@@ -63,6 +63,7 @@ def main(directory: str, count: int) -> None:
             last_error="connection refused by 127.0.0.1[127.0.0.1]:9",
         )
         spool.update(deferred).addErrback(lambda f: f.raiseException())
+    spool.close()
     os.sync()
 
 

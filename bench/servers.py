@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 SBIN = "/usr/sbin"
 POSTFIX = f"{SBIN}/postfix"
@@ -155,6 +156,7 @@ class Smarthost:
         self.certs = certs
         self.profile = profile
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
         self.config = directory / "smarthost.toml"
         self.logfile = directory / "twistd.log"
         self.spool = directory / "spool"
@@ -204,7 +206,9 @@ hold_user_after_per_hour = 1000000000
         if not self.config.exists():
             self.write_config()
         self._seen: list[tuple[float, bytes]] = []  # (seconds since start, line)
-        self._offset, self._pending = 0, b""
+        self._log: BinaryIO | None = None
+        self._pending = b""
+        self.accepted = self.finished = 0  # messages, from the log (one recipient each)
         self.started_at = time.monotonic()
         with open(self.directory / "stderr", "wb") as stderr:
             self.proc = subprocess.Popen(
@@ -226,23 +230,47 @@ hold_user_after_per_hour = 1000000000
                 if needle in line:
                     return at
             checked = len(self._seen)
-            try:
-                with open(self.logfile, "rb") as f:
-                    f.seek(self._offset)
-                    chunk = f.read()
-            except FileNotFoundError:
-                chunk = b""
-            now = time.monotonic()
-            if chunk:
-                self._offset += len(chunk)
-                *lines, self._pending = (self._pending + chunk).split(b"\n")
-                self._seen += [(now - self.started_at, line) for line in lines]
+            if self._read_log():
                 continue
             if self.proc.poll() is not None:
                 raise RuntimeError(f"smarthost exited before {text!r}:\n{self.tail()}")
-            if now > deadline:
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"smarthost: no {text!r} in {timeout}s:\n{self.tail()}")
             time.sleep(0.01)
+
+    def _read_log(self) -> bool:
+        """New log lines into ``_seen`` and the counters; False when there were none.
+
+        twistd rotates its log at 1 MB (``twistd.log`` becomes ``twistd.log.1``): the open
+        handle follows the renamed file to its end, then the new file is opened.
+        """
+        if self._log is None:
+            try:
+                self._log = open(self.logfile, "rb")
+            except FileNotFoundError:
+                return False
+        chunk = self._log.read()
+        if not chunk:
+            try:
+                rotated = os.stat(self.logfile).st_ino != os.fstat(self._log.fileno()).st_ino
+            except FileNotFoundError:
+                rotated = False
+            if not rotated:
+                return False
+            chunk = self._log.read()  # written after our read, before the rename
+            self._log.close()
+            self._log = None
+            if not chunk:
+                return True
+        now = time.monotonic() - self.started_at
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for line in lines:
+            self._seen.append((now, line))
+            if b": accepted from " in line:
+                self.accepted += 1
+            elif b": removed (" in line:  # delivered, bounced or deleted: gone from the spool
+                self.finished += 1
+        return True
 
     def tail(self, lines: int = 15) -> str:
         text = []
@@ -259,12 +287,12 @@ hold_user_after_per_hour = 1000000000
         return self.proc.pid
 
     def queue_size(self) -> int:
-        """Committed messages still queued: the spool's data/ files (one per message; counted
-        without parsing, so polling does not load the machine)."""
-        try:
-            return len(os.listdir(self.spool / "data"))
-        except FileNotFoundError:
-            return 0
+        """Messages accepted and not yet removed from the spool, counted from the daemon's own
+        log lines: the spool is a log, and reading it every 50 ms would load the machine it
+        measures."""
+        while self._read_log():
+            pass
+        return self.accepted - self.finished
 
     def queue_list(self) -> list[object]:
         out = subprocess.run(
@@ -277,6 +305,9 @@ hold_user_after_per_hour = 1000000000
         return result
 
     def stop(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
