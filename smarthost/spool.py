@@ -39,9 +39,11 @@ body), after which it is deleted: the disk holds at most about twice the live ma
 segments.
 
 **Recovery** (:meth:`Spool.recover`) reads every segment, checking every record's checksums.
-A record the crash cut short at the end of the segment being written is dropped (it was never
-acknowledged); damage anywhere else is copied to ``corrupt/`` and the scan resumes at the next
-intact record.
+A record the crash cut short at the end of the newest segment is dropped: it was never
+acknowledged (a last record damaged after its sync would look the same; that cannot be told
+apart). Damage anywhere else is copied to ``corrupt/`` (once: a later start finds the copy)
+and the scan resumes at the next intact record. A relocation that fails (a full disk) is
+tried again after the next start.
 """
 
 from __future__ import annotations
@@ -358,6 +360,7 @@ class Spool:
                 gc.enable()
 
     def _recover(self) -> RecoveryReport:
+        self.close()
         self._make_directories()
         self._take_lock()
         tmp = self._paths.dir(TMP)
@@ -379,8 +382,8 @@ class Spool:
                 if gap.tail and last:
                     torn.append(Damage(self._rel(number), gap.start, gap.end, None,
                                        "unfinished write at the end of the log"))
-                else:
-                    corrupt.append(self._copy_out(number, gap))
+                elif (damage := self._copy_out(number, gap)) is not None:
+                    corrupt.append(damage)
                 if gap.tail:
                     self._truncate(number, gap.start)
 
@@ -497,8 +500,13 @@ class Spool:
             target = f"{name}.{n}"
         return os.path.join(self._paths.dir(CORRUPT), target)
 
-    def _copy_out(self, number: int, gap: Gap) -> Damage:
-        target = self._corrupt_path(f"{number:08d}.{gap.start}-{gap.end}")
+    def _copy_out(self, number: int, gap: Gap) -> Damage | None:
+        """None when an earlier start copied exactly these bytes already (damage in the middle
+        of a segment stays there until the segment is deleted)."""
+        name = f"{number:08d}.{gap.start}-{gap.end}"
+        if os.path.lexists(os.path.join(self._paths.dir(CORRUPT), name)):
+            return None
+        target = self._corrupt_path(name)
         with open(self._paths.segment(number), "rb") as src:
             src.seek(gap.start)
             data = src.read(gap.end - gap.start)
@@ -616,8 +624,15 @@ class Spool:
                 return decode_entry(queue_id, raw)
             except FileNotFoundError:
                 # Compaction moved it forward and deleted the old segment meanwhile.
-                slot = self._slot(queue_id)
+                slot = self._moved(queue_id)
         raise CorruptEntry(f"{queue_id}: its segment keeps vanishing")
+
+    def _moved(self, queue_id: QueueId) -> Slot:
+        """The slot after its segment vanished: the daemon's index already knows the new place;
+        a reader's index (the admin tool's) is read afresh from the segments."""
+        if self._writer is None:
+            self._index = None
+        return self._slot(queue_id)
 
     def _slot(self, queue_id: QueueId) -> Slot:
         try:
@@ -634,7 +649,7 @@ class Spool:
                 return open_body(self._paths.segment(slot.body_segment), slot.body_offset,
                                  slot.size)
             except FileNotFoundError:
-                slot = self._slot(queue_id)
+                slot = self._moved(queue_id)
         raise CorruptEntry(f"{queue_id}: its segment keeps vanishing")
 
     # -- changing ---------------------------------------------------------------------------
@@ -693,6 +708,10 @@ class Spool:
     # -- group commit -----------------------------------------------------------------------
 
     def _submit(self, op: Op) -> Deferred[None]:
+        try:
+            self._ensure_writer()
+        except OSError as e:  # e.g. SpoolLocked: nothing was queued
+            return fail(e)
         self._waiting.append(op)
         if not self._syncing:
             self._start_batch()
@@ -713,9 +732,10 @@ class Spool:
         next batch (the disk works while we answer), then fire this one's Deferreds."""
         self._syncing = False
         index = self._ensure_index()
-        if not isinstance(result, Failure):
+        if not isinstance(result, Failure) and batch.head:
             index.add_segment(batch.head)
             index.sizes[batch.head] = batch.head_size
+        if not isinstance(result, Failure):
             for number in batch.deleted:
                 index.segments.remove(number)
                 index.bodies.pop(number, None)
@@ -731,8 +751,10 @@ class Spool:
                 elif op.kind == REMOVE:
                     index.drop(op.queue_id)
             self._tidy()
-        # A deletion that failed is retried with the next change, not in a loop.
-        if self._waiting or (self._doomed and batch.deletion_error is None):
+        # _tidy may have started a batch already. A deletion that failed (or that a failed
+        # batch never reached) is retried with the next change, not in a loop.
+        clean = batch.error is None and batch.deletion_error is None
+        if not self._syncing and (self._waiting or (self._doomed and clean)):
             self._start_batch()
         for op in batch.ops:
             if isinstance(result, Failure):  # a bug in the writer itself: nothing is known

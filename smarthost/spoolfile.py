@@ -358,6 +358,7 @@ class Batch:
     # Set by the thread:
     head: int = 0  # the segment written to
     head_size: int = 0  # its length after the batch
+    error: BaseException | None = None  # the batch failed as a whole
     deleted: list[int] = attrs.Factory(list)
     deletion_error: OSError | None = None  # the ops are durable all the same
 
@@ -381,12 +382,12 @@ class SegmentWriter:
 
     def run(self, batch: Batch) -> None:
         """The blocking job; each operation's failure is kept in ``op.error``."""
-        if self._fd is None or self._size >= self.limit:
-            self._rotate()
-        assert self._fd is not None
-        batch.head = self.head
         pending: list[bytes] = []
         try:
+            if self._fd is None or self._size >= self.limit:
+                self._rotate()
+            assert self._fd is not None
+            batch.head = self.head
             for op in batch.ops:
                 if op.kind == RELOCATE or op.spill is not None:
                     self._flush(pending)
@@ -397,10 +398,14 @@ class SegmentWriter:
             os.fdatasync(self._fd)
         except BaseException as e:
             # A failed write or fdatasync leaves the file's contents unknown: nothing of this
-            # batch is acknowledged, and the next batch starts a fresh segment.
+            # batch is acknowledged, and the next batch starts a fresh segment. (Its records
+            # may still have reached the disk: after a restart such a message is delivered
+            # although its client got a 4xx and sends it again; at-least-once, never lost.)
             for op in batch.ops:
                 op.error = op.error or e
                 op.placed = op.entry_at = None
+            batch.error = e
+            batch.head_size = self._size
             self._pending = 0
             self._close()
             return
@@ -482,44 +487,51 @@ class SegmentWriter:
 
     def _stream(self, op: Op) -> None:
         """A record whose body comes from a file (a spilled message, or one moved forward):
-        header with a zero CRC, body copied, then the header rewritten with the real CRC."""
+        header with a zero CRC, body copied, then the header rewritten with the real CRC.
+        A failure here fails this operation only: the append is undone, the batch goes on."""
         fd = self._fd or -1
         start = self._size
+        try:
+            raw, size, body = self._source(op)
+        except (OSError, CorruptEntry) as e:
+            op.error = e
+            return
+        with body:
+            try:
+                header = encode_header(MESSAGE, op.queue_id, raw, size, 0)
+                write_all(fd, header)
+                crc, copied = 0, 0
+                while chunk := body.read(COPY_CHUNK):
+                    crc = zlib.crc32(chunk, crc)
+                    write_all(fd, chunk)
+                    copied += len(chunk)
+                if copied != size:
+                    raise CorruptEntry(f"{op.queue_id}: body is {copied} bytes, entry says {size}")
+                os.pwrite(fd, encode_header(MESSAGE, op.queue_id, raw, size, crc), start)
+            except (OSError, CorruptEntry) as e:
+                self._truncate(start)
+                op.error = e
+                return
+            except BaseException:
+                self._truncate(start)
+                raise
+        self._size = start + len(header) + size
+        op.placed = Slot(self.head, start + len(header), size, crc,
+                         self.head, start + len(header) - len(raw), len(raw))
+
+    def _source(self, op: Op) -> tuple[bytes, int, BinaryIO]:
+        """The entry's JSON, the body's size and the body, for :meth:`_stream`."""
         if op.kind == RELOCATE:
             source = op.source
             assert source is not None
             raw = read_range(self.paths.segment(source.entry_segment), source.entry_offset,
                              source.entry_length)
-            size = source.size
-            body = open_body(self.paths.segment(source.body_segment), source.body_offset, size)
-        else:
-            assert op.entry is not None and op.spill is not None
-            raw = encode_entry(op.entry)
-            size = op.entry.size
-            op.spill.flush()
-            body = open(self.paths.spill(op.queue_id), "rb")
-        try:
-            header = encode_header(MESSAGE, op.queue_id, raw, size, 0)
-            write_all(fd, header)
-            crc, copied = 0, 0
-            while chunk := body.read(COPY_CHUNK):
-                crc = zlib.crc32(chunk, crc)
-                write_all(fd, chunk)
-                copied += len(chunk)
-            if copied != size:
-                raise CorruptEntry(f"{op.queue_id}: body is {copied} bytes, entry says {size}")
-            os.pwrite(fd, encode_header(MESSAGE, op.queue_id, raw, size, crc), start)
-        except BaseException as e:
-            body.close()
-            self._truncate(start)
-            if isinstance(e, OSError | CorruptEntry):  # this message's problem, not the batch's
-                op.error = e
-                return
-            raise
-        body.close()
-        self._size = start + len(header) + size
-        op.placed = Slot(self.head, start + len(header), size, crc,
-                         self.head, start + len(header) - len(raw), len(raw))
+            body = open_body(self.paths.segment(source.body_segment), source.body_offset,
+                             source.size)
+            return raw, source.size, body
+        assert op.entry is not None and op.spill is not None
+        op.spill.flush()
+        return encode_entry(op.entry), op.entry.size, open(self.paths.spill(op.queue_id), "rb")
 
     def _truncate(self, size: int) -> None:
         """Undo a partial append; when even that fails the segment is given up."""

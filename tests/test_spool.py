@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -614,10 +613,6 @@ class GroupCommitTests(SpoolTestCase):
         self.jobs.run_next()
         self.successResultOf(d)
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "Spool._batch_done: after a batch whose fdatasync failed, _tidy() dooms the same "
-        "segments again and `self._doomed and batch.deletion_error is None` starts another "
-        "batch at once; each rotates to a new empty segment: an endless loop while EIO lasts"))
     def test_failed_fdatasync_is_not_retried_in_a_loop(self) -> None:
         gone = self.commit()
         spool = self.reopen(self.jobs)  # segment 2 is the head from now on
