@@ -28,6 +28,12 @@ EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked 
 transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the
 server hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not
 the message's fault: a fresh connection to the same host is opened instead, transparently.
+
+Dead destinations, like Postfix's queue manager: when not one host of a route could be
+connected to, the route is suspended for ``suspend_for`` seconds (60): its messages are
+deferred at once ("delivery temporarily suspended: ...") instead of each paying a connect
+attempt, or a 30 s connect timeout, against a next hop that is down. ``smarthost queue flush``
+forgets suspensions (:meth:`SMTPDelivery.forget_failures`), as ``postqueue -f`` does.
 """
 
 from __future__ import annotations
@@ -69,6 +75,9 @@ from smarthost.smtpclient import (
 
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+SUSPEND_FOR = 60.0  # seconds a route none of whose hosts took a connection stays suspended
+
 
 @attrs.frozen
 class Timeouts:
@@ -133,6 +142,7 @@ class SMTPDelivery:
         unreachable: Callable[[Host], None] = lambda host: None,
         transcript: bool = False,
         reuse: Reuse | None = Reuse(),
+        suspend_for: float = SUSPEND_FOR,
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
@@ -146,6 +156,9 @@ class SMTPDelivery:
         # while instead of paying a connect timeout on every message.
         self._unreachable = unreachable
         self._reuse = reuse  # None: one connection per delivery, QUIT after it
+        self._suspend_for = suspend_for
+        # route hosts -> (since, why, which host): none of them took a connection
+        self._suspended: dict[tuple[Host, ...], tuple[float, str, str]] = {}
         self._parked: dict[_Key, list[_Session]] = {}
         self._closing: set[Deferred[None]] = set()
         self._shut = False
@@ -166,7 +179,15 @@ class SMTPDelivery:
         """
         if not recipients:
             return []
+        suspended = self._suspended.get(route.hosts)
+        if suspended is not None:
+            since, why, remote = suspended
+            if self._clock.seconds() - since < self._suspend_for:
+                why = f"delivery temporarily suspended: {why}"
+                return [Outcome(r, DEFERRED, why, remote, CONNECT_FAILED) for r in recipients]
+            del self._suspended[route.hosts]
         last, remote = HostError("no SMTP host to try", "4.4.4"), ""
+        unconnected = 0
         for host in route.hosts:
             try:
                 return await self._attempt(host, route, envelope, recipients, open_body, size)
@@ -174,7 +195,14 @@ class SMTPDelivery:
                 last, remote = e, _remote(host)
                 if e.status == CONNECT_FAILED:
                     self._unreachable(host)
+                    unconnected += 1
+        if route.hosts and unconnected == len(route.hosts):
+            self._suspended[route.hosts] = (self._clock.seconds(), last.reason, remote)
         return [Outcome(r, DEFERRED, last.reason, remote, last.status) for r in recipients]
+
+    def forget_failures(self) -> None:
+        """The operator says the next hops are back (``queue flush``): try them again now."""
+        self._suspended.clear()
 
     async def _attempt(
         self,

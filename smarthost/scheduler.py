@@ -168,8 +168,10 @@ class Scheduler:
         concurrency: int = 100,
         per_destination: int = 20,
         observe: Callable[[QueueEntry, Outcome], None] = lambda entry, outcome: None,
+        on_flush: Callable[[], None] = lambda: None,
     ) -> None:
         self._clock = clock
+        self._on_flush = on_flush  # e.g. forget suspended next hops: the operator says retry
         self._spool = spool
         self._attempt = attempt
         self._reporter = reporter
@@ -231,6 +233,7 @@ class Scheduler:
 
     def flush(self) -> int:
         """Retry every waiting message now (``smarthost queue flush``)."""
+        self._on_flush()
         waiting = [qid for qid in self._due]
         self._heap.clear()
         self._due.clear()

@@ -268,7 +268,8 @@ def build_scheduler(
 
     reporter = Reporter(spool, config.hostname, reactor, queued, maillog)
     scheduler = Scheduler(
-        reactor, spool, courier.attempt, reporter, policy, maillog, observe=hooks.observe
+        reactor, spool, courier.attempt, reporter, policy, maillog, observe=hooks.observe,
+        on_flush=smtp.forget_failures,
     )
     return scheduler
 

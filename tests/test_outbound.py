@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock
@@ -20,6 +21,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from mxpeer import MXPeer
 from smarthost.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
@@ -203,6 +205,69 @@ def attr_evolve(timeouts: Timeouts, **changes: float) -> Timeouts:
     import attrs
 
     return attrs.evolve(timeouts, **changes)
+
+
+@implementer(IReactorTCP, IReactorTime)
+class LaterReactor:
+    """The real reactor, with a clock that can be moved forward (no waiting in tests)."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def seconds(self) -> float:
+        return float(reactor.seconds()) + self.ahead  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+class SuspensionTests(DeliveryTestCase):
+    """Postfix's dead destinations: a next hop that took no connection is not hammered."""
+
+    def setUp(self) -> None:
+        self.reactor = LaterReactor()
+        self.tried: list[Host] = []
+        self.delivery = SMTPDelivery(
+            self.reactor, "client.test", timeouts=FAST, unreachable=self.tried.append,
+            reuse=None,
+        )
+
+    async def test_a_route_no_host_took_is_deferred_without_connecting(self) -> None:
+        down = [Host("a.test", "127.0.0.1", free_port()), Host("b.test", "127.0.0.1", free_port())]
+        first = await self.deliver(down, [ALICE], delivery=self.delivery)
+        self.assertEqual(self.tried, down)
+        self.assertEqual(first[0].reply, f"connection refused by {down[1]}")
+        second = await self.deliver(down, [ALICE, BOB], delivery=self.delivery)
+        self.assertEqual(self.tried, down)  # not one more connection
+        self.assertResults(second, DEFERRED, DEFERRED)
+        self.assertEqual(second[0].reply,
+                         f"delivery temporarily suspended: connection refused by {down[1]}")
+        self.assertEqual((second[0].status, second[0].remote), ("4.4.1", first[0].remote))
+        self.reactor.ahead = 61  # the suspension is over: one more real try
+        await self.deliver(down, [ALICE], delivery=self.delivery)
+        self.assertEqual(self.tried, down + down)
+
+    async def test_flush_forgets_suspensions(self) -> None:
+        down = Host("a.test", "127.0.0.1", free_port())
+        await self.deliver([down], delivery=self.delivery)
+        self.delivery.forget_failures()
+        await self.deliver([down], delivery=self.delivery)
+        self.assertEqual(self.tried, [down, down])
+
+    async def test_a_route_with_one_live_host_is_never_suspended(self) -> None:
+        peer = self.peer()
+        down = Host("down.test", "127.0.0.1", free_port())
+        for _ in range(2):
+            [outcome] = await self.deliver([down, peer.host], delivery=self.delivery)
+            self.assertEqual(outcome.result, DELIVERED)
+        self.assertEqual(self.tried, [down, down])
+
+    async def test_other_routes_are_not_suspended(self) -> None:
+        peer = self.peer()
+        down = Host("down.test", "127.0.0.1", free_port())
+        await self.deliver([down], delivery=self.delivery)
+        [outcome] = await self.deliver([peer.host], delivery=self.delivery)
+        self.assertEqual(outcome.result, DELIVERED)
 
 
 class TLSTests(DeliveryTestCase):

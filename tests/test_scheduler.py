@@ -452,6 +452,19 @@ class FlushForgetTests(SchedulerTestCase):
         self.clock.advance(7200)
         self.assertEqual(self.mx.attempt_times, [0, 10])
 
+    def test_flush_first_forgets_suspended_next_hops(self) -> None:
+        self.scheduler.stop()
+        seen: list[int] = []  # attempts made when the scheduler asked to forget
+        self.mx.manual = True
+        self.scheduler = self.make_scheduler(
+            on_flush=lambda: seen.append(len(self.mx.attempt_times))
+        )
+        self.submit(BOB)
+        self.mx.finish()
+        self.scheduler.flush()
+        self.assertEqual(seen, [1])  # before the flushed attempt started
+        self.assertEqual(len(self.mx.attempt_times), 2)
+
     def test_flush_after_failure_reschedules_from_the_flush(self) -> None:
         self.submit(BOB)
         self.clock.advance(30)
