@@ -155,6 +155,17 @@ class Reporter:
         self._queued(queued)
 
 
+@attrs.define
+class _Ready:
+    """One ready queue (new mail, or retries) in arrival order. Messages whose destination
+    had no free slot when their turn came are set aside per destination, so a big backlog
+    for one busy domain is not walked again on every pump; they go back one at a time as
+    that domain's slots free up."""
+
+    waiting: deque[QueueId] = attrs.Factory(deque)
+    blocked: dict[str, deque[QueueId]] = attrs.Factory(dict)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -189,8 +200,8 @@ class Scheduler:
         self._fresh_entries: dict[QueueId, QueueEntry] = {}
         self._heap: list[tuple[float, int, QueueId]] = []
         self._due: dict[QueueId, float] = {}  # the live heap entry per id (others are stale)
-        self._fresh: deque[QueueId] = deque()
-        self._retry: deque[QueueId] = deque()
+        self._fresh = _Ready()
+        self._retry = _Ready()
         self._queued: set[QueueId] = set()  # in a ready queue
         self._active: set[QueueId] = set()
         self._again: set[QueueId] = set()  # flushed while active: try again right after
@@ -284,7 +295,7 @@ class Scheduler:
         if queue_id in self._queued or queue_id in self._active:
             return
         self._queued.add(queue_id)
-        (self._fresh if fresh else self._retry).append(queue_id)
+        (self._fresh if fresh else self._retry).waiting.append(queue_id)
 
     def _note_destination(self, entry: QueueEntry) -> None:
         pending = entry.pending
@@ -294,24 +305,31 @@ class Scheduler:
         # New mail first, but every third slot goes to a retry so neither starves.
         self._turn += 1
         order = (self._retry, self._fresh) if self._turn % 3 == 0 else (self._fresh, self._retry)
-        for queue in order:
-            saturated: list[QueueId] = []
-            found = None
-            while queue:
-                qid = queue.popleft()
+        for ready in order:
+            while ready.waiting:
+                qid = ready.waiting.popleft()
                 if qid not in self._queued:
                     continue  # forgotten
                 destination = self._destination.get(qid, "")
                 if self._in_flight[destination] >= self._per_destination:
-                    saturated.append(qid)  # keeps its place for when a slot frees up
+                    ready.blocked.setdefault(destination, deque()).append(qid)
                     continue
                 self._queued.discard(qid)
-                found = qid
-                break
-            queue.extendleft(reversed(saturated))
-            if found is not None:
-                return found
+                return qid
         return None
+
+    def _unblock(self, destination: str) -> None:
+        """A slot of ``destination`` freed up: its oldest set-aside message (of each ready
+        queue) goes back to the front of that queue."""
+        for ready in (self._fresh, self._retry):
+            blocked = ready.blocked.get(destination)
+            while blocked:
+                qid = blocked.popleft()
+                if qid in self._queued:  # else forgotten meanwhile
+                    ready.waiting.appendleft(qid)
+                    break
+            if blocked is not None and not blocked:
+                del ready.blocked[destination]
 
     def _pump(self) -> None:
         # An attempt can finish before fromCoroutine returns (a local delivery, a report to a
@@ -362,6 +380,7 @@ class Scheduler:
         self._in_flight[destination] -= 1
         if self._in_flight[destination] <= 0:
             del self._in_flight[destination]
+        self._unblock(destination)
         if queue_id in self._again:
             self._again.discard(queue_id)
             if queue_id in self._due:
@@ -371,7 +390,7 @@ class Scheduler:
             self._destination.pop(queue_id, None)  # done, deleted or held: forget it
         self._arm()
         self._pump()
-        if not self._active and not self._fresh and not self._retry and self.idle is not None:
+        if not self._active and not self._queued and self.idle is not None:
             self.idle()
 
     # -- one attempt -----------------------------------------------------------------------
