@@ -20,9 +20,11 @@ STARTTLS is not offered, and retrying in the clear would let anyone who can brea
 read the mail.
 
 Connection reuse, like Postfix's connection cache: after a transaction that left the dialog
-clean, ``RSET``; on ``250`` the connection is parked, keyed by host (name, address, port), TLS
-policy, implicit TLS and credentials, so a connection is never shared across different
-credentials or TLS requirements. The next delivery with the same key takes it (no connect,
+clean the connection is parked, keyed by host (name, address, port), TLS policy, implicit TLS
+and credentials, so a connection is never shared across different credentials or TLS
+requirements. The reply to the end of data clears the server's buffers (RFC 5321 4.1.1.4), so
+no ``RSET`` follows a message; a transaction left open (``MAIL`` accepted, no message sent)
+gets ``RSET`` first and is parked on its ``250``. The next delivery with the same key takes it (no connect,
 EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked too long
 (:class:`Reuse`) gets ``QUIT``. A parked connection is never in use, so it carries one
 transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the
@@ -270,20 +272,23 @@ class SMTPDelivery:
         )
 
     async def _finish(self, key: _Key, session: _Session) -> None:
-        """After a transaction: RSET and park the connection, or QUIT."""
+        """After a transaction: park the connection (after RSET when the transaction was
+        left open: MAIL accepted, no message sent), or QUIT."""
         session.uses += 1
         conn = session.conn
         if self._reuse is None or self._shut or self._too_old(session) or not conn.idle:
             await conn.close(self._timeouts.quit)
             return
-        try:
-            conn.send("RSET")
-            reply = await conn.read_reply(self._timeouts.rset, "RSET")
-        except HostError:
-            reply = None
-        if reply is None or reply.code != 250 or self._shut or not conn.idle:
-            await conn.close(self._timeouts.quit)
-            return
+        if not conn.between_transactions:
+            try:
+                conn.send("RSET")
+                reply = await conn.read_reply(self._timeouts.rset, "RSET")
+            except HostError:
+                reply = None
+            if reply is None or reply.code != 250 or self._shut or not conn.idle:
+                await conn.close(self._timeouts.quit)
+                return
+            conn.between_transactions = True
         session.timer = self._clock.callLater(self._reuse.idle, self._expire, key, session)
         self._parked.setdefault(key, []).append(session)
 
@@ -499,6 +504,7 @@ class SMTPDelivery:
         mail = self._mail(envelope, size, extensions)
         rcpts = [self._rcpt(r, extensions) for r in recipients]
         pipelining = "PIPELINING" in extensions
+        conn.between_transactions = False
         if pipelining:  # RFC 2920 3.1: MAIL, RCPTs and DATA in one go, replies in order
             conn.send(mail, *rcpts, "DATA")
         else:
@@ -546,6 +552,7 @@ class SMTPDelivery:
                 conn.abort()  # never end a message we could not read in full
                 raise HostError(f"cannot read the queued message: {e}", "4.3.0") from None
             reply = await conn.read_reply(t.data_end, "end of data")
+            conn.between_transactions = True
             for i in accepted:
                 decided[i] = outcome(recipients[i], reply)
         except HostError as e:

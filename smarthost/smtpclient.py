@@ -130,6 +130,9 @@ class ClientConnection(Protocol):
         self._paused = False
         self.tls = False
         self.in_data = False  # after 354: anything we send now is message text
+        # No transaction open: before the first MAIL, or after the reply to the end of data
+        # (RFC 5321 4.1.1.4: that reply ends the transaction, whatever its code).
+        self.between_transactions = True
         self.reusable = True  # cleared when the peer misbehaved in a way worth not repeating
 
     # -- the transport, typed -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Connection reuse (issue 5): RSET and park after a clean transaction, take it next time."""
+"""Connection reuse (issue 5): park after a clean transaction, take it next time."""
 
 from __future__ import annotations
 
@@ -23,13 +23,25 @@ class Counted(ScriptedServer):
         return len(self._all)
 
 
-class HangsUpAfterRSET(Scripted):
-    """Accepts RSET, then closes the connection: a server that drops idle clients at once."""
+class HangsUpAfterMessage(Scripted):
+    """Answers the end of data, then closes the connection: drops idle clients at once."""
 
     def lineReceived(self, line: bytes) -> None:
+        data = self.in_data
         super().lineReceived(line)
-        if line.upper() == b"RSET":
+        if data and not self.in_data:
             self.transport.loseConnection()
+
+
+class RefusesRecipients(Scripted):
+    """Every RCPT refused: MAIL stays accepted, a transaction the client must RSET."""
+
+    def reply(self, verb: bytes) -> bytes:
+        if verb == b"RCPT":
+            return b"550 5.1.1 no such user\r\n"
+        if verb == b"DATA":
+            return b"554 5.5.1 no valid recipients\r\n"
+        return super().reply(verb)
 
 
 class IdleTimeout421(Scripted):
@@ -88,18 +100,18 @@ class ReuseTests(DeliveryTestCase):
                          [("alice@example.test",), ("bob@example.test",)])
         self.assertEqual(peer.connections, 1)
 
-    async def test_rset_then_quit_when_idle_time_ends(self) -> None:
+    async def test_parked_without_rset_then_quit_when_idle_time_ends(self) -> None:
         server = await self.counted(Scripted)
         delivery = self.reusing(Reuse(idle=0.1))
         self.assertResults(await self.deliver([server.host], delivery=delivery), DELIVERED)
-        self.assertEqual(server.lines[-1], b"RSET")  # parked, not closed
+        self.assertEqual(server.lines[-1], b".")  # parked: no RSET after a message, no QUIT
         await server.closed()  # the idle timer says QUIT
         self.assertEqual(server.lines[-1], b"QUIT")
         self.assertResults(await self.deliver([server.host], delivery=delivery), DELIVERED)
         self.assertEqual(server.connections, 2)
 
     async def test_server_closed_parked_connection(self) -> None:
-        server = await self.counted(HangsUpAfterRSET)
+        server = await self.counted(HangsUpAfterMessage)
         delivery = self.reusing()
         for _ in range(3):
             self.assertResults(await self.deliver([server.host], delivery=delivery), DELIVERED)
@@ -121,6 +133,14 @@ class ReuseTests(DeliveryTestCase):
         outcomes = await self.deliver([server.host], [ALICE], delivery=delivery)
         outcomes += await self.deliver([server.host], [BOB], delivery=delivery)
         self.assertResults(outcomes, DELIVERED, BOUNCED)
+        self.assertEqual(server.connections, 1)
+
+    async def test_a_transaction_left_open_is_reset_before_parking(self) -> None:
+        server = await self.counted(RefusesRecipients)
+        delivery = self.reusing()
+        for _ in range(2):
+            self.assertResults(await self.deliver([server.host], delivery=delivery), BOUNCED)
+        self.assertEqual(server.lines.count(b"RSET"), 2)
         self.assertEqual(server.connections, 1)
 
     async def test_reuse_count_limit(self) -> None:
@@ -176,7 +196,7 @@ class ReuseTests(DeliveryTestCase):
         self.assertResults(await self.deliver([server.host], delivery=delivery), DELIVERED)
         await delivery.close_all()
         await server.closed()
-        self.assertEqual(server.lines[-2:], [b"RSET", b"QUIT"])
+        self.assertEqual(server.lines[-2:], [b".", b"QUIT"])
         self.assertResults(await self.deliver([server.host], delivery=delivery), DELIVERED)
         await server.closed()  # closed right after the delivery, not parked
         self.assertEqual(server.lines[-1], b"QUIT")
