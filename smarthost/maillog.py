@@ -48,7 +48,14 @@ class MailLog:
         self._events = events
 
     def _emit(self, event: str, text: str, level: str = "info", **fields: Any) -> None:
-        getattr(self._log, level)(text, **fields)
+        # The line is formatted here by str.format (in C) and handed on as a literal: the
+        # log observer's own formatter is pure Python and took a tenth of the reactor's time
+        # at three lines per message. The fields still travel with the event.
+        try:
+            line = text.format(**fields).replace("{", "{{").replace("}", "}}")
+        except (KeyError, IndexError, ValueError, AttributeError):
+            line = text  # not plain str.format syntax: twisted.logger renders it as before
+        getattr(self._log, level)(line, **fields)
         if self._events is not None:
             self._events.write({"time": self._clock.seconds(), "event": event, **fields})
 
