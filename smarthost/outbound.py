@@ -24,12 +24,12 @@ clean the connection is parked, keyed by host (name, address, port), TLS policy,
 and credentials, so a connection is never shared across different credentials or TLS
 requirements. The reply to the end of data clears the server's buffers (RFC 5321 4.1.1.4), so
 no ``RSET`` follows a message; a transaction left open (``MAIL`` accepted, no message sent)
-gets ``RSET`` first and is parked on its ``250``. The next delivery with the same key takes it (no connect,
-EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked too long
-(:class:`Reuse`) gets ``QUIT``. A parked connection is never in use, so it carries one
-transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the
-server hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not
-the message's fault: a fresh connection to the same host is opened instead, transparently.
+gets ``RSET`` first and is parked on its ``250``. The next delivery with the same key takes it
+(no connect, EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked
+too long (:class:`Reuse`) gets ``QUIT``. A parked connection is never in use, so it carries one
+transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the server
+hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not the
+message's fault: a fresh connection to the same host is opened instead, transparently.
 
 Dead destinations, like Postfix's queue manager: when not one host of a route could be
 connected to, the route is suspended for ``suspend_for`` seconds (60): its messages are
