@@ -27,33 +27,23 @@ The job appends every record of the batch (one ``write`` for those in memory) an
 after DATA means the record is on disk. A failed write or sync fails the whole batch and the
 next one starts a new segment.
 
-**Reading.** The daemon keeps an index in memory: per queued id, where its body and its entry
-in force are (a few dozen bytes; entries themselves are read from disk when needed). The admin
-tool builds the same index by reading the segments, while the daemon appends to them.
+**Reading and recovery** (:mod:`smarthost.spoolindex`): an index in memory says where each
+message is; start-up checks every record, drops a torn tail and copies damage to ``corrupt/``.
 
 **Space.** A segment is sealed once it passes ``segment_bytes`` (64 MiB). The oldest segment
 is deleted once no queued message has its body there. When more than ``COMPACT_AFTER`` sealed
 segments pile up behind a long-deferred message and the segments hold more than twice the
 queued mail, the oldest one's messages are copied forward into the head (entry in force plus
 body), after which it is deleted: the disk holds at most about twice the live mail plus a few
-segments.
-
-**Recovery** (:meth:`Spool.recover`) reads every segment, checking every record's checksums.
-A record the crash cut short at the end of the newest segment is dropped: it was never
-acknowledged (a last record damaged after its sync would look the same; that cannot be told
-apart). Damage anywhere else is copied to ``corrupt/`` (once: a later start finds the copy)
-and the scan resumes at the next intact record. A relocation that fails (a full disk) is
-tried again after the next start.
+segments. A relocation that fails (a full disk) is tried again after the next start.
 """
 
 from __future__ import annotations
 
 import fcntl
-import gc
-import mmap
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 from typing import BinaryIO
 
@@ -72,19 +62,14 @@ from smarthost.spoolfile import (
     DIR_MODE,
     LOG,
     MAX_BATCH,
-    MESSAGE,
     RELOCATE,
     REMOVE,
-    REMOVED,
     SEGMENT_BYTES,
     SPILL_THRESHOLD,
-    STATE,
     TMP,
     UPDATE,
     Batch,
     CorruptEntry,
-    Damage,
-    Gap,
     Op,
     RecoveryReport,
     RunBlocking,
@@ -92,14 +77,11 @@ from smarthost.spoolfile import (
     Slot,
     SpoolPaths,
     create_exclusive,
-    decode_entry,
     file_name,
     open_body,
-    scan,
-    segment_number,
     unlink_quietly,
-    write_all,
 )
+from smarthost.spoolindex import Index, read_entries, read_entry, read_index, recover_index
 
 # Sealed segments allowed behind the head before the oldest one's messages are copied forward.
 COMPACT_AFTER = 3
@@ -238,41 +220,6 @@ class IncomingMessage:
             unlink_quietly(self._spool._paths.spill(self.queue_id))
 
 
-@attrs.define
-class _Index:
-    """Where every queued message is, as read from the segments (or kept up to date since)."""
-
-    slots: dict[QueueId, Slot] = attrs.Factory(dict)
-    bodies: dict[int, set[QueueId]] = attrs.Factory(dict)  # segment -> ids with their body there
-    segments: list[int] = attrs.Factory(list)  # present on disk, oldest first
-    sizes: dict[int, int] = attrs.Factory(dict)  # segment -> bytes
-    live_bytes: int = 0  # the bodies of queued messages
-
-    def place(self, queue_id: QueueId, slot: Slot) -> None:
-        self.drop(queue_id)
-        self.slots[queue_id] = slot
-        self.bodies.setdefault(slot.body_segment, set()).add(queue_id)
-        self.live_bytes += slot.size
-
-    def restate(self, queue_id: QueueId, segment: int, offset: int, length: int) -> None:
-        old = self.slots.get(queue_id)
-        if old is not None:
-            self.slots[queue_id] = attrs.evolve(
-                old, entry_segment=segment, entry_offset=offset, entry_length=length
-            )
-
-    def drop(self, queue_id: QueueId) -> None:
-        old = self.slots.pop(queue_id, None)
-        if old is not None:
-            self.bodies[old.body_segment].discard(queue_id)
-            self.live_bytes -= old.size
-
-    def add_segment(self, number: int) -> None:
-        if number not in self.segments:
-            self.segments.append(number)
-            self.segments.sort()
-
-
 @implementer(ISpool)
 class Spool:
     """The spool in one directory.
@@ -299,7 +246,7 @@ class Spool:
         # update/remove of one message run one at a time, in call order.
         self._locks: dict[QueueId, DeferredLock] = {}
         self._live: set[QueueId] = set()  # ids being received or committed here
-        self._index: _Index | None = None  # read on first use
+        self._index: Index | None = None  # read on first use
         self._writer: SegmentWriter | None = None  # made by recover(), or on a first change
         self._lock_fd: int | None = None
         self._waiting: list[Op] = []  # the next batch
@@ -349,17 +296,6 @@ class Spool:
 
         Synchronous: it runs once before the daemon listens, and nothing can proceed without it.
         """
-        # Recovery keeps every entry it reads (for entries()); with the collector on, each
-        # generation-2 pass walks all of them again: 100,000 entries cost ~20% more time.
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            return self._recover()
-        finally:
-            if collecting:
-                gc.enable()
-
-    def _recover(self) -> RecoveryReport:
         self.close()
         self._make_directories()
         self._take_lock()
@@ -372,48 +308,25 @@ class Spool:
             os.unlink(path)
             removed_tmp.append(name)
 
-        index = _Index()
-        torn: list[Damage] = []
-        corrupt: list[Damage] = []
-        numbers = self._segment_numbers()
-        for number in numbers:
-            last = number == numbers[-1]
-            for gap in self._replay_segment(index, number):
-                if gap.tail and last:
-                    torn.append(Damage(self._rel(number), gap.start, gap.end, None,
-                                       "unfinished write at the end of the log"))
-                elif (damage := self._copy_out(number, gap)) is not None:
-                    corrupt.append(damage)
-                if gap.tail:
-                    self._truncate(number, gap.start)
-
-        intact: dict[QueueId, QueueEntry] = {}
-        bad: list[Op] = []
-        for queue_id, entry, error in self._parse(index, index.slots):
-            if entry is not None:
-                intact[queue_id] = entry
-                continue
-            corrupt.append(self._copy_entry_out(index.slots[queue_id], queue_id, str(error)))
-            bad.append(Op(REMOVE, queue_id))
-        self._writer = SegmentWriter(self._paths, (numbers or [0])[-1] + 1, self._segment_bytes)
-        if bad:  # quarantined: never read again
+        found = recover_index(self._paths)
+        self._writer = SegmentWriter(self._paths, found.newest + 1, self._segment_bytes)
+        if found.damaged:  # quarantined: never read again
+            bad = [Op(REMOVE, queue_id) for queue_id in found.damaged]
             batch = Batch(bad, [])
             self._writer.run(batch)
             for op in bad:
                 if op.error is not None:
                     raise op.error
-                index.drop(op.queue_id)
-            index.add_segment(batch.head)
-        if removed_tmp or corrupt or torn:
+                found.index.drop(op.queue_id)
+            found.index.add_segment(batch.head)
+        if removed_tmp or found.corrupt or found.torn:
             for name in (TMP, LOG, CORRUPT):
                 fsync_dir(self._paths.dir(name))
-        self._index = index
-        self._recovered = intact
+        self._index = found.index
+        self._recovered = found.intact
         self._tidy()
-        return RecoveryReport(
-            queued=len(intact), removed_tmp=tuple(removed_tmp), torn=tuple(torn),
-            corrupt=tuple(corrupt),
-        )
+        return RecoveryReport(queued=len(found.intact), removed_tmp=tuple(removed_tmp),
+                              torn=found.torn, corrupt=found.corrupt)
 
     def _make_directories(self) -> None:
         created = False
@@ -452,120 +365,6 @@ class Spool:
             ) from None
         self._lock_fd = fd
 
-    def _segment_numbers(self) -> list[int]:
-        numbers = []
-        for name in os.listdir(self._paths.dir(LOG)):
-            number = segment_number(name)
-            if number is not None:
-                numbers.append(number)
-        return sorted(numbers)
-
-    def _rel(self, number: int) -> str:
-        return os.path.relpath(self._paths.segment(number), self._paths.root)
-
-    def _replay_segment(self, index: _Index, number: int) -> Iterator[Gap]:
-        """Apply one segment's records to ``index``; yields the gaps between them."""
-        try:
-            items = list(scan(self._paths.segment(number)))
-        except FileNotFoundError:  # deleted by the daemon while the admin tool reads
-            return
-        index.add_segment(number)
-        index.sizes[number] = items[-1].end if items else 0
-        for item in items:
-            if isinstance(item, Gap):
-                yield item
-            elif item.kind == MESSAGE:
-                index.place(item.queue_id, Slot(
-                    number, item.body_offset, item.body_length, item.body_crc,
-                    number, item.entry_offset, item.entry_length,
-                ))
-            elif item.kind == STATE:
-                index.restate(item.queue_id, number, item.entry_offset, item.entry_length)
-            elif item.kind == REMOVED:
-                index.drop(item.queue_id)
-
-    def _truncate(self, number: int, size: int) -> None:
-        fd = os.open(self._paths.segment(number), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _corrupt_path(self, name: str) -> str:
-        # ``name`` is built from a segment number or a validated id; never overwrite earlier finds.
-        target, n = name, 0
-        while os.path.lexists(os.path.join(self._paths.dir(CORRUPT), target)):
-            n += 1
-            target = f"{name}.{n}"
-        return os.path.join(self._paths.dir(CORRUPT), target)
-
-    def _copy_out(self, number: int, gap: Gap) -> Damage | None:
-        """None when an earlier start copied exactly these bytes already (damage in the middle
-        of a segment stays there until the segment is deleted)."""
-        name = f"{number:08d}.{gap.start}-{gap.end}"
-        if os.path.lexists(os.path.join(self._paths.dir(CORRUPT), name)):
-            return None
-        target = self._corrupt_path(name)
-        with open(self._paths.segment(number), "rb") as src:
-            src.seek(gap.start)
-            data = src.read(gap.end - gap.start)
-        self._write_corrupt(target, [data])
-        reason = "unreadable bytes at the end" if gap.tail else "unreadable bytes"
-        return Damage(self._rel(number), gap.start, gap.end,
-                      os.path.relpath(target, self._paths.root), reason)
-
-    def _copy_entry_out(self, slot: Slot, queue_id: QueueId, reason: str) -> Damage:
-        """The entry's JSON, a blank line, then the body: enough to deliver it by hand."""
-        target = self._corrupt_path(file_name(queue_id))
-        with open(self._paths.segment(slot.entry_segment), "rb") as f:
-            f.seek(slot.entry_offset)
-            raw = f.read(slot.entry_length)
-        with open_body(self._paths.segment(slot.body_segment), slot.body_offset,
-                       slot.size) as body:
-            self._write_corrupt(target, [raw, b"\n\n", body.read()])
-        return Damage(self._rel(slot.entry_segment), slot.entry_offset,
-                      slot.entry_offset + slot.entry_length,
-                      os.path.relpath(target, self._paths.root), reason)
-
-    @staticmethod
-    def _write_corrupt(path: str, parts: list[bytes]) -> None:
-        fd = create_exclusive(path)
-        try:
-            for part in parts:
-                write_all(fd, part)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _parse(
-        self, index: _Index, ids: Iterable[QueueId]
-    ) -> Iterator[tuple[QueueId, QueueEntry | None, Exception | None]]:
-        """Each id's entry in force, reading each segment once (grouped, in file order)."""
-        by_segment: dict[int, list[tuple[int, QueueId]]] = {}
-        for queue_id in ids:
-            slot = index.slots[queue_id]
-            by_segment.setdefault(slot.entry_segment, []).append((slot.entry_offset, queue_id))
-        for number in sorted(by_segment):
-            wanted = sorted(by_segment[number], key=lambda t: t[0])
-            try:
-                f = open(self._paths.segment(number), "rb")
-            except FileNotFoundError:  # compacted away while the admin tool reads
-                continue
-            with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                for offset, queue_id in wanted:
-                    slot = index.slots[queue_id]
-                    try:
-                        entry = decode_entry(queue_id, buf[offset : offset + slot.entry_length])
-                        if entry.size != slot.size:
-                            raise CorruptEntry(
-                                f"{queue_id}: body is {slot.size} bytes, entry says {entry.size}"
-                            )
-                    except CorruptEntry as e:
-                        yield queue_id, None, e
-                        continue
-                    yield queue_id, entry, None
-
     # -- receiving --------------------------------------------------------------------------
 
     def receive(self) -> IIncomingMessage:
@@ -585,13 +384,9 @@ class Spool:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def _ensure_index(self) -> _Index:
+    def _ensure_index(self) -> Index:
         if self._index is None:
-            index = _Index()
-            for number in self._segment_numbers():
-                for _ in self._replay_segment(index, number):
-                    pass  # a gap seen from outside is a write in progress, or recovery's job
-            self._index = index
+            self._index = read_index(self._paths)
         return self._index
 
     def entries(self) -> Iterator[QueueEntry]:
@@ -605,7 +400,9 @@ class Spool:
         if recovered is not None:
             return iter([recovered[k] for k in sorted(recovered, key=lambda i: i.value)])
         index = self._ensure_index()
-        found = {i: e for i, e, _ in self._parse(index, list(index.slots)) if e is not None}
+        found = {
+            i: e for i, e, _ in read_entries(self._paths, index, list(index.slots)) if e is not None
+        }
         return iter([found[k] for k in sorted(found, key=lambda i: i.value)])
 
     def queue_ids(self) -> list[QueueId]:
@@ -618,10 +415,7 @@ class Spool:
         slot = self._slot(queue_id)
         for _attempt in range(3):
             try:
-                with open(self._paths.segment(slot.entry_segment), "rb") as f:
-                    f.seek(slot.entry_offset)
-                    raw = f.read(slot.entry_length)
-                return decode_entry(queue_id, raw)
+                return read_entry(self._paths, queue_id, slot)
             except FileNotFoundError:
                 # Compaction moved it forward and deleted the old segment meanwhile.
                 slot = self._moved(queue_id)
@@ -732,24 +526,9 @@ class Spool:
         next batch (the disk works while we answer), then fire this one's Deferreds."""
         self._syncing = False
         index = self._ensure_index()
-        if not isinstance(result, Failure) and batch.head:
-            index.add_segment(batch.head)
-            index.sizes[batch.head] = batch.head_size
         if not isinstance(result, Failure):
-            for number in batch.deleted:
-                index.segments.remove(number)
-                index.bodies.pop(number, None)
-                index.sizes.pop(number, None)
-                self._compacting.discard(number)
-            for op in batch.ops:
-                if op.error is not None:
-                    continue
-                if op.kind in (COMMIT, RELOCATE) and op.placed is not None:
-                    index.place(op.queue_id, op.placed)
-                elif op.kind == UPDATE and op.entry_at is not None:
-                    index.restate(op.queue_id, *op.entry_at)
-                elif op.kind == REMOVE:
-                    index.drop(op.queue_id)
+            index.apply(batch)
+            self._compacting.difference_update(batch.deleted)
             self._tidy()
         # _tidy may have started a batch already. A deletion that failed (or that a failed
         # batch never reached) is retried with the next change, not in a loop.

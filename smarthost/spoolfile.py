@@ -1,6 +1,7 @@
 """The spool's on-disk format: segment files of checksummed records, how a segment is scanned
 at start-up, and the blocking half of the group commit (:class:`SegmentWriter`, run in a
-thread). The queue API, the in-memory index and the batching are in :mod:`smarthost.spool`.
+thread). The queue API and the batching are in :mod:`smarthost.spool`, the in-memory index in
+:mod:`smarthost.spoolindex`.
 
 A record::
 

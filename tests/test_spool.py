@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from smarthost import spool as spool_module
-from smarthost import spoolfile
+from smarthost import spoolfile, spoolindex
 from smarthost.envelope import DELIVERED, Envelope, QueueEntry, QueueId, Recipient, RecipientState
 from smarthost.interfaces import IIncomingMessage, ISpool
 from smarthost.spool import IncomingMessage, Spool
@@ -403,7 +403,7 @@ class ReadTests(SpoolTestCase):
             reads.append(queue_id)
             return real(queue_id, raw)
 
-        self.patch(spool_module, "decode_entry", counting)
+        self.patch(spoolindex, "decode_entry", counting)
         spool = self.reopen()
         self.assertEqual(sorted(reads, key=str), [kept.queue_id, updated.queue_id,
                                                   removed.queue_id])
