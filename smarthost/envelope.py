@@ -151,7 +151,7 @@ def parse_path(text: str, *, utf8: bool = False, allow_null: bool = False) -> Ad
     return parse_mailbox(inner, utf8=utf8)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)  # a dict and set key everywhere: hash once per object
 class QueueId:
     """A queue id: safe to use as a file name, sortable by arrival time."""
 
@@ -224,8 +224,7 @@ class Envelope:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Envelope:
-        fields = {f.name for f in attrs.fields(cls)}
-        values = {k: v for k, v in data.items() if k in fields}
+        values = {k: v for k, v in data.items() if k in _ENVELOPE_FIELDS}
         values["recipients"] = tuple(
             Recipient(
                 address=r["address"],
@@ -235,6 +234,9 @@ class Envelope:
             for r in data["recipients"]
         )
         return cls(**values)
+
+
+_ENVELOPE_FIELDS = frozenset(f.name for f in attrs.fields(Envelope))
 
 
 # Per-recipient delivery state, as the spool records it and the scheduler updates it.

@@ -6,6 +6,7 @@ clock, an endpoint, a ``run_blocking``) as an argument, so tests can pass their 
 
 from __future__ import annotations
 
+import gc
 import hmac
 from collections.abc import Sequence
 from pathlib import Path
@@ -284,6 +285,21 @@ class DeliveryService(Service):
 
     def startService(self) -> None:
         super().startService()
+        # Start-up reads every queued entry and schedules each: with 100,000 deferred messages
+        # that is as many long-lived objects, and with the collector on every generation-2
+        # pass walks all of them again (a fifth of recovery and half of scheduling, measured).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            started = self._start_queue()
+        finally:
+            if collecting:
+                gc.enable()
+        if started:
+            self._listen_control()
+
+    def _start_queue(self) -> bool:
+        """Recover the spool and schedule what it holds; False when the spool is unusable."""
         parts = self._parts
         try:
             report = parts.spool.recover()
@@ -294,7 +310,7 @@ class DeliveryService(Service):
                 directory=parts.spool.directory, error=str(e),
             )
             self._reactor.callWhenRunning(self._reactor.stop)
-            return
+            return False
         parts.maillog.notice(
             "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
             "{torn} unfinished writes dropped, {corrupt} damaged places copied to corrupt/",
@@ -312,6 +328,10 @@ class DeliveryService(Service):
             )
         count = parts.scheduler.start()
         parts.maillog.notice("scheduler started with {count} queued", count=count)
+        return True
+
+    def _listen_control(self) -> None:
+        parts = self._parts
         path = Path(parts.spool.directory) / control.SOCKET_NAME
         endpoint = UNIXServerEndpoint(self._reactor, str(path), mode=0o600, wantPID=True)
         factory = control.ControlFactory(
