@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import mmap
 import os
 import struct
 import zlib
@@ -193,10 +192,10 @@ class Record:
     end: int
 
 
-def _record_at(buf: mmap.mmap | bytes, pos: int, check_body: bool) -> Record | None:
-    """The record starting at ``pos`` if it is whole and its checksums match."""
-    size = len(buf)
-    if pos + HEADER_SIZE > size or buf[pos : pos + 4] != MAGIC:
+def _header_at(buf: bytes, pos: int) -> Record | None:
+    """The record whose header starts at ``pos``, if that header checks out (magic, sane
+    lengths, CRC, a valid id). Its body may still be short or damaged: see :func:`scan`."""
+    if pos + HEADER_SIZE > len(buf) or buf[pos : pos + 4] != MAGIC:
         return None
     _, kind, id_len, json_len, body_len, body_crc = PREFIX.unpack_from(buf, pos)
     (header_crc,) = struct.unpack_from(">I", buf, pos + PREFIX.size)
@@ -204,17 +203,15 @@ def _record_at(buf: mmap.mmap | bytes, pos: int, check_body: bool) -> Record | N
         return None
     entry_offset = pos + HEADER_SIZE + id_len
     body_offset = entry_offset + json_len
-    end = body_offset + body_len
-    if end > size:
+    if body_offset > len(buf):
         return None
     crc = zlib.crc32(buf[pos : pos + PREFIX.size])
     if zlib.crc32(buf[pos + HEADER_SIZE : body_offset], crc) != header_crc:
         return None
-    queue_id = parse_id(bytes(buf[pos + HEADER_SIZE : entry_offset]).decode("ascii", "replace"))
+    queue_id = parse_id(buf[pos + HEADER_SIZE : entry_offset].decode("ascii", "replace"))
     if queue_id is None:
         return None
-    if check_body and body_len and zlib.crc32(memoryview(buf)[body_offset:end]) != body_crc:
-        return None
+    end = body_offset + body_len
     return Record(kind, queue_id, entry_offset, json_len, body_offset, body_len, body_crc, end)
 
 
@@ -224,35 +221,36 @@ class Gap:
 
     start: int
     end: int
-    tail: bool  # nothing intact follows: an unfinished write, not damage
+    tail: bool  # runs to the end of the segment: nothing after it is read
 
 
 def scan(path: str) -> Iterator[Record | Gap]:
-    """Every record of one segment in order, and the gaps between them.
+    """Every record of one segment in order, and the bytes that are not one.
 
-    Every body is checked against its CRC: a write the crash cut short may have left the
-    right length with the wrong bytes (not on ext4, but on file systems that extend the size
-    first). After a bad record the scan looks for the next one that checks out.
+    Records are only ever looked for where the previous one ends. A record whose header
+    checks out but whose body does not (a write the crash cut short may leave the right length
+    with the wrong bytes on file systems that extend the size first) is skipped by its
+    declared length. After a header that does not check out nothing more of the segment is
+    read: where the next record starts is unknown, and searching for one would find the
+    records a sender can write into a message body.
+
+    The segment is read into memory (one segment at a time), not mapped: a mapped file that
+    the daemon truncates under a reader (the admin tool) kills that reader with SIGBUS.
     """
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+        buf = f.read()
+    size, pos = len(buf), 0
+    while pos < size:
+        record = _header_at(buf, pos)
+        if record is None or record.end > size:
+            yield Gap(pos, size, True)
             return
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            pos = 0
-            while pos < size:
-                record = _record_at(buf, pos, True)
-                if record is not None:
-                    yield record
-                    pos = record.end
-                    continue
-                found = buf.find(MAGIC, pos + 1)
-                while found != -1 and _record_at(buf, found, True) is None:
-                    found = buf.find(MAGIC, found + 1)
-                yield Gap(pos, size if found == -1 else found, found == -1)
-                if found == -1:
-                    return
-                pos = found
+        body = memoryview(buf)[record.body_offset : record.end]
+        if record.body_length and zlib.crc32(body) != record.body_crc:
+            yield Gap(pos, record.end, record.end == size)
+        else:
+            yield record
+        pos = record.end
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:
@@ -508,6 +506,9 @@ class SegmentWriter:
                     copied += len(chunk)
                 if copied != size:
                     raise CorruptEntry(f"{op.queue_id}: body is {copied} bytes, entry says {size}")
+                if op.source is not None and crc != op.source.body_crc:
+                    # Rot since start-up: never copied forward under a fresh, valid checksum.
+                    raise CorruptEntry(f"{op.queue_id}: body no longer matches its checksum")
                 os.pwrite(fd, encode_header(MESSAGE, op.queue_id, raw, size, crc), start)
             except (OSError, CorruptEntry) as e:
                 self._truncate(start)

@@ -17,13 +17,13 @@ is in :mod:`smarthost.spoolfile`.
 
 from __future__ import annotations
 
-import mmap
 import os
 from collections.abc import Iterable, Iterator
 
 import attrs
 
 from smarthost.envelope import QueueEntry, QueueId
+from smarthost.safeio import fsync_dir
 from smarthost.spoolfile import (
     COMMIT,
     CORRUPT,
@@ -61,8 +61,13 @@ class Index:
     live_bytes: int = 0  # the bodies of queued messages
 
     def place(self, queue_id: QueueId, slot: Slot) -> None:
-        self.drop(queue_id)
+        # The new slot replaces the old in one step: a delivery thread looking the message
+        # up meanwhile (it is being moved forward) must find one or the other, never none.
+        old = self.slots.get(queue_id)
         self.slots[queue_id] = slot
+        if old is not None:
+            self.bodies[old.body_segment].discard(queue_id)
+            self.live_bytes -= old.size
         self.bodies.setdefault(slot.body_segment, set()).add(queue_id)
         self.live_bytes += slot.size
 
@@ -202,14 +207,19 @@ def read_entries(
     for number in sorted(by_segment):
         wanted = sorted(by_segment[number], key=lambda t: t[0])
         try:
-            f = open(paths.segment(number), "rb")
+            fd = os.open(paths.segment(number), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:  # compacted away while the admin tool reads
             continue
-        with f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        try:
             for offset, queue_id in wanted:
                 slot = index.slots[queue_id]
                 try:
-                    entry = decode_entry(queue_id, buf[offset : offset + slot.entry_length])
+                    # pread, not a map: the daemon may truncate a segment under the admin
+                    # tool, and a mapped page past the new end is SIGBUS, not an error.
+                    raw = os.pread(fd, slot.entry_length, offset)
+                    if len(raw) != slot.entry_length:
+                        raise CorruptEntry(f"{queue_id}: entry cut short")
+                    entry = decode_entry(queue_id, raw)
                     if entry.size != slot.size:
                         raise CorruptEntry(
                             f"{queue_id}: body is {slot.size} bytes, entry says {entry.size}"
@@ -218,6 +228,8 @@ def read_entries(
                     yield queue_id, None, e
                     continue
                 yield queue_id, entry, None
+        finally:
+            os.close(fd)
 
 
 class Quarantine:
@@ -287,6 +299,8 @@ class Quarantine:
 
     @staticmethod
     def _write_corrupt(path: str, parts: list[bytes]) -> None:
+        """Durable, directory entry included, before recovery truncates or removes the
+        original."""
         fd = create_exclusive(path)
         try:
             for part in parts:
@@ -294,3 +308,4 @@ class Quarantine:
             os.fsync(fd)
         finally:
             os.close(fd)
+        fsync_dir(os.path.dirname(path))

@@ -27,9 +27,11 @@ from smarthost.spoolfile import (
     Gap,
     Record,
     RecoveryReport,
+    Slot,
     encode_entry,
     encode_header,
 )
+from smarthost.spoolindex import Index
 from test_spool import (
     BODY,
     FILLER,
@@ -134,44 +136,80 @@ class RecoveryTests(SpoolTestCase):
         self.reopen()
         self.assertEqual(self.last_report, RecoveryReport(queued=3))
 
-    def damage_middle(self, where: Callable[[Record], int]) -> None:
+    def damage_middle(self, where: Callable[[Record], int], *, header: bool = False) -> None:
         """a, b, c in segment 1 and d in segment 2 (with an update of b): one byte of b's
-        record, at ``where``, flipped. b is gone, the rest found, the bytes kept aside."""
+        record, at ``where``, flipped, and the bytes kept aside.
+
+        A damaged body is skipped by the length its header declares: b is gone, c found. A
+        damaged header (or entry, which its checksum covers) ends the segment: where c starts
+        is unknown, and searching for it would accept records a sender wrote into a body; b
+        and c are gone from the queue, their bytes copied out and the segment cut there.
+        """
         a, b, c = self.commit(b"a" * 50), self.commit(b"b" * 50), self.commit(b"c" * 50)
         self.reopen()  # from now on segment 2 is the head
         d = self.commit(b"d")
         self.successResultOf(self.spool.update(attrs.evolve(b, attempts=1)))
         segment, record = self.message_record(b.queue_id)
         self.assertEqual(segment, "00000001.seg")
-        start, end = record_start(record), record.end
+        start = record_start(record)
+        end = os.path.getsize(self.path("log", segment)) if header else record.end
         raw = self.read(f"log/{segment}")[start:end]
         self.flip(segment, where(record))
         damaged = self.read(f"log/{segment}")[start:end]
         self.assertNotEqual(damaged, raw)
+        left = [a, d] if header else [a, c, d]
         spool = self.reopen()
-        self.assertEqual(self.last_report.queued, 3)
+        self.assertEqual(self.last_report.queued, len(left))
         self.assertEqual(self.last_report.torn, ())
         (damage,) = self.last_report.corrupt
         self.assertEqual((damage.segment, damage.start, damage.end),
                          (f"log/{segment}", start, end))
         self.assertEqual(damage.moved_to, f"corrupt/00000001.{start}-{end}")
         self.assertEqual(self.read(f"corrupt/00000001.{start}-{end}"), damaged)
-        self.assertEqual(list(spool.entries()), [a, c, d])  # its STATE record resurrects nothing
-        self.assertEqual(self.body(c.queue_id), b"c" * 50)
-        # The damage stays in its segment; the next start knows it copied those bytes already.
+        self.assertEqual(list(spool.entries()), left)  # b's STATE record resurrects nothing
+        if not header:
+            self.assertEqual(self.body(c.queue_id), b"c" * 50)
+        # Reported once: a damaged body stays in its segment and the next start finds its
+        # copy; a damaged header's segment was cut where the damage began.
         spool = self.reopen()
         self.assertEqual(self.last_report.corrupt, ())
         self.assertEqual(os.listdir(self.path("corrupt")), [f"00000001.{start}-{end}"])
-        self.assertEqual(list(spool.entries()), [a, c, d])
+        self.assertEqual(list(spool.entries()), left)
+        if header:
+            self.assertEqual(os.path.getsize(self.path("log", segment)), start)
 
     def test_damaged_body_in_an_old_segment_is_copied_aside(self) -> None:
         self.damage_middle(lambda r: r.body_offset + 10)
 
-    def test_damaged_header_in_an_old_segment_is_copied_aside(self) -> None:
-        self.damage_middle(lambda r: record_start(r) + 5)  # the id length
+    def test_damaged_header_in_an_old_segment_ends_it(self) -> None:
+        self.damage_middle(lambda r: record_start(r) + 5, header=True)  # the id length
 
-    def test_damaged_entry_json_in_an_old_segment_is_copied_aside(self) -> None:
-        self.damage_middle(lambda r: r.entry_offset + 3)
+    def test_damaged_entry_json_in_an_old_segment_ends_it(self) -> None:
+        self.damage_middle(lambda r: r.entry_offset + 3, header=True)
+
+    def test_records_inside_a_torn_body_are_never_read(self) -> None:
+        """A sender can put valid-looking records in a message body (ids are in every
+        Received: header): a REMOVED for a queued message, and a MESSAGE with an envelope of
+        its own. A write the crash cut short must not turn them into real ones, neither at
+        the next start nor for the admin tool reading while the write is in flight."""
+        victim = self.commit(b"Subject: important\r\n\r\nanswered 250\r\n")
+        forged_id = QueueId.new(1_700_000_002)
+        forged_body = b"forged\r\n"
+        forged = encode_entry(QueueEntry.new(forged_id, envelope(), len(forged_body)))
+        carrier = (b"Subject: x\r\n\r\n" + encode_header(REMOVED, victim.queue_id, b"", 0, 0)
+                   + encode_header(MESSAGE, forged_id, forged, len(forged_body),
+                                   zlib.crc32(forged_body)) + forged_body + b"y" * 5000)
+        carrier_id = QueueId.new(1_700_000_001)
+        raw = encode_entry(QueueEntry.new(carrier_id, envelope(), len(carrier)))
+        with open(self.path("log", "00000001.seg"), "ab") as f:  # the write, cut short
+            f.write(encode_header(MESSAGE, carrier_id, raw, len(carrier), zlib.crc32(carrier))
+                    + carrier[:2000])
+        self.assertEqual(self.admin().queue_ids(), [victim.queue_id])
+        spool = self.reopen()
+        self.assertEqual(spool.queue_ids(), [victim.queue_id])
+        self.assertEqual(len(self.last_report.torn), 1)
+        self.assertEqual(self.body(victim.queue_id),
+                         b"Subject: important\r\n\r\nanswered 250\r\n")
 
     def test_body_crc_mismatch_found_with_the_right_length(self) -> None:
         entry = self.commit(b"0123456789")
@@ -235,6 +273,33 @@ class RecoveryTests(SpoolTestCase):
             self.assertEqual(stat.S_IMODE(os.stat(self.path(relative)).st_mode), 0o700, relative)
 
 
+class IndexTests(SpoolTestCase):
+    def test_moving_a_message_never_leaves_it_unindexed(self) -> None:
+        """A delivery thread may look a message up while compaction moves it forward."""
+        removed: list[QueueId] = []
+
+        class Watched(dict[QueueId, Slot]):
+            def pop(self, key: QueueId, *default: Any) -> Any:
+                removed.append(key)
+                return super().pop(key, *default)
+
+            def __delitem__(self, key: QueueId) -> None:
+                removed.append(key)
+                super().__delitem__(key)
+
+        entry = self.commit()
+        live = self.spool._ensure_index()
+        index = Index(slots=Watched(live.slots), bodies={n: set(i) for n, i in live.bodies.items()},
+                      live_bytes=live.live_bytes)
+        old = index.slots[entry.queue_id]
+        moved = Slot(old.body_segment + 1, 0, old.size, old.body_crc, old.body_segment + 1,
+                     0, old.entry_length)
+        index.place(entry.queue_id, moved)
+        self.assertEqual(removed, [])
+        self.assertIs(index.slots[entry.queue_id], moved)
+        self.assertEqual(index.live_bytes, old.size)
+
+
 class RotationTests(SpoolTestCase):
     """Tiny segments, so a few messages fill several."""
 
@@ -293,6 +358,14 @@ class RotationTests(SpoolTestCase):
         self.assertEqual(list(spool.entries()), [deferred])
         self.assertEqual(self.body(deferred.queue_id), BODY)
         self.assertEqual(list(self.admin().entries()), [deferred])
+
+    def test_admin_listing_follows_a_message_compaction_moved(self) -> None:
+        kept = self.commit(BODY)
+        reader = self.admin()
+        self.assertEqual(reader.queue_ids(), [kept.queue_id])  # its index is read now
+        self.churn(40)  # the daemon compacts meanwhile: kept's segment is deleted
+        self.assertNotIn("00000001.seg", self.segments())
+        self.assertEqual(list(reader.entries()), [kept])
 
     def test_open_body_while_compaction_deletes_its_segment(self) -> None:
         kept = self.commit(BODY)
