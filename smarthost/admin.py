@@ -232,12 +232,16 @@ def cmd_queue_show(args: argparse.Namespace, spool: Spool) -> int:
 
 
 def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
-    entries = [_entry(spool, text) for text in args.ids]
+    entries = [_entry(spool, text) for text in dict.fromkeys(args.ids)]  # each id once
     ids = " ".join(str(e.queue_id) for e in entries)
     if _daemon_did(spool, f"delete {ids}"):
         return 0
     for entry in entries:
-        _wait(spool.remove(entry.queue_id))
+        try:
+            _wait(spool.remove(entry.queue_id))
+        except KeyError:
+            print(f"{entry.queue_id} was no longer queued")
+            continue
         print(f"deleted {entry.queue_id}")
     return 0
 

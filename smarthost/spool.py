@@ -399,10 +399,21 @@ class Spool:
         recovered, self._recovered = self._recovered, None
         if recovered is not None:
             return iter([recovered[k] for k in sorted(recovered, key=lambda i: i.value)])
-        index = self._ensure_index()
-        found = {
-            i: e for i, e, _ in read_entries(self._paths, index, list(index.slots)) if e is not None
-        }
+        found: dict[QueueId, QueueEntry] = {}
+        wanted = list(self._ensure_index().slots)
+        for _attempt in range(3):
+            seen = set()
+            for queue_id, entry, _ in read_entries(self._paths, self._ensure_index(), wanted):
+                seen.add(queue_id)
+                if entry is not None:
+                    found[queue_id] = entry
+            # Ids not seen had their segment deleted under us (compacted, while the admin
+            # tool reads): they were moved forward, so read where the segments say now.
+            wanted = [i for i in wanted if i not in seen]
+            if not wanted or self._writer is not None:
+                break
+            self._index = None
+            wanted = [i for i in wanted if i in self._ensure_index().slots]
         return iter([found[k] for k in sorted(found, key=lambda i: i.value)])
 
     def queue_ids(self) -> list[QueueId]:
