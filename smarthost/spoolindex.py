@@ -8,8 +8,10 @@ the segments while the daemon appends to them, so a segment may vanish under it 
 **Recovery** (:func:`recover_index`) reads every segment, checking every record's checksums.
 A record the crash cut short at the end of the newest segment is dropped: it was never
 acknowledged (a last record damaged after its sync would look the same; that cannot be told
-apart). Damage anywhere else is copied to ``corrupt/`` (once: a later start finds the copy)
-and the scan resumes at the next intact record.
+apart). Damage anywhere else is copied to ``corrupt/`` (once: a later start finds the copy).
+A damaged body is skipped by the length its intact header declares; after a damaged header
+the rest of that segment is copied out and cut off, because where the next record starts is
+unknown (:func:`smarthost.spoolfile.scan` says why it never searches for one).
 
 The queue API, the lock and the batching are in :mod:`smarthost.spool`; the format of a segment
 is in :mod:`smarthost.spoolfile`.
