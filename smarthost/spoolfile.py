@@ -192,7 +192,7 @@ class Record:
     end: int
 
 
-def _header_at(buf: bytes, pos: int) -> Record | None:
+def _header_at(buf: bytes, pos: int, ids: dict[bytes, QueueId]) -> Record | None:
     """The record whose header starts at ``pos``, if that header checks out (magic, sane
     lengths, CRC, a valid id). Its body may still be short or damaged: see :func:`scan`."""
     if pos + HEADER_SIZE > len(buf) or buf[pos : pos + 4] != MAGIC:
@@ -208,9 +208,13 @@ def _header_at(buf: bytes, pos: int) -> Record | None:
     crc = zlib.crc32(buf[pos : pos + PREFIX.size])
     if zlib.crc32(buf[pos + HEADER_SIZE : body_offset], crc) != header_crc:
         return None
-    queue_id = parse_id(buf[pos + HEADER_SIZE : entry_offset].decode("ascii", "replace"))
-    if queue_id is None:
-        return None
+    raw_id = buf[pos + HEADER_SIZE : entry_offset]
+    queue_id = ids.get(raw_id)
+    if queue_id is None:  # validated once per id and segment (its state records repeat it)
+        queue_id = parse_id(raw_id.decode("ascii", "replace"))
+        if queue_id is None:
+            return None
+        ids[raw_id] = queue_id
     end = body_offset + body_len
     return Record(kind, queue_id, entry_offset, json_len, body_offset, body_len, body_crc, end)
 
@@ -240,8 +244,9 @@ def scan(path: str) -> Iterator[Record | Gap]:
     with open(path, "rb") as f:
         buf = f.read()
     size, pos = len(buf), 0
+    ids: dict[bytes, QueueId] = {}
     while pos < size:
-        record = _header_at(buf, pos)
+        record = _header_at(buf, pos, ids)
         if record is None or record.end > size:
             yield Gap(pos, size, True)
             return
