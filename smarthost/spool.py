@@ -495,7 +495,8 @@ class Spool:
             slot = self._slot(op.queue_id)
         except (KeyError, OSError) as e:
             return fail(e)
-        op.source = slot
+        if op.kind == RELOCATE:
+            op.source = slot  # read now, under the lock: no change of this message is pending
         return self._submit(op)
 
     def _ensure_writer(self) -> SegmentWriter:
