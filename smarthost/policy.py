@@ -6,6 +6,7 @@ positively allows it. Plugins (later) may refuse on top of this, never grant.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Container, Mapping
 
@@ -31,20 +32,15 @@ class RelayPolicy:
         self._trusted = trusted_networks
         self._senders = senders
         self._local_recipients = local_recipients
-        # Parsing an address costs more than the whole relay check: each client's answer is
-        # kept (the networks never change for this object); cleared when it grows too big.
-        self._trusted_cache: dict[str, bool] = {}
+        # Parsing an address costs more than the whole relay check: recent clients' answers
+        # are kept (the networks never change for this object).
+        self._trusted_answer = functools.lru_cache(maxsize=4096)(self._in_trusted)
 
     def is_local(self, address: Address) -> bool:
         return not address.is_literal and address.domain_key in self._local_domains
 
     def is_trusted(self, client_address: str) -> bool:
-        known = self._trusted_cache.get(client_address)
-        if known is None:
-            if len(self._trusted_cache) >= 4096:
-                self._trusted_cache.clear()
-            known = self._trusted_cache[client_address] = self._in_trusted(client_address)
-        return known
+        return self._trusted_answer(client_address)
 
     def _in_trusted(self, client_address: str) -> bool:
         try:
