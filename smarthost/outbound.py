@@ -159,8 +159,9 @@ class SMTPDelivery:
         self._unreachable = unreachable
         self._reuse = reuse  # None: one connection per delivery, QUIT after it
         self._suspend_for = suspend_for
-        # route hosts -> (since, why, which host): none of them took a connection
-        self._suspended: dict[tuple[Host, ...], tuple[float, str, str]] = {}
+        # route hosts (in any order: routing puts recently failed ones last) -> (since, why,
+        # which host): none of them took a connection
+        self._suspended: dict[frozenset[Host], tuple[float, str, str]] = {}
         self._parked: dict[_Key, list[_Session]] = {}
         self._closing: set[Deferred[None]] = set()
         self._shut = False
@@ -181,13 +182,14 @@ class SMTPDelivery:
         """
         if not recipients:
             return []
-        suspended = self._suspended.get(route.hosts)
+        hosts = frozenset(route.hosts)
+        suspended = self._suspended.get(hosts)
         if suspended is not None:
             since, why, remote = suspended
             if self._clock.seconds() - since < self._suspend_for:
                 why = f"delivery temporarily suspended: {why}"
                 return [Outcome(r, DEFERRED, why, remote, CONNECT_FAILED) for r in recipients]
-            del self._suspended[route.hosts]
+            del self._suspended[hosts]
         last, remote = HostError("no SMTP host to try", "4.4.4"), ""
         unconnected = 0
         for host in route.hosts:
@@ -199,7 +201,7 @@ class SMTPDelivery:
                     self._unreachable(host)
                     unconnected += 1
         if route.hosts and unconnected == len(route.hosts):
-            self._suspended[route.hosts] = (self._clock.seconds(), last.reason, remote)
+            self._suspended[hosts] = (self._clock.seconds(), last.reason, remote)
         return [Outcome(r, DEFERRED, last.reason, remote, last.status) for r in recipients]
 
     def forget_failures(self) -> None:

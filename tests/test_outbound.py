@@ -247,6 +247,14 @@ class SuspensionTests(DeliveryTestCase):
         await self.deliver(down, [ALICE], delivery=self.delivery)
         self.assertEqual(self.tried, down + down)
 
+    async def test_the_same_hosts_in_another_order_stay_suspended(self) -> None:
+        # Routing lists recently failed hosts last, so the next route may be reordered.
+        down = [Host("a.test", "127.0.0.1", free_port()), Host("b.test", "127.0.0.1", free_port())]
+        await self.deliver(down, delivery=self.delivery)
+        [outcome] = await self.deliver(down[::-1], delivery=self.delivery)
+        self.assertTrue(outcome.reply.startswith("delivery temporarily suspended: "))
+        self.assertEqual(self.tried, down)
+
     async def test_flush_forgets_suspensions(self) -> None:
         down = Host("a.test", "127.0.0.1", free_port())
         await self.deliver([down], delivery=self.delivery)
