@@ -3,8 +3,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# compat mode puts the checkout on sys.path, which is how twistd finds twisted/plugins/ here.
-EDITABLE := --config-settings editable_mode=compat
+
 
 .PHONY: run test install install-test test-deps lint typecheck bench clean
 
@@ -13,10 +12,10 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q -e . $(EDITABLE)
+	$(BIN)/pip install -q -e .
 
 install-test: $(BIN)/python test-deps
-	$(BIN)/pip install -q -e '.[test]' $(EDITABLE)
+	$(BIN)/pip install -q -e '.[test]'
 
 # Real third-party clients for the end-to-end tests (Debian packages).
 test-deps:
@@ -34,10 +33,12 @@ run: install
 lint:
 	$(BIN)/ruff check --no-cache smarthost tests twisted scripts bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: install-test
 	$(BIN)/ruff check --no-cache smarthost tests twisted scripts bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The benchmark against Postfix (installs Postfix from Debian; needs root). Not run by CI.

@@ -1,7 +1,7 @@
 """Fill a spool with N deferred messages for the start-up measurement.
 
 Run with the project's venv python: ``python bench/genspool.py DIR N``. It uses the real
-:class:`smarthost.spool.Spool` (so the files are exactly what the daemon writes) with a
+:class:`smarthost.queue.spool.Spool` (so the files are exactly what the daemon writes) with a
 synchronous ``run_blocking``. The per-batch syncs are skipped here, and one ``sync()`` is
 made at the end: how the files got to disk does not change what start-up has to read.
 """
@@ -16,8 +16,8 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from smarthost.envelope import Envelope, QueueEntry, Recipient
-from smarthost.spool import Spool
+from smarthost.core.envelope import Envelope, QueueEntry, Recipient
+from smarthost.queue.spool import Spool
 
 LINE = b"x" * 76 + b"\r\n"
 

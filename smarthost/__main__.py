@@ -2,6 +2,6 @@
 
 import sys
 
-from smarthost.admin import main
+from smarthost.app.admin import main
 
 sys.exit(main())

@@ -34,8 +34,8 @@ from aiosmtpd.smtp import Envelope as _AioEnvelope
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 
-from smarthost.nexthop import Host
-from smarthost.tlscert import KeyPair, issue
+from smarthost.app.tlscert import KeyPair, issue
+from smarthost.delivery.routing import Host
 
 _DSN_MAIL = ("RET=", "ENVID=")
 _DSN_RCPT = ("NOTIFY=", "ORCPT=")

@@ -8,9 +8,9 @@ import pytest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
-from smarthost import admin
-from smarthost.envelope import Envelope, QueueEntry, Recipient
-from smarthost.spool import Spool
+from smarthost.app import admin
+from smarthost.core.envelope import Envelope, QueueEntry, Recipient
+from smarthost.queue.spool import Spool
 
 
 def queue_one(directory: Path) -> QueueEntry:

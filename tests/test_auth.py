@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from smarthost import auth, derived
-from smarthost.auth import (
+from smarthost.auth import derived
+from smarthost.auth import users as auth
+from smarthost.auth.users import (
     BcryptChecker,
     IUser,
     PasswordError,

@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from smarthost.bounce import (
+from smarthost.core.envelope import BOUNCED, Envelope, Outcome, Recipient, RecipientState
+from smarthost.delivery.bounce import (
     Kind,
     ReportedRecipient,
     build_report,
@@ -22,7 +23,6 @@ from smarthost.bounce import (
     report_envelope,
     status_from_reply,
 )
-from smarthost.envelope import BOUNCED, Envelope, Outcome, Recipient, RecipientState
 
 ARRIVAL = 1_700_000_000.0
 NOW = ARRIVAL + 3600

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smarthost import reply
-from smarthost.dotreader import MAX_LINE, DataReader, DataResult
+from smarthost.core import replies as reply
+from smarthost.smtpd.dotreader import MAX_LINE, DataReader, DataResult
 
 COMMANDS = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.com>\r\nDATA\r\n"
 

@@ -18,8 +18,8 @@ from twisted.internet import task
 from twisted.internet.defer import succeed
 
 from daemon import SMARTHOST, TWISTD, Daemon, client_tls
-from smarthost.envelope import QueueId
-from smarthost.spool import Spool
+from smarthost.core.envelope import QueueId
+from smarthost.queue.spool import Spool
 
 # Delivery must never reach a real resolver or MX: the only nameserver is a closed loopback port.
 CONFIG = """

@@ -19,12 +19,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smarthost import sasl
-from smarthost.config import ConfigError, parse_config
-from smarthost.envelope import Address, AddressError, Client, Recipient, parse_mailbox, parse_path
-from smarthost.maildir import mailbox_path
-from smarthost.nexthop import _domain_key as nexthop_domain_key
-from smarthost.policy import RelayPolicy
+from smarthost.app.config import ConfigError, parse_config
+from smarthost.auth import sasl
+from smarthost.core.envelope import (
+    Address,
+    AddressError,
+    Client,
+    Recipient,
+    parse_mailbox,
+    parse_path,
+)
+from smarthost.delivery.maildir import mailbox_path
+from smarthost.delivery.routing import _domain_key as nexthop_domain_key
+from smarthost.smtpd.policy import RelayPolicy
 
 LOCAL = frozenset({"example.test", "kk.test"})
 POLICY = RelayPolicy(LOCAL, (), {})
@@ -220,7 +227,7 @@ def toml_documents(draw: st.DrawFn) -> str:
 @settings(max_examples=EXAMPLES or 400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=st.one_of(toml_documents(), toml_documents(), st.text(max_size=200)))
 def test_config_loader_only_raises_config_error_naming_a_key(doc: str) -> None:
-    with mock.patch("smarthost.config.socket.getfqdn", return_value="fuzz.example.test"):
+    with mock.patch("smarthost.app.config.socket.getfqdn", return_value="fuzz.example.test"):
         try:
             parse_config(doc, Path("/fuzz"), validate_mechanism=_mechanism)
         except ConfigError as e:

@@ -27,7 +27,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from smarthost.envelope import QueueId
+from smarthost.core.envelope import QueueId
 from test_dialogs import Dialog
 
 EXAMPLES = int(os.environ.get("SMARTHOST_FUZZ_EXAMPLES", "0"))

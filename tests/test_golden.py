@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from smarthost import sasl
-from smarthost.config import ConfigError, load_config, parse_config
-from smarthost.envelope import Client, parse_mailbox
-from smarthost.policy import RelayPolicy
+from smarthost.app.config import ConfigError, load_config, parse_config
+from smarthost.auth import sasl
+from smarthost.core.envelope import Client, parse_mailbox
+from smarthost.smtpd.policy import RelayPolicy
 
 GOLDEN = Path(__file__).parent / "golden"
 

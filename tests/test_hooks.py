@@ -11,9 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from smarthost.envelope import Client
-from smarthost.hooks import PLUGIN_FAILED, Hooks
-from smarthost.interfaces import (
+from smarthost.api import (
     IConnectCheck,
     IDataCheck,
     IHeaderAdder,
@@ -22,12 +20,14 @@ from smarthost.interfaces import (
     IRcptCheck,
     MessageView,
 )
-from smarthost.limits import Limits, LimitSettings
-from smarthost.maillog import MailLog
-from smarthost.policy import RelayPolicy
-from smarthost.reply import Reply
-from smarthost.session import Session, SessionSettings
-from smarthost.spool import Spool
+from smarthost.core.envelope import Client
+from smarthost.core.maillog import MailLog
+from smarthost.core.replies import Reply
+from smarthost.queue.spool import Spool
+from smarthost.smtpd.hooks import PLUGIN_FAILED, Hooks
+from smarthost.smtpd.limits import Limits, LimitSettings
+from smarthost.smtpd.policy import RelayPolicy
+from smarthost.smtpd.session import Session, SessionSettings
 
 NO_BOB = Reply(550, "5.7.1", "bob does not want mail")
 

@@ -11,7 +11,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from daemon import Daemon, client_tls
-from smarthost.limits import (
+from smarthost.smtpd.limits import (
     AUTH_WINDOW,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_YOU,

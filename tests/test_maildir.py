@@ -20,7 +20,7 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
-from smarthost.envelope import (
+from smarthost.core.envelope import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
@@ -29,7 +29,7 @@ from smarthost.envelope import (
     Outcome,
     Recipient,
 )
-from smarthost.maildir import (
+from smarthost.delivery.maildir import (
     LocalRecipients,
     MaildirDelivery,
     RunBlocking,

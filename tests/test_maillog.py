@@ -8,8 +8,8 @@ from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from smarthost.envelope import DEFERRED, Outcome, QueueId, Recipient
-from smarthost.maillog import MailLog
+from smarthost.core.envelope import DEFERRED, Outcome, QueueId, Recipient
+from smarthost.core.maillog import MailLog
 
 
 class MailLogTests(SynchronousTestCase):

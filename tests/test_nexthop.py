@@ -19,7 +19,7 @@ from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dnsserver import DNSTestServer, Zone, close_client_connections, start
-from smarthost.nexthop import (
+from smarthost.delivery.routing import (
     MAILDIR,
     SMTP,
     Credentials,

@@ -23,15 +23,18 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from smarthost import admin, auth, credfactory, oauth, sasl
-from smarthost.config import ConfigError
-from smarthost.hooks import Context, Hooks, build_plugins
-from smarthost.interfaces import ITokenVerifier
-from smarthost.limits import Limits, LimitSettings
-from smarthost.maillog import MailLog
-from smarthost.policy import RelayPolicy
-from smarthost.session import Session, SessionSettings
-from smarthost.spool import Spool
+from smarthost.api import Context, ITokenVerifier
+from smarthost.app import admin, credfactory
+from smarthost.app.config import ConfigError
+from smarthost.app.pluginload import build_plugins
+from smarthost.auth import oauth, sasl
+from smarthost.auth import users as auth
+from smarthost.core.maillog import MailLog
+from smarthost.queue.spool import Spool
+from smarthost.smtpd.hooks import Hooks
+from smarthost.smtpd.limits import Limits, LimitSettings
+from smarthost.smtpd.policy import RelayPolicy
+from smarthost.smtpd.session import Session, SessionSettings
 from test_sasl_session import LineClient
 
 TOKEN = "ya29.a0AfH6SMBx-secret_token~value+/=="

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 import pytest
 
 from daemon import Daemon, client_tls
-from smarthost import tlscert
+from smarthost.app import tlscert
 
 SECRET = "introspection secret"
 TOKENS = {

@@ -1,5 +1,5 @@
 """The ``introspection`` plugin against a local RFC 7662 endpoint: twisted.web over real TLS
-on 127.0.0.1, with a certificate from a test CA (smarthost.tlscert.issue). Active, inactive,
+on 127.0.0.1, with a certificate from a test CA (smarthost.app.tlscert.issue). Active, inactive,
 wrong client secret (401), a server that never answers, an untrusted certificate, settings."""
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface.verify import verifyObject
 
-from smarthost import tlscert
-from smarthost.hooks import Context
-from smarthost.interfaces import ITokenVerifier
+from smarthost.api import Context, ITokenVerifier
+from smarthost.app import tlscert
 from smarthost.plugins.introspection import (
     IntrospectionError,
     IntrospectionPlugin,

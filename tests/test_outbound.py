@@ -24,11 +24,11 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from mxpeer import MXPeer
-from smarthost.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
-from smarthost.nexthop import SMTP, Credentials, Host, Route
-from smarthost.outbound import SMTPDelivery, Timeouts
-from smarthost.smtpclient import CHUNK, ClientConnection, DotStuffer, xtext
-from smarthost.tlscert import issue
+from smarthost.app.tlscert import issue
+from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
+from smarthost.delivery.routing import SMTP, Credentials, Host, Route
+from smarthost.delivery.smtpagent import SMTPDelivery, Timeouts
+from smarthost.delivery.smtpclient import CHUNK, ClientConnection, DotStuffer, xtext
 
 FAST = Timeouts(
     connect=5, greeting=5, command=5, mail=5, rcpt=5, data_init=5, data_block=10,

@@ -7,9 +7,9 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from smarthost.envelope import BOUNCED, DELIVERED
-from smarthost.nexthop import Credentials
-from smarthost.outbound import Reuse, SMTPDelivery
+from smarthost.core.envelope import BOUNCED, DELIVERED
+from smarthost.delivery.routing import Credentials
+from smarthost.delivery.smtpagent import Reuse, SMTPDelivery
 from test_outbound import ALICE, BOB, FAST, DeliveryTestCase, Scripted, ScriptedServer
 
 POSTFIX_LIKE = Reuse()  # 2 s idle, 100 uses, 300 s

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from smarthost.hooks import Context, PluginError, build_plugins
-from smarthost.interfaces import IHeaderAdder
+from smarthost.api import Context, IHeaderAdder
+from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.plugins.dkim import (
     DKIMPlugin,
     fields_to_sign,

@@ -18,12 +18,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dnsserver import DNSTestServer, Zone, close_client_connections, start
-from smarthost.envelope import Client
-from smarthost.hooks import Context, Hooks, PluginError, available_plugins, build_plugins
-from smarthost.interfaces import IConnectCheck, ISmarthostPlugin
-from smarthost.nexthop import make_resolver
+from smarthost.api import Context, IConnectCheck, ISmarthostPlugin
+from smarthost.app.pluginload import PluginError, available_plugins, build_plugins
+from smarthost.core.envelope import Client
+from smarthost.core.replies import Reply
+from smarthost.delivery.routing import make_resolver
 from smarthost.plugins.dnsbl import DNSBLPlugin, parse_settings, reverse_name
-from smarthost.reply import Reply
+from smarthost.smtpd.hooks import Hooks
 from test_plugins import PluginSession
 
 LISTED_V4 = "192.0.2.99"  # 99.2.0.192.<zone>

@@ -35,13 +35,17 @@ from twisted.trial.unittest import TestCase
 
 import smarthost.plugins
 from daemon import SMARTHOST, TWISTD, Daemon
-from smarthost import auth, credfactory, sasl
-from smarthost.hooks import Context, Hooks, available_plugins, build_plugins
-from smarthost.limits import Limits, LimitSettings
-from smarthost.maillog import MailLog
-from smarthost.policy import RelayPolicy
-from smarthost.session import Session, SessionSettings
-from smarthost.spool import Spool
+from smarthost.api import Context
+from smarthost.app import credfactory
+from smarthost.app.pluginload import available_plugins, build_plugins
+from smarthost.auth import sasl
+from smarthost.auth import users as auth
+from smarthost.core.maillog import MailLog
+from smarthost.queue.spool import Spool
+from smarthost.smtpd.hooks import Hooks
+from smarthost.smtpd.limits import Limits, LimitSettings
+from smarthost.smtpd.policy import RelayPolicy
+from smarthost.smtpd.session import Session, SessionSettings
 
 # strcred's plugin scan imports Twisted's own unix checker, which imports the deprecated spwd.
 pytestmark = pytest.mark.filterwarnings("ignore:'spwd' is deprecated:DeprecationWarning")

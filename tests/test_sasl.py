@@ -18,8 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from smarthost.auth import PortalLogin, UsersFile, build_portal, set_password
-from smarthost.sasl import (
+from smarthost.auth.sasl import (
     MECHANISMS,
     Challenge,
     Credentials,
@@ -32,6 +31,7 @@ from smarthost.sasl import (
     Step,
     build_mechanisms,
 )
+from smarthost.auth.users import PortalLogin, UsersFile, build_portal, set_password
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -203,7 +203,7 @@ class RegistryTests(SynchronousTestCase):
     def test_check_config_names_the_key_and_the_reason(self) -> None:
         from pathlib import Path
 
-        from smarthost.config import ConfigError, parse_config
+        from smarthost.app.config import ConfigError, parse_config
 
         def validate(name: str) -> None:
             build_mechanisms([name])  # what check-config and the daemon pass

@@ -21,19 +21,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from smarthost.auth import (
-    UsersFile,
-    VerifiedUser,
-    parse_users,
-    set_password,
-)
-from smarthost.derived import (
+from smarthost.auth.derived import (
     MD5_IV,
     CramMD5Secret,
     md5_compress,
     md5_resume,
 )
-from smarthost.sasl import (
+from smarthost.auth.sasl import (
     Challenge,
     CramMD5Exchange,
     CramMD5Mechanism,
@@ -41,6 +35,12 @@ from smarthost.sasl import (
     ISASLExchange,
     ISASLMechanism,
     Rejected,
+)
+from smarthost.auth.users import (
+    UsersFile,
+    VerifiedUser,
+    parse_users,
+    set_password,
 )
 
 # RFC 2195 2, the worked example.

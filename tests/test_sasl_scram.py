@@ -25,23 +25,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from smarthost.auth import (
-    IVerifiedUser,
-    PortalLogin,
-    UsersFile,
-    VerifiedUser,
-    VerifiedUserChecker,
-    build_portal,
-    delete_user,
-    set_password,
-)
-from smarthost.derived import (
+from smarthost.auth.derived import (
     ScramSecret,
     derive_scram,
     saslprep,
     scram_password,
 )
-from smarthost.sasl import (
+from smarthost.auth.sasl import (
     Challenge,
     Credentials,
     ISASLExchange,
@@ -50,6 +40,16 @@ from smarthost.sasl import (
     Rejected,
     ScramMechanism,
     Step,
+)
+from smarthost.auth.users import (
+    IVerifiedUser,
+    PortalLogin,
+    UsersFile,
+    VerifiedUser,
+    VerifiedUserChecker,
+    build_portal,
+    delete_user,
+    set_password,
 )
 
 _P = ParamSpec("_P")

@@ -15,12 +15,13 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from smarthost import auth, sasl
-from smarthost.limits import Limits, LimitSettings
-from smarthost.maillog import MailLog
-from smarthost.policy import RelayPolicy
-from smarthost.session import Session, SessionSettings
-from smarthost.spool import Spool
+from smarthost.auth import sasl
+from smarthost.auth import users as auth
+from smarthost.core.maillog import MailLog
+from smarthost.queue.spool import Spool
+from smarthost.smtpd.limits import Limits, LimitSettings
+from smarthost.smtpd.policy import RelayPolicy
+from smarthost.smtpd.session import Session, SessionSettings
 
 MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
 

@@ -24,8 +24,7 @@ from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from smarthost.courier import Courier
-from smarthost.envelope import (
+from smarthost.core.envelope import (
     BOUNCED,
     DEFERRED,
     DELIVERED,
@@ -36,8 +35,9 @@ from smarthost.envelope import (
     QueueId,
     Recipient,
 )
-from smarthost.maillog import MailLog
-from smarthost.nexthop import (
+from smarthost.core.maillog import MailLog
+from smarthost.delivery.courier import Courier
+from smarthost.delivery.routing import (
     MAILDIR,
     SMTP,
     Host,
@@ -45,7 +45,7 @@ from smarthost.nexthop import (
     Route,
     TemporaryRouteError,
 )
-from smarthost.scheduler import (
+from smarthost.delivery.scheduler import (
     EXPIRED_STATUS,
     Reporter,
     RetryPolicy,
@@ -54,7 +54,7 @@ from smarthost.scheduler import (
     expire,
     record,
 )
-from smarthost.spool import Spool
+from smarthost.queue.spool import Spool
 
 T0 = 1_700_000_000.0
 ALICE = "alice@example.test"

@@ -23,10 +23,10 @@ from twisted.cred.credentials import UsernamePassword
 
 from daemon import Daemon
 from mxpeer import MXPeer
-from smarthost import sasl
-from smarthost.auth import UserEntry
-from smarthost.config import load_config
-from smarthost.nexthop import SMTP, Credentials, Host, Route
+from smarthost.app.config import load_config
+from smarthost.auth import sasl
+from smarthost.auth.users import UserEntry
+from smarthost.delivery.routing import SMTP, Credentials, Host, Route
 
 USER_SECRET = "Corr3ct-H0rse-7f3a9"
 WRONG_SECRET = "Wr0ng-Batt3ry-c41e2"

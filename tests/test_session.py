@@ -11,11 +11,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from smarthost.limits import Limits, LimitSettings
-from smarthost.maillog import EventFile, MailLog
-from smarthost.policy import RelayPolicy
-from smarthost.session import Session, SessionSettings
-from smarthost.spool import Spool
+from smarthost.core.maillog import EventFile, MailLog
+from smarthost.queue.spool import Spool
+from smarthost.smtpd.limits import Limits, LimitSettings
+from smarthost.smtpd.policy import RelayPolicy
+from smarthost.smtpd.session import Session, SessionSettings
 from test_hooks import run_now
 
 

@@ -20,22 +20,30 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from smarthost import spool as spool_module
-from smarthost import spoolfile, spoolindex
-from smarthost.envelope import DELIVERED, Envelope, QueueEntry, QueueId, Recipient, RecipientState
-from smarthost.interfaces import IIncomingMessage, ISpool
-from smarthost.spool import IncomingMessage, Spool
-from smarthost.spoolfile import (
+from smarthost.api import IIncomingMessage, ISpool
+from smarthost.core.envelope import (
+    DELIVERED,
+    Envelope,
+    QueueEntry,
+    QueueId,
+    Recipient,
+    RecipientState,
+)
+from smarthost.core.errors import CorruptEntry
+from smarthost.queue import index as spoolindex
+from smarthost.queue import segment as spoolfile
+from smarthost.queue import spool as spool_module
+from smarthost.queue.segment import (
     HEADER_SIZE,
     MESSAGE,
     STATE,
-    CorruptEntry,
     Gap,
     Record,
     RecoveryReport,
     encode_header,
     scan,
 )
+from smarthost.queue.spool import IncomingMessage, Spool
 
 
 def run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -58,7 +66,7 @@ class Jobs:
 
 
 class FaultyOS:
-    """Stands in for ``os`` inside :mod:`smarthost.spoolfile` only, replacing a few calls."""
+    """Stands in for ``os`` inside :mod:`smarthost.queue.segment` only, replacing a few calls."""
 
     def __init__(self, **replace: Callable[..., Any]) -> None:
         self._replace = replace

@@ -16,11 +16,11 @@ from typing import Any, BinaryIO
 import attrs
 from twisted.internet.defer import Deferred
 
-from smarthost import spool as spool_module
-from smarthost import spoolfile
-from smarthost.envelope import QueueEntry, QueueId
-from smarthost.spool import COMPACT_AFTER, SpoolLocked
-from smarthost.spoolfile import (
+from smarthost.core.envelope import QueueEntry, QueueId
+from smarthost.queue import segment as spoolfile
+from smarthost.queue import spool as spool_module
+from smarthost.queue.index import Index
+from smarthost.queue.segment import (
     MESSAGE,
     REMOVED,
     Damage,
@@ -31,7 +31,7 @@ from smarthost.spoolfile import (
     encode_entry,
     encode_header,
 )
-from smarthost.spoolindex import Index
+from smarthost.queue.spool import COMPACT_AFTER, SpoolLocked
 from test_spool import (
     BODY,
     FILLER,

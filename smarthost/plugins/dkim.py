@@ -41,8 +41,7 @@ from twisted.internet.defer import Deferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from smarthost.envelope import Client
-from smarthost.interfaces import IHeaderAdder, ISmarthostPlugin, MessageView, PluginContext
+from smarthost.api import Client, IHeaderAdder, ISmarthostPlugin, MessageView, PluginContext
 
 DEFAULT_HEADERS = (
     "From", "Sender", "Reply-To", "Subject", "Date", "Message-ID", "To", "Cc",

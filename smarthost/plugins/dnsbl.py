@@ -42,10 +42,14 @@ from twisted.names import error as dns_error
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from smarthost.envelope import Client
-from smarthost.hooks import DEFAULT_TIMEOUT
-from smarthost.interfaces import IConnectCheck, ISmarthostPlugin, PluginContext
-from smarthost.reply import Reply
+from smarthost.api import (
+    PLUGIN_TIMEOUT,
+    Client,
+    IConnectCheck,
+    ISmarthostPlugin,
+    PluginContext,
+    Reply,
+)
 
 DEFAULT_REPLY = "554 5.7.1 Service unavailable; client [{address}] blocked using {zone}"
 DEFAULT_LOOKUP_TIMEOUT = 5.0
@@ -119,9 +123,9 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
     timeout = settings.get("timeout", DEFAULT_LOOKUP_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise ValueError("timeout: expected a number of seconds")
-    if not 0 < timeout < DEFAULT_TIMEOUT:
+    if not 0 < timeout < PLUGIN_TIMEOUT:
         # At the core's limit the check would be cut off and answer 451 instead.
-        raise ValueError(f"timeout: must be more than 0 and less than {DEFAULT_TIMEOUT:g}")
+        raise ValueError(f"timeout: must be more than 0 and less than {PLUGIN_TIMEOUT:g}")
     return Settings(tuple(checked), reply, tuple(allow), float(timeout))
 
 

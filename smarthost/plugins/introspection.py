@@ -55,10 +55,10 @@ from twisted.web.client import (
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from smarthost.interfaces import ISmarthostPlugin, ITokenVerifier, PluginContext
+from smarthost.api import PLUGIN_TIMEOUT, ISmarthostPlugin, ITokenVerifier, PluginContext
 
 DEFAULT_TIMEOUT = 10.0
-MAX_TIMEOUT = 30.0  # the core's own limit on a verifier (smarthost.oauth.DEFAULT_TIMEOUT)
+MAX_TIMEOUT = PLUGIN_TIMEOUT  # the core's own limit on a verifier
 _SETTINGS = ("url", "client_id", "client_secret_file", "user_claim", "ca", "timeout")
 _CLAIM = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
 

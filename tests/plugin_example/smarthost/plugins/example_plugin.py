@@ -12,9 +12,9 @@ from typing import Any
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from smarthost.envelope import Client
-from smarthost.interfaces import IRcptCheck, ISmarthostPlugin, PluginContext
-from smarthost.reply import Reply
+from smarthost.api import IRcptCheck, ISmarthostPlugin, PluginContext
+from smarthost.core.envelope import Client
+from smarthost.core.replies import Reply
 
 
 @implementer(IRcptCheck)

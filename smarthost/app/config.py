@@ -1,0 +1,430 @@
+"""The TOML configuration, read into frozen values.
+
+Every key has a default, so a file only says what differs. Unknown keys are errors (a typo
+such as ``trusted_network`` must not silently leave the default in force), and every error
+names the key, so ``smarthost check-config`` can point at the line to fix.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+
+from smarthost.core.errors import ConfigError
+from smarthost.core.types import Network
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class ListenConfig:
+    submission: tuple[str, ...] = ("tcp:2587",)
+    submissions: tuple[str, ...] = ("tcp:2465",)
+    smtp: tuple[str, ...] = ("tcp:2525",)
+
+
+@attrs.frozen
+class TLSConfig:
+    certificate: Path
+    key: Path
+
+
+@attrs.frozen
+class AuthConfig:
+    users: Path
+    mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
+    allow_plaintext: bool = False
+
+
+@attrs.frozen
+class RelayConfig:
+    local_domains: frozenset[str] = frozenset()
+    trusted_networks: tuple[Network, ...] = ()
+    senders: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
+    local_recipients: Path | None = None
+
+
+@attrs.frozen
+class QueueConfig:
+    directory: Path
+    max_size: int = 36700160
+    retry: tuple[int, ...] = (60, 300, 900, 1800, 3600)
+    lifetime: int = 432000
+    delay_warning: int = 14400
+
+
+@attrs.frozen
+class UpstreamConfig:
+    username: str
+    password_file: Path
+
+
+@attrs.frozen
+class DeliveryConfig:
+    local: str
+    port: int = 25
+    nameservers: tuple[str, ...] = ()
+    tls: str = "opportunistic"
+    routes: Mapping[str, str] = attrs.field(factory=dict)
+    upstream: UpstreamConfig | None = None
+
+
+@attrs.frozen
+class LogConfig:
+    events: Path | None = None
+
+
+@attrs.frozen
+class LimitsConfig:
+    connections: int = 1000
+    connections_per_ip: int = 50
+    auth_failures_per_ip: int = 10
+    recipients_per_message: int = 1000
+    messages_per_user_per_hour: int = 1000
+    hold_user_after_per_hour: int = 5000
+    command_timeout: int = 300
+
+
+@attrs.frozen
+class PluginsConfig:
+    enabled: tuple[str, ...] = ()
+    settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Config:
+    hostname: str
+    base_dir: Path  # relative paths in the file were resolved against this
+    listen: ListenConfig
+    tls: TLSConfig
+    auth: AuthConfig
+    relay: RelayConfig
+    queue: QueueConfig
+    delivery: DeliveryConfig
+    log: LogConfig
+    limits: LimitsConfig
+    plugins: PluginsConfig
+
+
+TLS_POLICIES = ("opportunistic", "required", "verify")
+_DEFAULT_TRUSTED = ("127.0.0.1/32", "::1/128")
+
+
+class _Table:
+    """One TOML table being read: hands out typed values and remembers which keys were used,
+    so that whatever is left over can be reported as unknown."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(prefix, "must be a table")
+        self._data = data
+        self._prefix = prefix
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}.{name}" if self._prefix else name
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self._used.add(name)
+        if name not in self._data:
+            return default
+        value = self._data[name]
+        # bool is an int in Python; a port of `true` is still a mistake.
+        if isinstance(value, bool) and kind is not bool:
+            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise ConfigError(
+                self.key(name), f"expected {_kind_name(kind)}, got {type(value).__name__}"
+            )
+        return value  # type: ignore[return-value]
+
+    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = self.get(name, list, list(default))
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(f"{self.key(name)}[{i}]", "expected a string")
+        return tuple(value)
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        value = self.get(name, int, default)
+        if value < minimum:
+            raise ConfigError(self.key(name), f"must be at least {minimum}")
+        return value
+
+    def table(self, name: str) -> _Table:
+        self._used.add(name)
+        return _Table(self._data.get(name, {}), self.key(name))
+
+    def check_unknown(self, allowed_tables: tuple[str, ...] = ()) -> None:
+        for name in self._data:
+            if name not in self._used and name not in allowed_tables:
+                raise ConfigError(self.key(name), "unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+    if isinstance(kind, tuple):
+        return " or ".join(names.get(k, k.__name__) for k in kind)
+    return names.get(kind, kind.__name__)
+
+
+class _Loader:
+    def __init__(self, base_dir: Path, validate_mechanism: Callable[[str], None] | None) -> None:
+        self._base = base_dir
+        self._validate_mechanism = validate_mechanism
+
+    def path(self, table: _Table, name: str, default: str) -> Path:
+        value = table.get(name, str, default)
+        if not value:
+            raise ConfigError(table.key(name), "must not be empty")
+        return self._base / value
+
+    def load(self, data: Mapping[str, Any]) -> Config:
+        top = _Table(data, "")
+        hostname = top.get("hostname", str, "") or socket.getfqdn()
+        _check_hostname(hostname)
+        config = Config(
+            hostname=hostname,
+            base_dir=self._base,
+            listen=self.listen(top.table("listen")),
+            tls=self.tls(top.table("tls")),
+            auth=self.auth(top.table("auth")),
+            relay=self.relay(top.table("relay")),
+            queue=self.queue(top.table("queue")),
+            delivery=self.delivery(top.table("delivery")),
+            log=self.log(top.table("log")),
+            limits=self.limits(top.table("limits")),
+            plugins=self.plugins(top.table("plugins")),
+        )
+        top.check_unknown()
+        return config
+
+    def listen(self, t: _Table) -> ListenConfig:
+        d = ListenConfig()
+        result = ListenConfig(
+            submission=t.strings("submission", d.submission),
+            submissions=t.strings("submissions", d.submissions),
+            smtp=t.strings("smtp", d.smtp),
+        )
+        t.check_unknown()
+        return result
+
+    def tls(self, t: _Table) -> TLSConfig:
+        result = TLSConfig(
+            certificate=self.path(t, "certificate", "certs/smarthost.pem"),
+            key=self.path(t, "key", "certs/smarthost.key"),
+        )
+        t.check_unknown()
+        return result
+
+    def auth(self, t: _Table) -> AuthConfig:
+        mechanisms = tuple(m.upper() for m in t.strings("mechanisms", ("PLAIN", "LOGIN")))
+        for i, name in enumerate(mechanisms):
+            if self._validate_mechanism is not None:
+                try:
+                    self._validate_mechanism(name)
+                except ValueError as e:
+                    raise ConfigError(f"auth.mechanisms[{i}]", str(e)) from None
+        result = AuthConfig(
+            users=self.path(t, "users", "var/users"),
+            mechanisms=mechanisms,
+            allow_plaintext=t.get("allow_plaintext", bool, False),
+        )
+        t.check_unknown()
+        return result
+
+    def relay(self, t: _Table) -> RelayConfig:
+        domains = []
+        for i, domain in enumerate(t.strings("local_domains", ())):
+            key = f"relay.local_domains[{i}]"
+            _check_domain(key, domain)
+            if domain.startswith("["):
+                # The relay rule never treats an address literal as local (policy.is_local):
+                # listing one would silently accept nothing.
+                raise ConfigError(key, f"{domain!r}: an address literal cannot be a local domain")
+            domains.append(domain.lower().rstrip("."))
+        networks = []
+        for i, text in enumerate(t.strings("trusted_networks", _DEFAULT_TRUSTED)):
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"relay.trusted_networks[{i}]", f"{text!r} is not an IP network"
+                ) from None
+        senders_table = t.table("senders")
+        senders: dict[str, frozenset[str]] = {}
+        for user in list(senders_table._data):
+            senders[user] = frozenset(a.lower() for a in senders_table.strings(user, ()))
+        local_recipients = t.get("local_recipients", str, "")
+        result = RelayConfig(
+            local_domains=frozenset(domains),
+            trusted_networks=tuple(networks),
+            senders=senders,
+            local_recipients=self._base / local_recipients if local_recipients else None,
+        )
+        t.check_unknown()
+        return result
+
+    def queue(self, t: _Table) -> QueueConfig:
+        d = QueueConfig(directory=Path())
+        retry = t.get("retry", list, list(d.retry))
+        if not retry:
+            raise ConfigError("queue.retry", "needs at least one delay")
+        for i, delay in enumerate(retry):
+            if isinstance(delay, bool) or not isinstance(delay, int) or delay < 1:
+                raise ConfigError(f"queue.retry[{i}]", "must be a positive number of seconds")
+        result = QueueConfig(
+            directory=self.path(t, "directory", "var/spool"),
+            max_size=t.integer("max_size", d.max_size, minimum=1024),
+            retry=tuple(retry),
+            lifetime=t.integer("lifetime", d.lifetime, minimum=1),
+            delay_warning=t.integer("delay_warning", d.delay_warning),
+        )
+        t.check_unknown()
+        return result
+
+    def delivery(self, t: _Table) -> DeliveryConfig:
+        from smarthost.delivery.routing import parse_nameserver
+
+        port = t.integer("port", 25, minimum=1)
+        if port > 65535:
+            raise ConfigError("delivery.port", "must be a TCP port (1-65535)")
+        nameservers = t.strings("nameservers", ())
+        for i, server in enumerate(nameservers):
+            try:
+                parse_nameserver(server)
+            except ValueError as e:
+                raise ConfigError(f"delivery.nameservers[{i}]", str(e)) from None
+        tls = t.get("tls", str, "opportunistic")
+        if tls not in TLS_POLICIES:
+            raise ConfigError("delivery.tls", f"must be one of {', '.join(TLS_POLICIES)}")
+        local = t.get("local", str, "maildir:var/maildir")
+        local = self._target("delivery.local", local, allow_maildir=True)
+        routes_table = t.table("routes")
+        routes = {}
+        for domain in list(routes_table._data):
+            key = f"delivery.routes.{domain}"
+            if domain != "*":
+                _check_domain(key, domain)
+            target = routes_table.get(domain, str, "")
+            routes[domain.lower().rstrip(".")] = self._target(key, target, allow_maildir=False)
+        upstream_table = t.table("upstream")
+        upstream = None
+        if upstream_table._data:
+            username = upstream_table.get("username", str, "")
+            password_file = upstream_table.get("password_file", str, "")
+            if not username:
+                raise ConfigError("delivery.upstream.username", "is required with [upstream]")
+            if not password_file:
+                raise ConfigError("delivery.upstream.password_file", "is required")
+            upstream = UpstreamConfig(username, self._base / password_file)
+            upstream_table.check_unknown()
+        result = DeliveryConfig(
+            local=local,
+            port=port,
+            nameservers=nameservers,
+            tls=tls,
+            routes=routes,
+            upstream=upstream,
+        )
+        t.check_unknown()
+        return result
+
+    def _target(self, key: str, text: str, *, allow_maildir: bool) -> str:
+        from smarthost.delivery.routing import parse_target
+
+        if allow_maildir and text.startswith("maildir:"):
+            directory = text[len("maildir:") :]
+            if not directory:
+                raise ConfigError(key, "maildir: needs a directory")
+            return f"maildir:{self._base / directory}"
+        try:
+            parse_target(text)
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+        if text.startswith("maildir:"):
+            raise ConfigError(key, "only [delivery] local may be a maildir")
+        return text
+
+    def log(self, t: _Table) -> LogConfig:
+        events = t.get("events", str, "")
+        result = LogConfig(events=self._base / events if events else None)
+        t.check_unknown()
+        return result
+
+    def limits(self, t: _Table) -> LimitsConfig:
+        d = LimitsConfig()
+        result = LimitsConfig(
+            **{
+                field.name: t.integer(field.name, getattr(d, field.name), minimum=1)
+                for field in attrs.fields(LimitsConfig)
+            }
+        )
+        t.check_unknown()
+        return result
+
+    def plugins(self, t: _Table) -> PluginsConfig:
+        enabled = t.strings("enabled", ())
+        settings = {}
+        for name in list(t._data):
+            if name != "enabled":
+                settings[name] = dict(t.table(name)._data)
+        return PluginsConfig(enabled=enabled, settings=settings)
+
+
+def _check_hostname(hostname: str) -> None:
+    labels = hostname.rstrip(".").split(".")
+    # ASCII only: it goes into the banner, EHLO and Received headers (RFC 5321 4.1.2).
+    text = "".join(labels)
+    if not all(labels) or not text.isascii() or any(not (c.isalnum() or c == "-") for c in text):
+        raise ConfigError("hostname", f"{hostname!r} is not a valid host name")
+
+
+def _check_domain(key: str, domain: str) -> None:
+    from smarthost.core.envelope import AddressError, parse_mailbox
+
+    try:
+        parse_mailbox(f"postmaster@{domain}")
+    except AddressError:
+        raise ConfigError(key, f"{domain!r} is not a domain name") from None
+
+
+def load_config(
+    path: Path | None,
+    *,
+    validate_mechanism: Callable[[str], None] | None = None,
+) -> Config:
+    """Read ``path`` (None: the embedded default, relative to the working directory)."""
+    if path is None:
+        return parse_config(DEFAULT_TOML, Path.cwd(), validate_mechanism=validate_mechanism)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8 text") from None
+    return parse_config(text, path.resolve().parent, validate_mechanism=validate_mechanism)
+
+
+def parse_config(
+    text: str,
+    base_dir: Path,
+    *,
+    validate_mechanism: Callable[[str], None] | None = None,
+) -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"not valid TOML: {e}") from None
+    return _Loader(base_dir, validate_mechanism).load(data)
+
+
+DEFAULT_TOML = (Path(__file__).parent / "smarthost.example.toml").read_text(encoding="utf-8")

@@ -1,0 +1,71 @@
+"""SMTP replies: one value type and every reply the core sends, in one place.
+
+Tests assert codes and enhanced codes, never the prose, so texts can be improved freely.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen
+class Reply:
+    code: int
+    enhanced: str  # RFC 3463 enhanced status code, e.g. "5.7.1"; "" for 220/221 banners
+    text: str
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    def to_bytes(self, extra: tuple[str, ...] = ()) -> bytes:
+        """Wire form; ``extra`` lines make a multi-line reply (RFC 5321 4.2.1)."""
+        lines = [self.text, *extra]
+        out = []
+        for i, line in enumerate(lines):
+            sep = " " if i == len(lines) - 1 else "-"
+            prefix = f"{self.enhanced} " if self.enhanced and i == 0 else ""
+            out.append(f"{self.code}{sep}{prefix}{line}\r\n")
+        return "".join(out).encode("utf-8")
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ")
+
+
+OK = Reply(250, "2.0.0", "OK")
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+RESET = Reply(250, "2.0.0", "Reset state")
+VRFY = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+BYE = Reply(221, "2.0.0", "Bye")
+READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+
+SYNTAX = Reply(500, "5.5.2", "Syntax error, command unrecognized")
+LINE_TOO_LONG = Reply(500, "5.5.6", "Line too long")
+PARAM_SYNTAX = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+PARAM_UNKNOWN = Reply(555, "5.5.4", "Parameter not recognized or not implemented")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")
+AUTH_TEMP = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+TLS_REQUIRED = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# Fatal: the session answers this and closes (as Postfix smtpd_forbid_bare_newline).
+BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF in message data; lines must end with CRLF")
+DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message line longer than 1000 octets")
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")

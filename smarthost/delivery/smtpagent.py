@@ -1,0 +1,577 @@
+"""One delivery attempt of one message to one SMTP route; returns per-recipient outcomes.
+
+Our own small ESMTP client rather than ``twisted.mail``'s ``ESMTPSender``, whose measured
+defects (dot-stuffing per 16 KiB chunk, plaintext replies injected after ``220`` to STARTTLS
+read as TLS replies, a result Deferred that never fires when the server hangs up, no
+timeouts) all sit in the parts that matter here. What this module guarantees instead:
+
+- every wait is bounded (RFC 5321 4.5.3.2 timeouts, see :class:`Timeouts`) and a dropped
+  connection always ends the attempt, so :meth:`SMTPDelivery.deliver` always returns;
+- bytes that arrive after the ``220`` to STARTTLS and before the handshake are discarded;
+- dot-stuffing tracks the start of line across chunk boundaries;
+- credentials are only sent over TLS and never appear in an outcome, log or exception.
+
+Host choice: the route's hosts are tried in order; anything that goes wrong before the host
+accepts ``MAIL FROM`` (no connection, timeout, bad greeting, EHLO refused, TLS failure, AUTH
+refused) moves on to the next host. Once ``MAIL`` is accepted the host's replies are final for
+this attempt. Under "opportunistic" TLS a failed STARTTLS *handshake* is also a host failure
+(next host, else deferred) and never falls back to plaintext: SPEC allows plaintext only when
+STARTTLS is not offered, and retrying in the clear would let anyone who can break handshakes
+read the mail.
+
+Connection reuse, like Postfix's connection cache: after a transaction that left the dialog
+clean the connection is parked, keyed by host (name, address, port), TLS policy, implicit TLS
+and credentials, so a connection is never shared across different credentials or TLS
+requirements. The reply to the end of data clears the server's buffers (RFC 5321 4.1.1.4), so
+no ``RSET`` follows a message; a transaction left open (``MAIL`` accepted, no message sent)
+gets ``RSET`` first and is parked on its ``250``. The next delivery with the same key takes it
+(no connect, EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked
+too long (:class:`Reuse`) gets ``QUIT``. A parked connection is never in use, so it carries one
+transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the server
+hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not the
+message's fault: a fresh connection to the same host is opened instead, transparently.
+
+Dead destinations, like Postfix's queue manager: when not one host of a route could be
+connected to, the route is suspended for ``suspend_for`` seconds (60): its messages are
+deferred at once ("delivery temporarily suspended: ...") instead of each paying a connect
+attempt, or a 30 s connect timeout, against a next hop that is down. ``smarthost queue flush``
+forgets suspensions (:meth:`SMTPDelivery.forget_failures`), as ``postqueue -f`` does.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
+
+import attrs
+from twisted.internet import error
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IOpenSSLClientConnectionCreator,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
+from twisted.logger import Logger
+
+from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
+from smarthost.delivery.routing import Credentials, Host, Route
+from smarthost.delivery.smtpclient import (
+    CONNECT_FAILED,
+    ClientConnection,
+    HostError,
+    QuietFactory,
+    ServerReply,
+    extensions_of,
+    xtext,
+)
+
+if TYPE_CHECKING:
+    from twisted.internet._sslverify import IOpenSSLTrustRoot
+
+SUSPEND_FOR = 60.0  # seconds a route none of whose hosts took a connection stays suspended
+
+
+@attrs.frozen
+class Timeouts:
+    """Seconds to wait for each reply; RFC 5321 4.5.3.2 values, shortened by tests.
+
+    RFC 5321 names no timeout for EHLO, STARTTLS, the TLS handshake or AUTH; ``command``
+    (5 minutes, like MAIL) covers them. ``quit`` bounds the polite goodbye, after which the
+    connection is simply closed.
+    """
+
+    connect: float = 30.0
+    greeting: float = 300.0
+    command: float = 300.0
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0
+    data_end: float = 600.0
+    quit: float = 30.0
+    rset: float = 20.0  # before parking a connection (Postfix's smtp_rset_timeout)
+
+
+@attrs.frozen
+class Reuse:
+    """Limits of the connection cache, with Postfix's defaults."""
+
+    idle: float = 2.0  # seconds parked before QUIT (smtp_connection_cache_time_limit)
+    uses: int = 100  # transactions per connection (smtp_connection_reuse_count_limit)
+    age: float = 300.0  # seconds since connecting (smtp_connection_reuse_time_limit)
+
+
+# A connection may only carry mail for an equal key: same host, TLS policy and credentials.
+_Key: TypeAlias = tuple[Host, str, bool, Credentials | None]
+
+
+@attrs.define(eq=False)
+class _Session:
+    """A connection ready for MAIL, with what it announced and how much it was used."""
+
+    conn: ClientConnection
+    extensions: dict[str, str]
+    opened: float
+    uses: int = 0
+    timer: IDelayedCall | None = None
+
+
+class SMTPDelivery:
+    """Delivers one message to one route, trying the route's hosts in order.
+
+    ``reactor`` must provide IReactorTCP and IReactorTime (any real reactor, or
+    ``MemoryReactorClock`` in unit tests); ``hostname`` is our EHLO name; ``trust_root``
+    checks certificates under "verify" (default: the platform's CAs).
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        hostname: str,
+        *,
+        timeouts: Timeouts = Timeouts(),
+        trust_root: IOpenSSLTrustRoot | Certificate | None = None,
+        unreachable: Callable[[Host], None] = lambda host: None,
+        transcript: bool = False,
+        reuse: Reuse | None = Reuse(),
+        suspend_for: float = SUSPEND_FOR,
+    ) -> None:
+        self._reactor = reactor
+        self._clock = IReactorTime(reactor)
+        self._hostname = hostname
+        self._timeouts = timeouts
+        self._trust_root = trust_root
+        # The SMTP dialog line by line at debug level: for debugging a peer, not by default
+        # (twistd's log shows debug, and one delivery is a dozen lines).
+        self._transcript = transcript
+        # Told about hosts that could not be connected to, so routes try them last for a
+        # while instead of paying a connect timeout on every message.
+        self._unreachable = unreachable
+        self._reuse = reuse  # None: one connection per delivery, QUIT after it
+        self._suspend_for = suspend_for
+        # route hosts (in any order: routing puts recently failed ones last) -> (since, why,
+        # which host): none of them took a connection
+        self._suspended: dict[frozenset[Host], tuple[float, str, str]] = {}
+        self._parked: dict[_Key, list[_Session]] = {}
+        self._closing: set[Deferred[None]] = set()
+        self._shut = False
+
+    async def deliver(
+        self,
+        route: Route,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        open_body: Callable[[], BinaryIO],
+        size: int,
+    ) -> list[Outcome]:
+        """One outcome per recipient, in order; network trouble never raises.
+
+        Only a bug raises, and the caller then defers every recipient: a possible duplicate
+        is better than a lost message. The connection is parked for reuse or closed on
+        every path.
+        """
+        if not recipients:
+            return []
+        hosts = frozenset(route.hosts)
+        suspended = self._suspended.get(hosts)
+        if suspended is not None:
+            since, why, remote = suspended
+            if self._clock.seconds() - since < self._suspend_for:
+                why = f"delivery temporarily suspended: {why}"
+                return [Outcome(r, DEFERRED, why, remote, CONNECT_FAILED) for r in recipients]
+            del self._suspended[hosts]
+        last, remote = HostError("no SMTP host to try", "4.4.4"), ""
+        unconnected = 0
+        for host in route.hosts:
+            try:
+                return await self._attempt(host, route, envelope, recipients, open_body, size)
+            except HostError as e:
+                last, remote = e, _remote(host)
+                if e.status == CONNECT_FAILED:
+                    self._unreachable(host)
+                    unconnected += 1
+        if route.hosts and unconnected == len(route.hosts):
+            self._suspended[hosts] = (self._clock.seconds(), last.reason, remote)
+        return [Outcome(r, DEFERRED, last.reason, remote, last.status) for r in recipients]
+
+    def forget_failures(self) -> None:
+        """The operator says the next hops are back (``queue flush``): try them again now."""
+        self._suspended.clear()
+
+    async def _attempt(
+        self,
+        host: Host,
+        route: Route,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        open_body: Callable[[], BinaryIO],
+        size: int,
+    ) -> list[Outcome]:
+        key: _Key = (host, route.tls, route.implicit_tls, route.credentials)
+        while (session := self._take(key)) is not None:
+            try:
+                outcomes = await self._transaction(
+                    session.conn, host, envelope, recipients, open_body, size,
+                    session.extensions, reused=True,
+                )
+            except HostError:
+                # Before MAIL was accepted, so nothing was delivered: the connection went
+                # stale while parked. A fresh one (below) decides, never this failure.
+                self._discard(session)
+                continue
+            except BaseException:
+                self._discard(session)
+                raise
+            await self._finish(key, session)
+            return outcomes
+        conn = await self._connect(host, route)
+        try:
+            opened = self._clock.seconds()
+            extensions = await self._open(conn, host, route)
+            session = _Session(conn, extensions, opened)
+            outcomes = await self._transaction(
+                conn, host, envelope, recipients, open_body, size, extensions
+            )
+        except BaseException:
+            await conn.close(self._timeouts.quit)
+            raise
+        await self._finish(key, session)
+        return outcomes
+
+    # -- the connection cache -------------------------------------------------------------
+    def _take(self, key: _Key) -> _Session | None:
+        """The most recently parked connection for ``key`` still fit for a transaction."""
+        stack = self._parked.get(key)
+        found = None
+        while stack and found is None:
+            session = stack.pop()
+            if session.timer is not None and session.timer.active():
+                session.timer.cancel()
+            session.timer = None
+            if session.conn.idle and not self._too_old(session):
+                found = session
+            else:  # hung up, or said something unasked while parked
+                self._discard(session)
+        if not stack:
+            self._parked.pop(key, None)
+        return found
+
+    def _too_old(self, session: _Session) -> bool:
+        assert self._reuse is not None
+        return (
+            session.uses >= self._reuse.uses
+            or self._clock.seconds() - session.opened >= self._reuse.age
+        )
+
+    async def _finish(self, key: _Key, session: _Session) -> None:
+        """After a transaction: park the connection (after RSET when the transaction was
+        left open: MAIL accepted, no message sent), or QUIT."""
+        session.uses += 1
+        conn = session.conn
+        if self._reuse is None or self._shut or self._too_old(session) or not conn.idle:
+            await conn.close(self._timeouts.quit)
+            return
+        if not conn.between_transactions:
+            try:
+                conn.send("RSET")
+                reply = await conn.read_reply(self._timeouts.rset, "RSET")
+            except HostError:
+                reply = None
+            if reply is None or reply.code != 250 or self._shut or not conn.idle:
+                await conn.close(self._timeouts.quit)
+                return
+            conn.between_transactions = True
+        session.timer = self._clock.callLater(self._reuse.idle, self._expire, key, session)
+        self._parked.setdefault(key, []).append(session)
+
+    def _expire(self, key: _Key, session: _Session) -> None:
+        session.timer = None
+        stack = self._parked.get(key, [])
+        if session in stack:
+            stack.remove(session)
+            if not stack:
+                del self._parked[key]
+        self._discard(session)
+
+    def _discard(self, session: _Session) -> None:
+        """QUIT (or abort) in the background; :meth:`close_all` waits for it."""
+        closing = Deferred.fromCoroutine(session.conn.close(self._timeouts.quit))
+        self._closing.add(closing)
+
+        def done(result: object) -> None:
+            self._closing.discard(closing)
+
+        closing.addErrback(lambda f: _log.failure("closing {peer}", f, peer=session.conn.peer))
+        closing.addBoth(done)
+
+    def close_all(self) -> Deferred[None]:
+        """For shutdown: QUIT every parked connection and park no more; fires when all are
+        closed (each close is bounded by the QUIT timeout)."""
+        self._shut = True
+        parked, self._parked = self._parked, {}
+        for stack in parked.values():
+            for session in stack:
+                if session.timer is not None and session.timer.active():
+                    session.timer.cancel()
+                session.timer = None
+                self._discard(session)
+        closing = DeferredList(list(self._closing))
+        return closing.addCallback(lambda _: None)
+
+    # -- connection and session -----------------------------------------------------------
+    def _tls_options(
+        self, route: Route, host: Host
+    ) -> IOpenSSLClientConnectionCreator | CertificateOptions:
+        if route.tls == "verify":
+            return optionsForClientTLS(host.name, trustRoot=self._trust_root)
+        # Opportunistic and "required" only want encryption: RFC 7435, most MX certificates
+        # would fail verification, and failing closed on them would stop mail.
+        return CertificateOptions(verify=False)
+
+    async def _connect(self, host: Host, route: Route) -> ClientConnection:
+        endpoint: IStreamClientEndpoint
+        timeout = self._timeouts.connect
+        try:
+            family = ipaddress.ip_address(host.address).version
+        except ValueError:
+            family = 4  # a name: TCP4ClientEndpoint resolves it
+        if family == 6:
+            endpoint = TCP6ClientEndpoint(  # type: ignore[no-untyped-call]
+                self._reactor, host.address, host.port, timeout
+            )
+        else:
+            endpoint = TCP4ClientEndpoint(self._reactor, host.address, host.port, timeout)
+        if route.implicit_tls:
+            options: Any = self._tls_options(route, host)
+            endpoint = wrapClientTLS(options, endpoint)
+        conn = ClientConnection(self._clock, str(host), self._transcript)
+        try:
+            await endpoint.connect(QuietFactory(conn))
+        except error.ConnectionRefusedError:
+            raise HostError(f"connection refused by {host}", CONNECT_FAILED) from None
+        except (error.TimeoutError, error.ConnectingCancelledError):
+            raise HostError(f"connection to {host} timed out", CONNECT_FAILED) from None
+        except (error.ConnectError, OSError) as e:
+            raise HostError(f"cannot connect to {host}: {e}", CONNECT_FAILED) from None
+        return conn
+
+    async def _open(self, conn: ClientConnection, host: Host, route: Route) -> dict[str, str]:
+        """Greeting, EHLO, TLS, AUTH: ready for MAIL, or a HostError."""
+        t = self._timeouts
+        if route.implicit_tls:
+            await conn.handshake(t.command)
+        greeting = await conn.read_reply(t.greeting, "greeting")
+        if greeting.code != 220:
+            raise HostError(f"{host} greeted with: {greeting.text}", greeting.status(DEFERRED))
+        extensions = await self._hello(conn, host)
+        must_encrypt = route.tls in ("required", "verify") or route.credentials is not None
+        if not conn.tls:
+            if "STARTTLS" in extensions:
+                conn.send("STARTTLS")
+                reply = await conn.read_reply(t.command, "STARTTLS")
+                if reply.code == 220:
+                    conn.start_tls(self._tls_options(route, host))
+                    await conn.handshake(t.command)
+                    extensions = await self._hello(conn, host)  # RFC 3207 4.2: forget it all
+                elif must_encrypt:
+                    raise HostError(f"{host} refused STARTTLS: {reply.text}", "4.7.4")
+            elif must_encrypt:
+                why = "credentials are configured" if route.tls == "opportunistic" else (
+                    f'delivery.tls is "{route.tls}"'
+                )
+                raise HostError(f"{host} does not offer STARTTLS and {why}", "4.7.4")
+        if route.credentials is not None:
+            await self._authenticate(conn, host, route.credentials, extensions)
+        return extensions
+
+    async def _hello(self, conn: ClientConnection, host: Host) -> dict[str, str]:
+        t = self._timeouts
+        conn.send(f"EHLO {self._hostname}")
+        reply = await conn.read_reply(t.command, "EHLO")
+        if reply.positive:
+            return extensions_of(reply)
+        if reply.code >= 500:  # RFC 5321 3.2: a pre-ESMTP server; HELO then, no extensions
+            conn.send(f"HELO {self._hostname}")
+            reply = await conn.read_reply(t.command, "HELO")
+            if reply.positive:
+                return {}
+        raise HostError(f"{host} refused EHLO/HELO: {reply.text}", reply.status(DEFERRED))
+
+    async def _authenticate(
+        self,
+        conn: ClientConnection,
+        host: Host,
+        credentials: Credentials,
+        extensions: dict[str, str],
+    ) -> None:
+        """AUTH PLAIN (RFC 4616) or LOGIN; a refusal defers, it never bounces (SPEC)."""
+        if not conn.tls:  # _open should have stopped first; never send secrets in the clear
+            raise HostError(f"{host} is not encrypted, not sending credentials", "4.7.0")
+
+        def b64(text: str) -> str:
+            return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+        t = self._timeouts
+        mechanisms = extensions.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms:
+            token = b64(f"\0{credentials.username}\0{credentials.password}")
+            conn.send(f"AUTH PLAIN {token}", secret=True)
+            reply = await conn.read_reply(t.command, "AUTH")
+        elif "LOGIN" in mechanisms:
+            conn.send("AUTH LOGIN")
+            reply = await conn.read_reply(t.command, "AUTH")
+            for secret in (credentials.username, credentials.password):
+                if reply.code != 334:
+                    break
+                conn.send(b64(secret), secret=True)
+                reply = await conn.read_reply(t.command, "AUTH")
+        else:
+            raise HostError(f"{host} offers neither AUTH PLAIN nor AUTH LOGIN", "4.7.0")
+        if reply.code == 334:  # a challenge we cannot answer: cancel (RFC 4954 4)
+            conn.send("*")
+            reply = await conn.read_reply(t.command, "AUTH")
+        if reply.code != 235:
+            raise HostError(f"{host} refused authentication: {reply.text}", reply.status(DEFERRED))
+
+    # -- the transaction ------------------------------------------------------------------
+    def _mail(self, envelope: Envelope, size: int, extensions: dict[str, str]) -> str:
+        words = [f"MAIL FROM:<{envelope.sender}>"]
+        if "SIZE" in extensions:
+            words.append(f"SIZE={size}")
+        # An 8-bit body goes out even when 8BITMIME is not offered, as Postfix does: nearly
+        # every server takes it, and RFC 6152 conversion to 7 bit would mean rewriting MIME.
+        if envelope.body == "8BITMIME" and "8BITMIME" in extensions:
+            words.append("BODY=8BITMIME")
+        if envelope.smtputf8:
+            words.append("SMTPUTF8")
+        if "DSN" in extensions:
+            if envelope.ret:
+                words.append(f"RET={envelope.ret}")
+            if envelope.envid:
+                words.append(f"ENVID={xtext(envelope.envid)}")
+        return " ".join(words)
+
+    def _rcpt(self, recipient: Recipient, extensions: dict[str, str]) -> str:
+        words = [f"RCPT TO:<{recipient.address}>"]
+        if "DSN" in extensions:
+            if recipient.notify:
+                words.append(f"NOTIFY={','.join(recipient.notify)}")
+            if recipient.orcpt:
+                kind, sep, address = recipient.orcpt.partition(";")
+                if not sep:
+                    kind, address = "rfc822", recipient.orcpt
+                words.append(f"ORCPT={kind};{xtext(address)}")
+        return " ".join(words)
+
+    async def _transaction(
+        self,
+        conn: ClientConnection,
+        host: Host,
+        envelope: Envelope,
+        recipients: Sequence[Recipient],
+        open_body: Callable[[], BinaryIO],
+        size: int,
+        extensions: dict[str, str],
+        *,
+        reused: bool = False,
+    ) -> list[Outcome]:
+        t, remote = self._timeouts, _remote(host)
+
+        def outcome(recipient: Recipient, reply: ServerReply) -> Outcome:
+            result = DELIVERED if reply.positive else DEFERRED if reply.code < 500 else BOUNCED
+            return Outcome(
+                recipient,
+                result,
+                reply.text,
+                remote,
+                reply.status(result),
+                dsn_passed="DSN" in extensions,
+            )
+
+        if envelope.smtputf8 and "SMTPUTF8" not in extensions:
+            # SPEC / RFC 6531 3.2: bounced, not mangled. Other hosts of one MX set are
+            # configured alike, so trying them would only delay the bounce (Postfix agrees).
+            why = f"{host} does not offer SMTPUTF8, which this message requires"
+            return [Outcome(r, BOUNCED, why, remote, "5.6.7") for r in recipients]
+        mail = self._mail(envelope, size, extensions)
+        rcpts = [self._rcpt(r, extensions) for r in recipients]
+        pipelining = "PIPELINING" in extensions
+        conn.between_transactions = False
+        if pipelining:  # RFC 2920 3.1: MAIL, RCPTs and DATA in one go, replies in order
+            conn.send(mail, *rcpts, "DATA")
+        else:
+            conn.send(mail)
+        reply = await conn.read_reply(t.mail, "MAIL FROM")
+        if reused and 400 <= reply.code < 500:  # e.g. 421: timed out while parked
+            raise HostError(f"{host} answered MAIL on a reused connection with {reply.text}")
+        if not reply.positive:
+            return [outcome(r, reply) for r in recipients]  # close() reads pipelined replies
+
+        decided: list[Outcome | None] = [None] * len(recipients)
+        accepted: list[int] = []
+        try:
+            for i, (recipient, rcpt) in enumerate(zip(recipients, rcpts, strict=True)):
+                if not pipelining:
+                    conn.send(rcpt)
+                reply = await conn.read_reply(t.rcpt, "RCPT TO")
+                if reply.positive:
+                    accepted.append(i)
+                else:
+                    decided[i] = outcome(recipient, reply)
+            if not accepted and not pipelining:
+                return _done(decided)
+            if not pipelining:
+                conn.send("DATA")
+            reply = await conn.read_reply(t.data_init, "DATA")
+            if reply.code != 354:
+                if accepted:
+                    if reply.positive:  # a 2xx to DATA is nonsense; do not call it delivered
+                        conn.reusable = False
+                        raise HostError(f"{host} answered DATA with {reply.text}")
+                    for i in accepted:
+                        decided[i] = outcome(recipients[i], reply)
+                return _done(decided)
+            conn.in_data = True
+            if not accepted:
+                # RFC 2920 3.1: DATA was accepted although every RCPT failed; end it empty.
+                conn.in_data = False
+                conn.send(".")
+                return _done(decided)
+            try:
+                with open_body() as body:
+                    await conn.send_body(body, t.data_block)
+            except OSError as e:
+                conn.abort()  # never end a message we could not read in full
+                raise HostError(f"cannot read the queued message: {e}", "4.3.0") from None
+            reply = await conn.read_reply(t.data_end, "end of data")
+            conn.between_transactions = True
+            for i in accepted:
+                decided[i] = outcome(recipients[i], reply)
+        except HostError as e:
+            for i, recipient in enumerate(recipients):
+                if decided[i] is None:
+                    decided[i] = Outcome(recipient, DEFERRED, e.reason, remote, e.status)
+        return _done(decided)
+
+
+_log = Logger(namespace="smarthost.delivery.smtpagent")
+
+
+def _done(decided: list[Outcome | None]) -> list[Outcome]:
+    done = [d for d in decided if d is not None]
+    assert len(done) == len(decided), "a recipient without an outcome"
+    return done
+
+
+def _remote(host: Host) -> str:
+    return f"{host.name}[{host.address}]"
