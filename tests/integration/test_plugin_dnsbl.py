@@ -18,6 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from dnsserver import DNSTestServer, Zone, close_client_connections, start
+from fakes import PluginSession
 from smarthost.api import Context, IConnectCheck, ISmarthostPlugin
 from smarthost.app.pluginload import PluginError, available_plugins, build_plugins
 from smarthost.core.envelope import Client
@@ -25,7 +26,6 @@ from smarthost.core.replies import Reply
 from smarthost.delivery.routing import make_resolver
 from smarthost.plugins.dnsbl import DNSBLPlugin, parse_settings, reverse_name
 from smarthost.smtpd.hooks import Hooks
-from test_plugins import PluginSession
 
 LISTED_V4 = "192.0.2.99"  # 99.2.0.192.<zone>
 LISTED_V6 = "2001:db8::1"

@@ -22,13 +22,13 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from test_dialogs import Dialog
 from twisted.internet.error import ConnectionDone
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smarthost.core.envelope import QueueId
-from test_dialogs import Dialog
 
 EXAMPLES = int(os.environ.get("SMARTHOST_FUZZ_EXAMPLES", "0"))
 HOSTNAME = b"mx.smarthost.test"  # what Dialog configures; the EHLO/HELO reply's first text

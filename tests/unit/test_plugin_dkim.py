@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
+from fakes import PluginSession, codes, run_now
 from smarthost.api import Context, IHeaderAdder
 from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.plugins.dkim import (
@@ -23,7 +24,6 @@ from smarthost.plugins.dkim import (
     header_names,
     parse_settings,
 )
-from test_plugins import PluginSession, codes, run_now
 
 MESSAGE = """\
 From: Alice <alice@example.test>

@@ -68,7 +68,7 @@ def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     zone = tmp_path_factory.mktemp("dns") / "zone.txt"
     zone.write_text(ZONE)
     proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("dnsserver.py")), "--zone", str(zone),
+        [sys.executable, str(Path(__file__).parents[1] / "dnsserver.py"), "--zone", str(zone),
          "--port", "0"],
         stdout=subprocess.PIPE,
     )

@@ -14,6 +14,14 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import attrs
+from test_spool import (
+    BODY,
+    FILLER,
+    Jobs,
+    SpoolTestCase,
+    envelope,
+    record_start,
+)
 from twisted.internet.defer import Deferred
 
 from smarthost.core.envelope import QueueEntry, QueueId
@@ -32,14 +40,6 @@ from smarthost.queue.segment import (
     encode_header,
 )
 from smarthost.queue.spool import COMPACT_AFTER, SpoolLocked
-from test_spool import (
-    BODY,
-    FILLER,
-    Jobs,
-    SpoolTestCase,
-    envelope,
-    record_start,
-)
 
 
 class RecoveryTests(SpoolTestCase):

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_sasl_session import LineClient
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -35,7 +36,6 @@ from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.policy import RelayPolicy
 from smarthost.smtpd.session import Session, SessionSettings
-from test_sasl_session import LineClient
 
 TOKEN = "ya29.a0AfH6SMBx-secret_token~value+/=="
 BOB_TOKEN = "bob-token-0123456789"

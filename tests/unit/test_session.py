@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from test_hooks import run_now
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -16,7 +17,6 @@ from smarthost.queue.spool import Spool
 from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.policy import RelayPolicy
 from smarthost.smtpd.session import Session, SessionSettings
-from test_hooks import run_now
 
 
 def make(tmp: Path, events: EventFile | None = None) -> tuple[Session, StringTransport, Clock]:

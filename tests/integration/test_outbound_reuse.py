@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from test_outbound import ALICE, BOB, FAST, DeliveryTestCase, Scripted, ScriptedServer
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from smarthost.core.envelope import BOUNCED, DELIVERED
 from smarthost.delivery.routing import Credentials
 from smarthost.delivery.smtpagent import Reuse, SMTPDelivery
-from test_outbound import ALICE, BOB, FAST, DeliveryTestCase, Scripted, ScriptedServer
 
 POSTFIX_LIKE = Reuse()  # 2 s idle, 100 uses, 300 s
 

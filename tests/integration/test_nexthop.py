@@ -354,7 +354,7 @@ class ResolverSetupTests(TestCase):
             f.write("# test zone\nsub.test MX 10 mx.sub.test\nmx.sub.test A 127.0.0.61\n")
             f.write("gone.test MX 0 .\n")
         self.addCleanup(os.unlink, f.name)
-        script = os.path.join(os.path.dirname(__file__), "dnsserver.py")
+        script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "dnsserver.py")
         proc = subprocess.Popen(
             [sys.executable, script, "--zone", f.name],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -35,7 +35,7 @@ from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.policy import RelayPolicy
 from smarthost.smtpd.session import Session, SessionSettings
 
-DIALOGS = sorted((Path(__file__).parent / "dialogs").glob("*.txt"))
+DIALOGS = sorted((Path(__file__).parent.parent / "dialogs").glob("*.txt"))
 HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
 
 

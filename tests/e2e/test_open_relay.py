@@ -32,7 +32,7 @@ import pytest
 from daemon import Daemon
 from mxpeer import MXPeer
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parent.parent
 LOCAL = "example.test"
 # Every remote domain a trick names (in DNS form); each has an MX pointing at the test MX.
 REMOTE_DOMAINS = [

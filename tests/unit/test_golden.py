@@ -11,7 +11,7 @@ from smarthost.auth import sasl
 from smarthost.core.envelope import Client, parse_mailbox
 from smarthost.smtpd.policy import RelayPolicy
 
-GOLDEN = Path(__file__).parent / "golden"
+GOLDEN = Path(__file__).parent.parent / "golden"
 
 
 def config_cases() -> list[tuple[str, str]]:
@@ -41,7 +41,7 @@ def test_the_example_file_is_the_embedded_default(
 ) -> None:
     """Every key has a default and the shipped example states exactly those defaults."""
     monkeypatch.chdir(tmp_path)
-    example = Path(__file__).parent.parent / "smarthost.example.toml"
+    example = Path(__file__).parent.parent.parent / "smarthost.example.toml"
     assert parse_config(example.read_text(), tmp_path) == parse_config("", tmp_path)
     assert load_config(None) == parse_config("", tmp_path)
 
