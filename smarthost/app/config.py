@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import attrs
 
+from smarthost.core.enums import TLSPolicy
 from smarthost.core.errors import ConfigError
 from smarthost.core.types import Network
 
@@ -72,7 +73,7 @@ class DeliveryConfig:
     local: str
     port: int = 25
     nameservers: tuple[str, ...] = ()
-    tls: str = "opportunistic"
+    tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
     routes: Mapping[str, str] = attrs.field(factory=dict)
     upstream: UpstreamConfig | None = None
 
@@ -114,7 +115,6 @@ class Config:
     plugins: PluginsConfig
 
 
-TLS_POLICIES = ("opportunistic", "required", "verify")
 _DEFAULT_TRUSTED = ("127.0.0.1/32", "::1/128")
 
 
@@ -303,9 +303,10 @@ class _Loader:
                 parse_nameserver(server)
             except ValueError as e:
                 raise ConfigError(f"delivery.nameservers[{i}]", str(e)) from None
-        tls = t.get("tls", str, "opportunistic")
-        if tls not in TLS_POLICIES:
-            raise ConfigError("delivery.tls", f"must be one of {', '.join(TLS_POLICIES)}")
+        try:
+            tls = TLSPolicy(t.get("tls", str, TLSPolicy.OPPORTUNISTIC))
+        except ValueError:
+            raise ConfigError("delivery.tls", f"must be one of {', '.join(TLSPolicy)}") from None
         local = t.get("local", str, "maildir:var/maildir")
         local = self._target("delivery.local", local, allow_maildir=True)
         routes_table = t.table("routes")

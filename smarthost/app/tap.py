@@ -33,6 +33,7 @@ from smarthost.app.config import Config, ConfigError, load_config
 from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.auth import oauth, sasl
 from smarthost.auth import users as auth
+from smarthost.core.enums import Role
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.delivery.courier import Courier
@@ -45,7 +46,7 @@ from smarthost.smtpd import listen
 from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.session import SMTP, SUBMISSION, SUBMISSIONS, Session, SessionSettings
+from smarthost.smtpd.session import Session, SessionSettings
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -387,7 +388,7 @@ class DeliveryService(Service):
         return None
 
 
-def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
+def session_factory(parts: Parts, role: Role, reactor: Any) -> SessionFactory:
     config = parts.config
     settings = SessionSettings(
         role=role,
@@ -399,7 +400,7 @@ def session_factory(parts: Parts, role: str, reactor: Any) -> SessionFactory:
         tls=parts.server_tls,
         mechanisms=sasl.build_mechanisms(
             config.auth.mechanisms, users=parts.users, hostname=config.hostname, clock=reactor
-        ) if role != SMTP else (),
+        ) if role != Role.SMTP else (),
     )
 
     login = auth.PortalLogin(parts.portal)
@@ -427,12 +428,12 @@ def make_service(
     top = MultiService()
     listeners: list[tuple[str, str, Factory, Any]] = []
     for role, descriptions in (
-        (SUBMISSION, config.listen.submission),
-        (SUBMISSIONS, config.listen.submissions),
-        (SMTP, config.listen.smtp),
+        (Role.SUBMISSION, config.listen.submission),
+        (Role.SUBMISSIONS, config.listen.submissions),
+        (Role.SMTP, config.listen.smtp),
     ):
         factory = session_factory(parts, role, reactor)
-        tls = parts.server_tls if role == SUBMISSIONS else None
+        tls = parts.server_tls if role == Role.SUBMISSIONS else None
         listeners += [(role, description, factory, tls) for description in descriptions]
     DeliveryService(reactor, parts).setServiceParent(top)
     ListenerService(reactor, parts.maillog, listeners).setServiceParent(top)

@@ -13,6 +13,8 @@ from typing import Any
 
 import attrs
 
+from smarthost.core.enums import Result, Role
+
 # RFC 5321 4.1.2: atext for dot-atom local parts.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
@@ -240,13 +242,13 @@ _ENVELOPE_FIELDS = frozenset(f.name for f in attrs.fields(Envelope))
 
 
 # Per-recipient delivery state, as the spool records it and the scheduler updates it.
-PENDING, DELIVERED, BOUNCED = "pending", "delivered", "bounced"
+PENDING, DELIVERED, BOUNCED = Result.PENDING, Result.DELIVERED, Result.BOUNCED
 
 
 @attrs.frozen
 class RecipientState:
     recipient: Recipient
-    status: str = PENDING  # PENDING | DELIVERED | BOUNCED
+    status: Result = attrs.field(default=PENDING, converter=Result)  # PENDING|DELIVERED|BOUNCED
     last_reply: str = ""  # the last remote (or local) reply or error text for this recipient
     remote: str = ""  # the next hop that gave last_reply
     attempts: int = 0
@@ -330,8 +332,8 @@ class QueueEntry:
         )
 
 
-# What one delivery attempt did for one recipient.
-DEFERRED = "deferred"
+# What one delivery attempt did for one recipient: DELIVERED, DEFERRED or BOUNCED.
+DEFERRED = Result.DEFERRED
 
 
 @attrs.frozen
@@ -342,7 +344,7 @@ class Outcome:
     """
 
     recipient: Recipient
-    result: str  # DELIVERED | DEFERRED | BOUNCED
+    result: Result
     reply: str  # the remote reply as received ("550 5.1.1 No such user"), or our own reason
     remote: str = ""  # "mx.example.test[192.0.2.1]", "maildir", ... for logs and DSN Remote-MTA
     status: str = ""  # RFC 3463 code for the DSN Status field, e.g. "5.1.1"
@@ -356,7 +358,7 @@ class Client:
     """What is known about the connected client when a check runs (policy, plugins)."""
 
     address: str  # IP address as text (the proxied one behind HAProxy)
-    role: str  # "submission" | "submissions" | "smtp"
+    role: Role
     tls: bool = False
     user: str | None = None  # authenticated user name
     helo: str = ""

@@ -69,3 +69,40 @@ SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
+
+# Session commands
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
+NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
+NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+AUTH_NOT_OFFERED = Reply(503, "5.5.1", "Authentication not enabled")
+UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
+NOT_ACCEPTED = Reply(502, "5.5.1", "Command not implemented")
+PROTOCOL_PROBE = Reply(500, "5.5.1", "This is an SMTP server; closing")
+HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
+
+# Abuse limits
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address")
+AUTH_BLOCKED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
+TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing")
+RATE_LIMITED = Reply(451, "4.7.1", "Sending rate exceeded, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+
+# AUTH exchange
+BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
+
+# Relay policy
+USER_UNKNOWN = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
+
+# Storage
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
+
+# Plugins
+PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")

@@ -20,6 +20,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.names import client, common, dns, error
 
+from smarthost.core.enums import TLSPolicy
+
 SMTP, MAILDIR = "smtp", "maildir"
 
 
@@ -45,7 +47,7 @@ class Host:
 class Route:
     kind: str  # SMTP | MAILDIR
     hosts: tuple[Host, ...] = ()  # in the order to try them (SMTP)
-    tls: str = "opportunistic"  # "opportunistic" | "required" | "verify"
+    tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
     implicit_tls: bool = False  # port 465 routes: TLS from the first byte (RFC 8314)
     credentials: Credentials | None = None  # static routes only, never MX hosts
     maildir: str = ""  # MAILDIR: the root directory
@@ -74,7 +76,6 @@ class TemporaryRouteError(RouteError):
 
 DEFAULT_SMTP_PORT = 25
 IMPLICIT_TLS_PORT = 465  # RFC 8314 3.3: submissions, TLS from the first byte
-TLS_POLICIES = ("opportunistic", "required", "verify")
 DNS_TIMEOUT = (1, 3, 5)  # seconds per retransmission; a lookup gives up after 9 s
 UNREACHABLE_FOR = 60.0  # seconds a failed host stays at the end of the list
 MAX_MX_HOSTS = 10  # a domain with hundreds of MX records must not cost hundreds of lookups
@@ -285,14 +286,12 @@ class NextHopResolver:
         local: str = "maildir:var/maildir",
         routes: Mapping[str, str] | None = None,
         port: int = DEFAULT_SMTP_PORT,
-        tls: str = "opportunistic",
+        tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
         credentials: Credentials | None = None,
         random: Random | None = None,
         unreachable_for: float = UNREACHABLE_FOR,
         address_literals: bool = True,
     ) -> None:
-        if tls not in TLS_POLICIES:
-            raise ValueError(f"tls {tls!r}: expected one of {', '.join(TLS_POLICIES)}")
         if not 0 < port < 65536:
             raise ValueError(f"port {port}: expected 1 to 65535")
         self._dns = resolver
@@ -367,8 +366,8 @@ class NextHopResolver:
                 )
             hosts = [Host(target.host, a, target.port) for a in addresses.records]
         tls = self._tls
-        if credentials is not None and tls == "opportunistic":
-            tls = "required"  # never send a password in the clear
+        if credentials is not None and tls == TLSPolicy.OPPORTUNISTIC:
+            tls = TLSPolicy.REQUIRED  # never send a password in the clear
         return Route(
             SMTP,
             hosts=self._order(hosts),

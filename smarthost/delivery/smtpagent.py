@@ -63,6 +63,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
 from twisted.logger import Logger
 
+from smarthost.core.enums import TLSPolicy
 from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
 from smarthost.delivery.routing import Credentials, Host, Route
 from smarthost.delivery.smtpclient import (
@@ -332,7 +333,7 @@ class SMTPDelivery:
     def _tls_options(
         self, route: Route, host: Host
     ) -> IOpenSSLClientConnectionCreator | CertificateOptions:
-        if route.tls == "verify":
+        if route.tls == TLSPolicy.VERIFY:
             return optionsForClientTLS(host.name, trustRoot=self._trust_root)
         # Opportunistic and "required" only want encryption: RFC 7435, most MX certificates
         # would fail verification, and failing closed on them would stop mail.
@@ -374,7 +375,7 @@ class SMTPDelivery:
         if greeting.code != 220:
             raise HostError(f"{host} greeted with: {greeting.text}", greeting.status(DEFERRED))
         extensions = await self._hello(conn, host)
-        must_encrypt = route.tls in ("required", "verify") or route.credentials is not None
+        must_encrypt = route.tls != TLSPolicy.OPPORTUNISTIC or route.credentials is not None
         if not conn.tls:
             if "STARTTLS" in extensions:
                 conn.send("STARTTLS")
@@ -386,7 +387,7 @@ class SMTPDelivery:
                 elif must_encrypt:
                     raise HostError(f"{host} refused STARTTLS: {reply.text}", "4.7.4")
             elif must_encrypt:
-                why = "credentials are configured" if route.tls == "opportunistic" else (
+                why = "credentials are configured" if route.tls == TLSPolicy.OPPORTUNISTIC else (
                     f'delivery.tls is "{route.tls}"'
                 )
                 raise HostError(f"{host} does not offer STARTTLS and {why}", "4.7.4")

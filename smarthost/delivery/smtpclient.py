@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smarthost.core.enums import Result
 from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED
 
 if TYPE_CHECKING:
@@ -61,7 +62,7 @@ class ServerReply:
     def positive(self) -> bool:
         return 200 <= self.code < 300
 
-    def status(self, result: str) -> str:
+    def status(self, result: Result) -> str:
         """The RFC 3463 code: the server's own when it gave one, else derived (X.0.0).
 
         The class follows our result, so a 535 that defers the message reads 4.7.8.

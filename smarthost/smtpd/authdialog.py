@@ -22,11 +22,8 @@ from twisted.internet.task import deferLater
 from smarthost.auth.sasl import Challenge, Credentials, ISASLMechanism, Rejected
 from smarthost.core import replies as reply
 from smarthost.core.maillog import MailLog
-from smarthost.core.replies import Reply
-from smarthost.smtpd import limits as limits_mod
+from smarthost.core.replies import BAD_BASE64, Reply
 from smarthost.smtpd.limits import Limits
-
-BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode response")
 
 
 class Login(Protocol):
@@ -141,6 +138,6 @@ class AuthDialog:
 
         async def answer() -> Reply:
             await deferLater(self._clock, delay)
-            return limits_mod.TOO_MANY_AUTH_FAILURES if too_many else reply.AUTH_FAILED
+            return reply.TOO_MANY_AUTH_FAILURES if too_many else reply.AUTH_FAILED
 
         return answer()

@@ -28,9 +28,7 @@ from smarthost.api import (
     MessageView,
 )
 from smarthost.core.envelope import Client, Outcome, QueueEntry
-from smarthost.core.replies import Reply
-
-PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")
+from smarthost.core.replies import PLUGIN_FAILED, Reply
 
 _log = Logger(namespace="smarthost.plugins")
 

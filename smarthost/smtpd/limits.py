@@ -11,14 +11,7 @@ from collections import deque
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
-from smarthost.core.replies import Reply
-
-TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
-TOO_MANY_FROM_YOU = Reply(421, "4.7.0", "Too many connections from your address")
-AUTH_BLOCKED = Reply(454, "4.7.0", "Too many failed authentications, try again later")
-TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0", "Too many failed authentications, closing")
-RATE_LIMITED = Reply(451, "4.7.1", "Sending rate exceeded, try again later")
-TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+from smarthost.core.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, Reply
 
 AUTH_WINDOW = 600.0  # SPEC: failures counted over 10 minutes, then 10 minutes of 454
 HOUR = 3600.0

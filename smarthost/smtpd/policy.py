@@ -12,12 +12,10 @@ from collections.abc import Container, Mapping
 
 from smarthost.core import replies as reply
 from smarthost.core.envelope import Address, Client
-from smarthost.core.replies import Reply
+from smarthost.core.replies import USER_UNKNOWN, Reply
 from smarthost.core.types import Network
 
 SMTP_ROLE = "smtp"
-
-USER_UNKNOWN = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 
 
 class RelayPolicy:

@@ -8,10 +8,8 @@ from __future__ import annotations
 from smarthost.api import IIncomingMessage, MessageView
 from smarthost.core.envelope import Envelope
 from smarthost.core.maillog import MailLog
-from smarthost.core.replies import Reply
+from smarthost.core.replies import NO_STORAGE, Reply
 from smarthost.smtpd.dotreader import DataReader, DataResult, HeaderCapture
-
-NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
 class Reception:

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from smarthost.api import ISpool
 from smarthost.auth.sasl import ISASLMechanism
 from smarthost.core import replies as reply
+from smarthost.core.enums import Role
 from smarthost.core.envelope import (
     AddressError,
     Client,
@@ -35,46 +36,45 @@ from smarthost.core.envelope import (
     parse_path,
 )
 from smarthost.core.maillog import MailLog
-from smarthost.core.replies import Reply
-from smarthost.smtpd import limits as limits_mod
+from smarthost.core.replies import (
+    ALREADY_AUTHENTICATED,
+    ALREADY_TLS,
+    AUTH_IN_TRANSACTION,
+    AUTH_NOT_OFFERED,
+    BAD_RECIPIENT,
+    BAD_SENDER,
+    HELP,
+    NEED_HELO,
+    NEED_MAIL,
+    NESTED_MAIL,
+    NO_RECIPIENTS,
+    NOT_ACCEPTED,
+    PROTOCOL_PROBE,
+    TOO_MANY_RECIPIENTS,
+    UNKNOWN_MECHANISM,
+    Reply,
+)
 from smarthost.smtpd.authdialog import AuthDialog, Login
 from smarthost.smtpd.dotreader import DataResult
 from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits
 from smarthost.smtpd.params import mail_params, rcpt_params, split_path
 from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.reception import NO_STORAGE, Reception
+from smarthost.smtpd.reception import Reception
 from smarthost.smtpd.trace import Hop, received_header, tls_details
 from smarthost.smtpd.transaction import Transaction
-
-SUBMISSION, SUBMISSIONS, SMTP = "submission", "submissions", "smtp"
 
 MAX_COMMAND_LINE = 16384  # RFC 5321 says 512; AUTH responses and long parameters need more
 MAX_BUFFER = 1 << 20  # pipelined bytes held while a reply is pending, before we stop reading
 
-BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
-BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
-NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
-NEED_MAIL = Reply(503, "5.5.1", "Need MAIL command first")
-NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
-NO_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
-TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
-ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
-AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
-AUTH_NOT_OFFERED = Reply(503, "5.5.1", "Authentication not enabled")
-UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
-ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
-NOT_ACCEPTED = Reply(502, "5.5.1", "Command not implemented")
-PROTOCOL_PROBE = Reply(500, "5.5.1", "This is an SMTP server; closing")
 FORBIDDEN_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
-HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
 
 
 @attrs.frozen
 class SessionSettings:
     """What a listener's sessions share; one per role."""
 
-    role: str
+    role: Role
     hostname: str
     max_size: int
     max_recipients: int = 1000
@@ -85,7 +85,7 @@ class SessionSettings:
 
     @property
     def offers_auth(self) -> bool:
-        return self.role != SMTP and bool(self.mechanisms)
+        return self.role != Role.SMTP and bool(self.mechanisms)
 
 
 class Session(Protocol):
@@ -114,7 +114,7 @@ class Session(Protocol):
         self._address = ""
         self._helo = ""
         self._esmtp = False
-        self._tls = settings.role == SUBMISSIONS
+        self._tls = settings.role == Role.SUBMISSIONS
         self._user: str | None = None
         self._buffer = b""
         self._busy = False  # a reply is pending; later pipelined commands wait
@@ -190,7 +190,7 @@ class Session(Protocol):
         self._errors += 1
         limits = self._limits.settings
         if self._errors >= limits.hard_errors:
-            self._close(limits_mod.TOO_MANY_ERRORS)
+            self._close(reply.TOO_MANY_ERRORS)
         elif self._errors > limits.soft_errors:
             self._stall(float(self._errors - limits.soft_errors))
 
@@ -405,7 +405,7 @@ class Session(Protocol):
             self._send(AUTH_IN_TRANSACTION)
             return
         if self._limits.auth.blocked(self._address):
-            self._send(limits_mod.AUTH_BLOCKED)
+            self._send(reply.AUTH_BLOCKED)
             return
         name, _, initial = arg.partition(" ")
         factory = next((m for m in s.mechanisms if m.name == name.upper()), None)
@@ -493,7 +493,7 @@ class Session(Protocol):
         rate_key = self._rate_key()
         if rate_key is not None and not self._limits.rate.allowed(rate_key):
             self._log.refused(self._address, "MAIL", str(sender or ""), "rate limit")
-            self._send(limits_mod.RATE_LIMITED)
+            self._send(reply.RATE_LIMITED)
             return
         refusal = self._policy.check_sender(client, sender)
         if refusal is not None:
@@ -579,7 +579,7 @@ class Session(Protocol):
             incoming.write(self._received_header(incoming.queue_id.value))
         except OSError:
             incoming.abort()
-            self._send(NO_STORAGE)
+            self._send(reply.NO_STORAGE)
             return
         self._reception = Reception(
             incoming, self._settings.max_size, self._log,

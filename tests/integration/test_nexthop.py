@@ -394,8 +394,6 @@ class DefaultTimeoutTests(SynchronousTestCase):
 
 class ConstructorTests(SynchronousTestCase):
     def test_bad_values_are_refused_early(self) -> None:
-        with self.assertRaises(ValueError):
-            NextHopResolver(make_resolver(["127.0.0.1:53"], reactor), clock=Clock(), tls="on")
         with self.assertRaises(ValueError):  # routes must be SMTP
             NextHopResolver(
                 make_resolver(["127.0.0.1:53"], reactor), clock=Clock(),

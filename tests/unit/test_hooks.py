@@ -22,9 +22,9 @@ from smarthost.api import (
 )
 from smarthost.core.envelope import Client
 from smarthost.core.maillog import MailLog
-from smarthost.core.replies import Reply
+from smarthost.core.replies import PLUGIN_FAILED, Reply
 from smarthost.queue.spool import Spool
-from smarthost.smtpd.hooks import PLUGIN_FAILED, Hooks
+from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.policy import RelayPolicy
 from smarthost.smtpd.session import Session, SessionSettings

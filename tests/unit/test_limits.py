@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
+from smarthost.core.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU
 from smarthost.smtpd.limits import (
     AUTH_WINDOW,
-    TOO_MANY_CONNECTIONS,
-    TOO_MANY_FROM_YOU,
     AuthThrottle,
     ConnectionLimiter,
     SendingRate,
