@@ -42,13 +42,10 @@ the file and re-read it when it changed; the SASL exchanges call them synchronou
 from __future__ import annotations
 
 import collections
-import contextlib
-import errno
 import fcntl
 import os
 import re
 import stat
-import tempfile
 import threading
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -72,6 +69,7 @@ from smarthost.auth.derived import (
     ScramSecret,
     derive_secrets,
 )
+from smarthost.core.safeio import atomic_write
 from smarthost.core.types import RunBlocking
 
 _P = ParamSpec("_P")
@@ -538,9 +536,8 @@ def _line_name(line: bytes) -> bytes | None:
 def _rewrite(path: str | os.PathLike[str], name: str, new_line: bytes | None) -> bool:
     """Replace (or, with None, remove) every line of ``name``; append if it had none.
 
-    Returns whether the user existed. The write is Postfix-style: a temporary file in the
-    same directory, fsync, rename over the old file, fsync the directory. A crash leaves
-    either the old file or the new one, never a mix.
+    Returns whether the user existed. The write is :func:`atomic_write` (mode 0600, owner
+    kept): a crash leaves either the old file or the new one, never a mix.
     """
     # Rewrite the target of a symlink (an operator's /etc/smarthost/users), not the link.
     target = os.path.realpath(path)
@@ -553,10 +550,9 @@ def _rewrite(path: str | os.PathLike[str], name: str, new_line: bytes | None) ->
         fcntl.flock(dir_fd, fcntl.LOCK_EX)
         try:
             with open(target, "rb") as f:
-                old_stat: os.stat_result | None = os.fstat(f.fileno())
                 lines = f.read().splitlines(keepends=True)
         except FileNotFoundError:
-            old_stat, lines = None, []
+            lines = []
         out: list[bytes] = []
         found = False
         for line in lines:
@@ -572,35 +568,8 @@ def _rewrite(path: str | os.PathLike[str], name: str, new_line: bytes | None) ->
             if out and not out[-1].endswith(b"\n"):
                 out[-1] += b"\n"
             out.append(new_line + b"\n")
-        _atomic_write(target, b"".join(out), dir_fd, old_stat)
+        atomic_write(target, b"".join(out))
         return found
     finally:
         os.close(dir_fd)  # also releases the lock
 
-
-def _atomic_write(
-    target: str, data: bytes, dir_fd: int, old_stat: os.stat_result | None
-) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
-                               dir=os.path.dirname(target))
-    try:
-        os.fchmod(fd, 0o600)
-        if old_stat is not None:
-            # Run as root for a daemon running as another user: keep the file readable by
-            # whoever owned it before.
-            with contextlib.suppress(PermissionError):
-                os.fchown(fd, old_stat.st_uid, old_stat.st_gid)
-        with open(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    try:
-        os.fsync(dir_fd)
-    except OSError as e:  # some file systems cannot fsync a directory
-        if e.errno not in (errno.EINVAL, errno.EBADF):
-            raise
