@@ -17,6 +17,11 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
+from smarthost.core.envelope import QueueId
+from smarthost.core.maillog import MailLog
+from smarthost.delivery.scheduler import Scheduler
+from smarthost.queue.spool import Spool, release_held
+
 SOCKET_NAME = "control.sock"
 
 Handler = Callable[[list[str]], Any]  # returns str, Deferred[str] or a coroutine of str
@@ -60,3 +65,43 @@ class ControlFactory(Factory):
         protocol = ControlProtocol(self._handlers)
         protocol.factory = self
         return protocol
+
+
+class ControlCommands:
+    """The fixed table of what the admin tool may ask the running daemon. Each change goes
+    through the scheduler and the spool of this process, so it cannot race a delivery."""
+
+    def __init__(self, spool: Spool, scheduler: Scheduler, maillog: MailLog) -> None:
+        self._spool = spool
+        self._scheduler = scheduler
+        self._log = maillog
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"flush": self.flush, "delete": self.delete, "release": self.release}
+
+    def flush(self, args: list[str]) -> str:
+        count = self._scheduler.flush()
+        self._log.notice("queue flush requested: {count} messages", count=count)
+        return f"flushed: {count} messages will be retried now"
+
+    async def delete(self, args: list[str]) -> str:
+        deleted = 0
+        for text in args:
+            queue_id = QueueId(text)
+            self._scheduler.forget(queue_id)
+            try:
+                await self._spool.remove(queue_id)
+            except KeyError:
+                continue
+            self._log.removed(queue_id, "deleted by the operator")
+            deleted += 1
+        return f"deleted {deleted}"
+
+    async def release(self, args: list[str]) -> str:
+        if len(args) != 1:
+            return "error: release needs one user name"
+        released = await release_held(self._spool, args[0])
+        for entry in released:
+            self._log.notice("{queue_id}: released by the operator", queue_id=str(entry.queue_id))
+            self._scheduler.enqueue(entry)
+        return f"released {len(released)}"

@@ -3,7 +3,7 @@
 ``--auth smarthost-users:PATH`` (``twisted.cred.strcred``) gives another Twisted server
 (``twistd web``, ``twistd ftp``, ...) the bcrypt checker of :mod:`smarthost.auth.users` over a users
 file written by ``smarthost passwd``: one password per person for every service. The factory
-is found through ``twisted/plugins/smarthost_checkers.py``.
+is in ``twisted/plugins/smarthost_checkers.py``; it imports this module only when used.
 
 The other direction: ``twistd smarthost --auth file:PATH`` (any checker for user name and
 password) adds checkers to our portal. A portal keeps one checker per credentials interface,
@@ -20,45 +20,27 @@ from pathlib import Path
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.cred.strcred import ICheckerFactory
 from twisted.internet.defer import Deferred
-from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from smarthost.auth.users import BcryptChecker, UsersFile
 
-HELP = """\
-Checks user names and passwords against a smarthost users file: one
-"name:$2b$..." line per user (bcrypt; htpasswd -B files work too), as written
-by `smarthost passwd --users PATH NAME`. The file is re-read when it changes;
-bcrypt runs in the reactor's thread pool.
-"""
 
+def users_checker(argstring: str, auth_type: str = "smarthost-users") -> BcryptChecker:
+    """The checker behind ``--auth smarthost-users:PATH`` (the lazy factory in
+    twisted/plugins/smarthost_checkers.py calls this when a server asks for it)."""
+    from twisted.internet.threads import deferToThread
 
-@implementer(ICheckerFactory, IPlugin)
-class SmarthostUsersCheckerFactory:
-    authType = "smarthost-users"
-    authHelp = HELP
-    argStringFormat = "Path of a smarthost users file (bcrypt)."
-    credentialInterfaces = (IUsernamePassword,)
-
-    def generateChecker(self, argstring: str) -> BcryptChecker:
-        from twisted.internet.threads import deferToThread
-
-        if not argstring.strip():
-            raise ValueError(f"{self.authType} needs the path of a users file")
-        path = Path(argstring)
-        # A typo must not start a server where nobody can log in (a missing file means no
-        # users to UsersFile, which suits our own default config, not an explicit --auth).
-        if not path.is_file():
-            raise ValueError(f"{self.authType}: no users file at {path}")
-        return BcryptChecker(UsersFile(path), deferToThread)
-
-
-checker_factory = SmarthostUsersCheckerFactory()
+    if not argstring.strip():
+        raise ValueError(f"{auth_type} needs the path of a users file")
+    path = Path(argstring)
+    # A typo must not start a server where nobody can log in (a missing file means no
+    # users to UsersFile, which suits our own default config, not an explicit --auth).
+    if not path.is_file():
+        raise ValueError(f"{auth_type}: no users file at {path}")
+    return BcryptChecker(UsersFile(path), deferToThread)
 
 
 @implementer(ICredentialsChecker)

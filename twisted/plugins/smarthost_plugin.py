@@ -1,6 +1,13 @@
-"""Makes ``twistd smarthost`` exist; everything else lives in :mod:`smarthost.app.tap`."""
+"""Makes ``twistd smarthost`` exist. Lazy, as Twisted's own plugin files are: twistd imports
+every file in twisted/plugins/ on each run, so this one names the module that does the work
+(:mod:`smarthost.app.tap`) and imports nothing of ours until ``twistd smarthost`` runs."""
 
-from smarthost.app import tap
+from twisted.application.service import ServiceMaker
 
 # One module attribute only: getPlugins lists every attribute that provides IPlugin.
-smarthost = tap.service_maker
+smarthost = ServiceMaker(
+    "smarthost",
+    "smarthost.app.tap",
+    "An authenticated SMTP smart host (submission, relay, delivery).",
+    "smarthost",
+)
