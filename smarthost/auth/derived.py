@@ -2,7 +2,8 @@
 
 ``smarthost passwd`` derives them beside the bcrypt hash so that CRAM-MD5 and SCRAM can check
 a login without the password ever being stored (the file format is in :mod:`smarthost.auth.users`).
-Also the decoys that stand in for unknown users, so probing cannot tell names apart.
+The decoys that stand in for names without these secrets are in :mod:`smarthost.auth.decoys`;
+the resumable MD5 that CRAM-MD5 needs is in :mod:`smarthost.auth.md5state`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,13 @@ import base64
 import binascii
 import hashlib
 import hmac
-import math
 import os
 import stringprep
-import struct
 import unicodedata
 
 import attrs
+
+from smarthost.auth.md5state import MD5_IV, md5_compress, md5_resume
 
 # RFC 7677 4 asks for at least 4096 iterations; what `smarthost passwd` uses.
 SCRAM_ITERATIONS = 4096
@@ -25,7 +26,6 @@ SCRAM_SALT_OCTETS = 16
 # SASL mechanism name -> hashlib name. The users-file key is the mechanism name in lower case.
 SCRAM_HASHES = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-1": "sha1"}
 CRAM_MD5_FIELD = "cram-md5"
-
 
 
 @attrs.frozen
@@ -110,50 +110,6 @@ def saslprep(text: str) -> str:
     return prepared
 
 
-# MD5 (RFC 1321) with its state exposed. hashlib's MD5 can neither export nor import the
-# chaining state, and CRAM-MD5 without the password needs both: the users file keeps the
-# HMAC-MD5 states after the key blocks, and each login continues from them.
-_MASK = 0xFFFFFFFF
-_MD5_SHIFTS = (7, 12, 17, 22) * 4 + (5, 9, 14, 20) * 4 + (4, 11, 16, 23) * 4 + (6, 10, 15, 21) * 4
-_MD5_K = tuple(int(abs(math.sin(i + 1)) * 2**32) & _MASK for i in range(64))  # RFC 1321 3.4
-MD5_IV = struct.pack("<4I", 0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476)
-
-
-def md5_compress(state: bytes, block: bytes) -> bytes:
-    """One MD5 compression: 16-octet state (little-endian words) and a 64-octet block."""
-    a0, b0, c0, d0 = struct.unpack("<4I", state)
-    words = struct.unpack("<16I", block)
-    a, b, c, d = a0, b0, c0, d0
-    for i in range(64):
-        if i < 16:
-            f, g = (b & c) | (~b & d), i
-        elif i < 32:
-            f, g = (d & b) | (~d & c), (5 * i + 1) % 16
-        elif i < 48:
-            f, g = b ^ c ^ d, (3 * i + 5) % 16
-        else:
-            f, g = c ^ (b | ~d), (7 * i) % 16
-        f = (f + a + _MD5_K[i] + words[g]) & _MASK
-        s = _MD5_SHIFTS[i]
-        a, d, c = d, c, b
-        b = (b + ((f << s) | (f >> (32 - s)))) & _MASK
-    return struct.pack("<4I", (a0 + a) & _MASK, (b0 + b) & _MASK, (c0 + c) & _MASK,
-                       (d0 + d) & _MASK)
-
-
-def md5_resume(state: bytes, consumed: int, data: bytes) -> bytes:
-    """The MD5 digest of a message whose first ``consumed`` octets (a multiple of 64) left
-    the hash in ``state`` and whose remaining octets are ``data``."""
-    if consumed % 64:
-        raise ValueError("MD5 can only resume at a block boundary")
-    length = consumed + len(data)
-    padded = (data + b"\x80" + b"\0" * ((55 - length) % 64)
-              + struct.pack("<Q", (length * 8) & 0xFFFFFFFFFFFFFFFF))
-    for offset in range(0, len(padded), 64):
-        state = md5_compress(state, padded[offset:offset + 64])
-    return state
-
-
 @attrs.frozen
 class CramMD5Secret:
     """HMAC-MD5 keyed with the password, stopped after the key blocks (RFC 2104)."""
@@ -195,37 +151,3 @@ def derive_secrets(password: bytes, iterations: int = SCRAM_ITERATIONS) -> tuple
               for mechanism, hash_name in SCRAM_HASHES.items()]
     fields.append(f"{CRAM_MD5_FIELD}={CramMD5Secret.derive(password).field()}")
     return tuple(fields)
-
-
-class Decoys:
-    """Stand-in secrets for names that have none: a fixed function of the name and a key.
-
-    A SCRAM client learns the salt and iteration count before proving anything, so an
-    unknown name must get a salt that looks real and stays the same on every attempt;
-    otherwise two probes would tell users apart.
-    """
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def _derive(self, label: str, name: str, size: int) -> bytes:
-        out = b""
-        while len(out) < size:
-            message = f"{label}\0{len(out)}\0".encode() + name.encode("utf-8", "surrogatepass")
-            out += hmac.digest(self._key, message, "sha256")
-        return out[:size]
-
-    def scram(self, name: str, mechanism: str, iterations: int) -> ScramSecret:
-        size = hashlib.new(SCRAM_HASHES[mechanism]).digest_size
-        return ScramSecret(
-            iterations,
-            self._derive(f"{mechanism} salt", name, SCRAM_SALT_OCTETS),
-            self._derive(f"{mechanism} stored", name, size),
-            self._derive(f"{mechanism} server", name, size),
-        )
-
-    def cram_md5(self, name: str) -> CramMD5Secret:
-        return CramMD5Secret(self._derive("CRAM-MD5 inner", name, 16),
-                             self._derive("CRAM-MD5 outer", name, 16))
-
-

@@ -52,10 +52,10 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from smarthost.auth import oauth
+from smarthost.auth.decoys import Decoys
 from smarthost.auth.derived import (
     SCRAM_HASHES,
     CramMD5Secret,
-    Decoys,
     ScramSecret,
 )
 from smarthost.auth.users import (

@@ -24,14 +24,15 @@ same password for the challenge-response mechanisms, which never see the passwor
     Dovecot's ``{CRAM-MD5}`` scheme: the MD5 states (four little-endian 32-bit words each)
     after HMAC-MD5 has processed ``key XOR opad`` and then ``key XOR ipad``, outer first.
     Finishing an HMAC from these states needs an MD5 that can resume from a state, which
-    hashlib cannot do: :func:`smarthost.auth.derived.md5_resume` is a small RFC 1321 one.
+    hashlib cannot do: :func:`smarthost.auth.md5state.md5_resume` is a small RFC 1321 one.
 
 Unknown keys are kept and ignored, so a newer file still works with an older daemon; a
 malformed known field is reported and ignored (the user keeps PLAIN and LOGIN). A user
 without a mechanism's secret (an ``htpasswd -B`` line, a file from before they existed)
-fails that mechanism exactly as an unknown name does: :class:`Decoys` stands in with secrets
-derived from the name and a server key, so probing cannot tell the two apart. Bcrypt hashes,
-base64, hex and (validated) names never contain ``:``, which keeps the split unambiguous.
+fails that mechanism exactly as an unknown name does: decoys (:mod:`smarthost.auth.decoys`)
+stand in with secrets derived from the name and a server key, so probing cannot tell the
+two apart. Bcrypt hashes, base64, hex and (validated) names never contain ``:``, which
+keeps the split unambiguous.
 
 Everything that runs bcrypt is blocking; the checker runs it through an injected
 ``run_blocking`` (``deferToThread`` in production) so the reactor never waits on it. The
@@ -60,12 +61,12 @@ from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface, implementer
 
+from smarthost.auth.decoys import Decoys
 from smarthost.auth.derived import (
     CRAM_MD5_FIELD,
     SCRAM_HASHES,
     SCRAM_ITERATIONS,
     CramMD5Secret,
-    Decoys,
     ScramSecret,
     derive_secrets,
 )

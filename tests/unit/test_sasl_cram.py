@@ -21,12 +21,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from smarthost.auth.derived import (
-    MD5_IV,
-    CramMD5Secret,
-    md5_compress,
-    md5_resume,
-)
+from smarthost.auth.derived import CramMD5Secret
+from smarthost.auth.md5state import MD5_IV, md5_compress, md5_resume
 from smarthost.auth.sasl import (
     Challenge,
     CramMD5Exchange,
