@@ -1,26 +1,38 @@
 """Where a recipient's mail goes next: local maildir, a static route, or the domain's MX hosts.
 
 Resolution answers a :class:`Route` or raises :class:`PermanentRouteError` (NXDOMAIN, null
-MX: bounce now) or :class:`TemporaryRouteError` (SERVFAIL, timeout: try again later).
+MX: bounce now) or :class:`TemporaryRouteError` (SERVFAIL, timeout: try again later). The
+rules live here; asking DNS and reading its answers is :mod:`smarthost.delivery.dns`.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
-import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from random import Random
-from typing import Any, Protocol
 
 import attrs
 from twisted.internet import defer
-from twisted.internet import error as internet_error
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.names import client, common, dns, error
+from twisted.internet.interfaces import IReactorTime
 
 from smarthost.core.enums import TLSPolicy
+from smarthost.delivery.dns import DNSLookups as DNSLookups
+from smarthost.delivery.dns import (
+    Lookups,
+    has_dns_form,
+    is_host_name,
+    is_ip,
+    split_host_port,
+    usable_address,
+)
+from smarthost.delivery.dns import domain_key as _domain_key
+from smarthost.delivery.dns import make_resolver as make_resolver
+from smarthost.delivery.dns import parse_nameserver as parse_nameserver
+
+# The "X as X" imports above re-export names whose home is now smarthost.delivery.dns:
+# app/ and tests/integration/test_plugin_dnsbl.py import them from here, and
+# tests/unit/test_fuzz_parsers.py imports _domain_key.
 
 SMTP, MAILDIR = "smtp", "maildir"
 
@@ -76,12 +88,9 @@ class TemporaryRouteError(RouteError):
 
 DEFAULT_SMTP_PORT = 25
 IMPLICIT_TLS_PORT = 465  # RFC 8314 3.3: submissions, TLS from the first byte
-DNS_TIMEOUT = (1, 3, 5)  # seconds per retransmission; a lookup gives up after 9 s
 UNREACHABLE_FOR = 60.0  # seconds a failed host stays at the end of the list
 MAX_MX_HOSTS = 10  # a domain with hundreds of MX records must not cost hundreds of lookups
 
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
 _TARGET_FORMS = {SMTP: "smtp:HOST:PORT", MAILDIR: "maildir:DIR"}
 
 
@@ -110,159 +119,8 @@ def parse_target(text: str, *, kinds: Iterable[str] = (SMTP, MAILDIR)) -> Target
         if not rest:
             raise ValueError(f"{text!r}: maildir needs a directory")
         return Target(MAILDIR, directory=rest)
-    host, port = _split_host_port(rest, DEFAULT_SMTP_PORT, what=text)
+    host, port = split_host_port(rest, DEFAULT_SMTP_PORT, what=text)
     return Target(SMTP, host=host, port=port)
-
-
-def parse_nameserver(text: str) -> tuple[str, int]:
-    """Parse ``127.0.0.1``, ``127.0.0.1:5353``, ``::1`` or ``[::1]:5353`` (port 53 by default).
-
-    Only addresses: looking up the name of a name server would need a name server.
-    """
-    stripped = text.strip()
-    try:
-        return str(ipaddress.ip_address(stripped)), 53  # bare IPv4 or unbracketed IPv6
-    except ValueError:
-        pass
-    host, port = _split_host_port(stripped, 53, what=text)
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(
-            f"nameserver {text!r}: must be an IP address, optionally with :PORT"
-        ) from None
-    return host, port
-
-
-def _split_host_port(text: str, default_port: int, *, what: str) -> tuple[str, int]:
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0:
-            raise ValueError(f"{what!r}: missing ']' after the IPv6 address")
-        host, after = text[1:close], text[close + 1 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{what!r}: {host!r} in brackets is not an IPv6 address") from None
-        if after and not after.startswith(":"):
-            raise ValueError(f"{what!r}: expected ':PORT' after ']'")
-        port_text = after[1:] if after else None
-    else:
-        if text.count(":") > 1:
-            raise ValueError(f"{what!r}: write an IPv6 address in brackets, e.g. [::1]:25")
-        host, sep, port_text_ = text.partition(":")
-        port_text = port_text_ if sep else None
-        if not _is_ip(host) and not _is_host_name(host):
-            raise ValueError(f"{what!r}: {host!r} is not a host name or IP address")
-    if port_text is None:
-        return host, default_port
-    if not _PORT.match(port_text) or not 0 < int(port_text) < 65536:
-        raise ValueError(f"{what!r}: port {port_text!r} is not a number from 1 to 65535")
-    return host, int(port_text)
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_host_name(text: str) -> bool:
-    """RFC 1123 2.1 labels; an all-numeric last label (RFC 3696 2) is a mistyped address."""
-    labels = text.rstrip(".").split(".")
-    return (
-        len(text) <= 253
-        and all(_HOST_LABEL.match(label) for label in labels)
-        and not labels[-1].isdigit()
-    )
-
-
-def _domain_key(domain: str) -> str:
-    """Routing compares domains case-insensitively and without the root's trailing dot."""
-    return domain.strip().lower().rstrip(".")
-
-
-# --- DNS -----------------------------------------------------------------------------------
-
-_Sections = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
-
-
-class DNSLookups(Protocol):
-    """The slice of ``IResolver`` we use, typed: Twisted's annotations say tuples of records
-    where it returns lists, and make ``timeout`` mandatory where every resolver defaults it."""
-
-    def lookupMailExchange(
-        self, name: str, timeout: Sequence[float] | None = None
-    ) -> Deferred[_Sections]: ...
-
-    def lookupAddress(
-        self, name: str, timeout: Sequence[float] | None = None
-    ) -> Deferred[_Sections]: ...
-
-    def lookupIPV6Address(
-        self, name: str, timeout: Sequence[float] | None = None
-    ) -> Deferred[_Sections]: ...
-
-
-def make_resolver(
-    nameservers: Sequence[str], reactor: IReactorTCP, timeout: Sequence[float] = DNS_TIMEOUT
-) -> DNSLookups:
-    """The DNS client for ``[delivery] nameservers``.
-
-    With name servers we build ``client.Resolver(servers=..., resolv=None)`` and nothing else:
-    ``client.createResolver(servers=...)`` would also merge /etc/resolv.conf and /etc/hosts, so
-    a test (or an operator pointing at a filtering resolver) would silently get answers from
-    elsewhere. Without them we use the system's ``createResolver()``, hosts file included.
-
-    ``reactor`` must also provide IReactorUDP and IReactorTime; it is typed IReactorTCP
-    because that is what the typed global reactor offers (truncated answers go over TCP).
-    Twisted's default timeouts add up to a minute per lookup, far too long when one delivery
-    needs an MX lookup and two address lookups per MX host.
-    """
-    if not nameservers:
-        return _DefaultTimeout(client.createResolver(), timeout)  # type: ignore[no-untyped-call]
-    servers = [parse_nameserver(text) for text in nameservers]
-    resolver: DNSLookups = client.Resolver(  # type: ignore[no-untyped-call]
-        servers=servers, resolv=None, timeout=tuple(timeout), reactor=reactor
-    )
-    return resolver
-
-
-class _DefaultTimeout(common.ResolverBase):
-    """Gives a resolver chain our timeouts: ``createResolver()`` takes no timeout argument."""
-
-    def __init__(self, inner: DNSLookups, timeout: Sequence[float]) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._inner, self._timeout = inner, tuple(timeout)
-
-    def _lookup(
-        self, name: bytes, cls: int, type: int, timeout: Sequence[float] | None
-    ) -> Deferred[_Sections]:
-        query = dns.Query(name, type, cls)
-        result: Deferred[_Sections] = self._inner.query(  # type: ignore[attr-defined]
-            query, self._timeout if timeout is None else timeout
-        )
-        return result
-
-
-# Errors a lookup may fail with that mean "no answer now", as opposed to a definite answer.
-_TEMPORARY_DNS_ERRORS: tuple[type[BaseException], ...] = (
-    error.DomainError,  # SERVFAIL, REFUSED, FORMERR, NOTIMP (not NXDOMAIN: checked first)
-    defer.TimeoutError,  # includes DNSQueryTimeoutError
-    OSError,  # "No domain name servers available", ICMP port unreachable
-    internet_error.ConnectError,  # the TCP retry of a truncated answer
-)
-
-
-@attrs.frozen
-class _Answer:
-    """One lookup's outcome; never raised, so parallel lookups all report."""
-
-    records: tuple[Any, ...] = ()  # payloads (Record_MX, Record_A, Record_AAAA)
-    nxdomain: bool = False
-    temporary: str = ""  # why there is no answer now, e.g. "SERVFAIL"
 
 
 # --- The resolver ----------------------------------------------------------------------------
@@ -273,8 +131,8 @@ class NextHopResolver:
     smtp client would: local domain, exact static route, ``"*"``, then the domain's MX hosts.
 
     Every collaborator is passed in (the DNS client, the clock for the unreachable-host cache,
-    the random source that shuffles equal MX preferences), so tests run on a real DNS server
-    on loopback with deterministic ordering.
+    the random source that shuffles equal MX preferences), so tests run on a fake resolver
+    in virtual time with deterministic ordering.
     """
 
     def __init__(
@@ -294,7 +152,7 @@ class NextHopResolver:
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port {port}: expected 1 to 65535")
-        self._dns = resolver
+        self._dns = Lookups(resolver)
         self._clock = clock
         self._local_domains = frozenset(_domain_key(d) for d in local_domains)
         self._local = parse_target(local)
@@ -352,10 +210,10 @@ class NextHopResolver:
 
     async def _static(self, target: Target, credentials: Credentials | None) -> Route:
         """A configured host: its failures are the operator's to fix, so they never bounce."""
-        if _is_ip(target.host):
+        if is_ip(target.host):
             hosts = [Host(target.host, target.host, target.port)]
         else:
-            addresses = await self._addresses(target.host)
+            addresses = await self._dns.addresses(target.host)
             if addresses.temporary:
                 raise TemporaryRouteError(
                     f"cannot resolve route host {target.host}: {addresses.temporary}", "4.4.3"
@@ -390,24 +248,21 @@ class NextHopResolver:
             address = ipaddress.ip_address(text)
         except ValueError:
             raise PermanentRouteError(f"invalid address literal {key}", "5.1.2") from None
-        if not _usable(address):
+        if not usable_address(address):
             raise PermanentRouteError(f"address literal {key} is not a usable address", "5.1.2")
         host = Host(str(address), str(address), self._port)
         return self._mx_route([host])
 
     async def _mx(self, domain: str) -> Route:
         """RFC 5321 5.1: MX hosts by preference, else the implicit MX (the domain itself)."""
-        try:
-            dns.domainString(domain)
-        except UnicodeError:
-            # Python's IDNA 2003 codec refuses some U-labels; no DNS name means no next hop.
-            raise PermanentRouteError(f"domain {domain} has no DNS form", "5.1.2") from None
-        answer = await self._lookup(self._dns.lookupMailExchange, domain, dns.MX)
+        if not has_dns_form(domain):
+            raise PermanentRouteError(f"domain {domain} has no DNS form", "5.1.2")
+        answer = await self._dns.mail_exchangers(domain)
         if answer.nxdomain:
             raise PermanentRouteError(f"domain {domain} does not exist", "5.1.2")
         if answer.temporary:
             raise TemporaryRouteError(f"MX lookup for {domain} failed: {answer.temporary}", "4.4.3")
-        records = [(r.preference, _exchange(r)) for r in answer.records]
+        records = list(answer.records)
         if len(records) == 1 and records[0][1] == "":
             # RFC 7505 3: a single MX of "." means the domain accepts no mail; 4.2: 5.1.10.
             raise PermanentRouteError(f"domain {domain} does not accept mail (null MX)", "5.1.10")
@@ -417,10 +272,10 @@ class NextHopResolver:
         # RFC 1035 3.3.9: an exchange is a host name. "10.0.0.1" as an MX is a common mistake
         # that resolvers would treat as a (nonexistent) name; "." among real MX hosts is a
         # broken null MX (RFC 7505 3 forbids mixing). Neither is a host to try.
-        exchanges = [e for e in exchanges if _is_host_name(e)]
+        exchanges = [e for e in exchanges if is_host_name(e)]
         exchanges = exchanges[:MAX_MX_HOSTS]
         answers = await defer.gatherResults(
-            [Deferred.fromCoroutine(self._addresses(name)) for name in exchanges]
+            [Deferred.fromCoroutine(self._dns.addresses(name)) for name in exchanges]
         )
         hosts = [
             Host(name, address, self._port)
@@ -442,7 +297,7 @@ class NextHopResolver:
         raise TemporaryRouteError(f"no MX host of {domain} has a usable address", "4.4.4")
 
     async def _implicit_mx(self, domain: str) -> Route:
-        addresses = await self._addresses(domain)
+        addresses = await self._dns.addresses(domain)
         if addresses.records:
             return self._mx_route([Host(domain, a, self._port) for a in addresses.records])
         if addresses.temporary:
@@ -496,100 +351,3 @@ class NextHopResolver:
         # failed in the last `unreachable_for` seconds.
         for key in [k for k, t in self._unreachable.items() if now - t >= self._unreachable_for]:
             del self._unreachable[key]
-
-    # -- DNS lookups --
-
-    async def _addresses(self, name: str) -> _Answer:
-        """A and AAAA of ``name`` (IPv4 first), usable addresses only, as text."""
-        a, aaaa = await defer.gatherResults(
-            [
-                Deferred.fromCoroutine(self._lookup(self._dns.lookupAddress, name, dns.A)),
-                Deferred.fromCoroutine(
-                    self._lookup(self._dns.lookupIPV6Address, name, dns.AAAA)
-                ),
-            ]
-        )
-        addresses: list[str] = []
-        for record in (*a.records, *aaaa.records):
-            family = socket.AF_INET if record.TYPE == dns.A else socket.AF_INET6
-            address = ipaddress.ip_address(socket.inet_ntop(family, record.address))
-            if _usable(address) and str(address) not in addresses:
-                addresses.append(str(address))
-        if addresses:
-            # One family answering is enough; the other family's failure does not matter.
-            return _Answer(records=tuple(addresses))
-        return _Answer(
-            nxdomain=a.nxdomain and aaaa.nxdomain, temporary=a.temporary or aaaa.temporary
-        )
-
-    async def _lookup(
-        self, method: Callable[[str], Deferred[_Sections]], name: str, rrtype: int
-    ) -> _Answer:
-        try:
-            answers, _authority, _additional = await method(name)
-        except error.DNSNameError:
-            return _Answer(nxdomain=True)
-        except _TEMPORARY_DNS_ERRORS as e:
-            return _Answer(temporary=_describe(e))
-        return _Answer(records=tuple(_records(answers, name, rrtype)))
-
-
-def _records(answers: list[dns.RRHeader], name: str, rrtype: int) -> list[Any]:
-    """Payloads of type ``rrtype`` owned by ``name`` or by an alias the answer leads to.
-
-    Records for other owners are ignored: they were not asked for and could be injected.
-    """
-    owners = {_domain_key(dns.domainString(name).decode("ascii"))}
-    for _ in answers:  # each pass follows one more CNAME; a chain is never longer than this
-        more = {
-            _domain_key(_payload(rr).name.name.decode("ascii", "replace"))
-            for rr in answers
-            if rr.type == dns.CNAME and _owner(rr) in owners
-        }
-        if more <= owners:
-            break
-        owners |= more
-    return [rr.payload for rr in answers if rr.type == rrtype and _owner(rr) in owners]
-
-
-def _payload(rr: dns.RRHeader) -> Any:
-    """The record inside ``rr``; Twisted types it as an interface without the fields."""
-    return rr.payload
-
-
-def _owner(rr: dns.RRHeader) -> str:
-    return _domain_key(rr.name.name.decode("ascii", "replace"))
-
-
-def _exchange(record: Any) -> str:
-    """The MX exchange as text; "" for the root (RFC 7505 null MX)."""
-    name: bytes = record.name.name
-    return _domain_key(name.decode("ascii", "replace"))
-
-
-def _usable(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Addresses no mail server can be at: 0.0.0.0, multicast, 240/4 and broadcast.
-
-    Loopback is allowed: tests run MX hosts there, and delivering to our own port 25 is
-    harmless (the inbound listener refuses to relay). A DNS answer of 0.0.0.0 or 127.0.0.2 is
-    sometimes used to say "no mail here"; the unspecified address is refused for that reason.
-    """
-    if address.is_unspecified or address.is_multicast:
-        return False
-    # IPv4's 240/4 (and 255.255.255.255) only; IPv6's "reserved" ::/8 includes ::1.
-    return not (address.version == 4 and address.is_reserved)
-
-
-def _describe(failure: BaseException) -> str:
-    names = {
-        error.DNSServerError: "SERVFAIL",
-        error.DNSQueryRefusedError: "REFUSED",
-        error.DNSFormatError: "FORMERR",
-        error.DNSNotImplementedError: "NOTIMP",
-    }
-    for kind, text in names.items():
-        if isinstance(failure, kind):
-            return text
-    if isinstance(failure, defer.TimeoutError):
-        return "timeout"
-    return type(failure).__name__

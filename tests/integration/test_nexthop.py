@@ -19,6 +19,7 @@ from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dnsserver import DNSTestServer, Zone, close_client_connections, start
+from smarthost.delivery.dns import _DefaultTimeout, make_resolver, parse_nameserver
 from smarthost.delivery.routing import (
     MAILDIR,
     SMTP,
@@ -30,9 +31,6 @@ from smarthost.delivery.routing import (
     RouteError,
     Target,
     TemporaryRouteError,
-    _DefaultTimeout,
-    make_resolver,
-    parse_nameserver,
     parse_target,
 )
 
