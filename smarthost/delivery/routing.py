@@ -54,6 +54,22 @@ class Host:
     def __str__(self) -> str:
         return f"{self.name}[{self.address}]:{self.port}"
 
+    @property
+    def remote(self) -> str:
+        """How outcomes, logs and the queue listing name it: ``name[address]``."""
+        return f"{self.name}[{self.address}]"
+
+
+@attrs.frozen
+class HostFailure:
+    """A host that took no connection, as a delivery agent reports it; the failed-host memory
+    (:mod:`smarthost.delivery.hostcache`) keeps it, and a suspended route's deferral repeats
+    its ``reason`` and ``status``."""
+
+    host: Host
+    reason: str  # e.g. "connection refused by mx.example.test[192.0.2.1]:25"
+    status: str  # RFC 3463, e.g. "4.4.1"
+
 
 @attrs.frozen
 class Route:
