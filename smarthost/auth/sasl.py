@@ -11,7 +11,7 @@ The split of work with the session:
 - A mechanism only sees decoded octets and answers with one of three values: send a
   challenge, here are credentials for ``Portal.login``, or refuse. ``step`` never raises for
   anything a client can send.
-- The session logs in with the credentials (``smarthost.auth.users.PortalLogin``) and maps
+- The session logs in with the credentials (``smarthost.auth.cred.PortalLogin``) and maps
   outcomes to replies, so every success goes through the cred portal and every failure through the
   session's log and throttle. PLAIN and LOGIN never see the users file: they hand
   ``UsernamePassword`` to the portal, whose checker runs bcrypt.
@@ -19,7 +19,7 @@ The split of work with the session:
   goes out before the client proves anything, and the SCRAM server signature must only go
   out after the proof checked). They get a :class:`ChallengeSecrets` source (the
   ``UsersFile``), check the proof themselves with ``hmac.compare_digest``, and on success
-  hand the portal a ``smarthost.auth.users.VerifiedUser`` naming that source; on failure they
+  hand the portal a ``smarthost.auth.cred.VerifiedUser`` naming that source; on failure they
   answer :class:`Rejected`, which the session logs, counts and throttles like a wrong
   password. A name without the mechanism's secret gets a decoy and fails the same way.
 - OAUTHBEARER and XOAUTH2 only parse (``smarthost.auth.oauth``): the token goes to the portal as
@@ -52,16 +52,14 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import Attribute, Interface, implementer
 
 from smarthost.auth import oauth
+from smarthost.auth.cred import VerifiedUser
 from smarthost.auth.decoys import Decoys
 from smarthost.auth.derived import (
     SCRAM_HASHES,
     CramMD5Secret,
     ScramSecret,
 )
-from smarthost.auth.users import (
-    Secret,
-    VerifiedUser,
-)
+from smarthost.auth.users import Secret
 
 
 @attrs.frozen

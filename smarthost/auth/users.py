@@ -1,4 +1,4 @@
-"""Who may submit mail: the users file, the twisted.cred checkers and realm.
+"""Who may submit mail: the users file, its format, and the secrets looked up in it.
 
 The users file is the only place passwords live, and never in the clear. It is shared with
 the admin tool (``smarthost passwd``) through the file system alone: the tool rewrites it
@@ -34,10 +34,11 @@ stand in with secrets derived from the name and a server key, so probing cannot 
 two apart. Bcrypt hashes, base64, hex and (validated) names never contain ``:``, which
 keeps the split unambiguous.
 
-Everything that runs bcrypt is blocking; the checker runs it through an injected
-``run_blocking`` (``deferToThread`` in production) so the reactor never waits on it. The
-challenge-response lookups (:meth:`UsersFile.scram`, :meth:`UsersFile.cram_md5`) only stat
-the file and re-read it when it changed; the SASL exchanges call them synchronously.
+Everything that runs bcrypt is blocking; the cred checker (:mod:`smarthost.auth.cred`) runs
+it through an injected ``run_blocking`` (``deferToThread`` in production) so the reactor
+never waits on it. The challenge-response lookups (:meth:`UsersFile.scram`,
+:meth:`UsersFile.cram_md5`) only stat the file and re-read it when it changed; the SASL
+exchanges call them synchronously.
 """
 
 from __future__ import annotations
@@ -49,18 +50,19 @@ import re
 import stat
 import threading
 import unicodedata
-from collections.abc import Callable, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar
+from collections.abc import Mapping
+from typing import Generic, TypeVar
 
 import attrs
 import bcrypt
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import ICredentials, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
-from zope.interface import Attribute, Interface, implementer
 
+# Transitional: the cred glue moved to smarthost.auth.cred. These four keep the old
+# `smarthost.auth.users` spelling working for app/tap.py, app/wiring.py, app/credfactory.py,
+# tests/fakes.py and three test modules until they import from cred; then delete them.
+from smarthost.auth.cred import BcryptChecker as BcryptChecker
+from smarthost.auth.cred import PortalLogin as PortalLogin
+from smarthost.auth.cred import build_portal as build_portal
+from smarthost.auth.cred import login as login
 from smarthost.auth.decoys import Decoys
 from smarthost.auth.derived import (
     CRAM_MD5_FIELD,
@@ -71,10 +73,7 @@ from smarthost.auth.derived import (
     derive_secrets,
 )
 from smarthost.core.safeio import atomic_write
-from smarthost.core.types import RunBlocking
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 _T = TypeVar("_T")
 
 DEFAULT_ROUNDS = 12
@@ -330,150 +329,6 @@ class Secret(Generic[_T]):
 
     value: _T = attrs.field(repr=False)
     known: bool
-
-
-# --- twisted.cred -----------------------------------------------------------------------
-
-
-class IUser(Interface):
-    """The avatar of an authenticated submission: who the client proved to be."""
-
-    name: str = Attribute("The user name exactly as in the users file.")
-
-
-@implementer(IUser)
-@attrs.frozen
-class User:
-    name: str
-
-
-@implementer(ICredentialsChecker)
-class BcryptChecker:
-    """Checks user name and password against the users file, off the reactor thread.
-
-    Deliberately free of policy (throttling, lockout, logging): those wrap the login, so this
-    stays a pure "is this the password" answer.
-    """
-
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self, users: UsersFile, run_blocking: RunBlocking) -> None:
-        self._users = users
-        self._run_blocking = run_blocking
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
-        creds: IUsernamePassword = credentials
-        try:
-            name = creds.username.decode("utf-8")
-        except UnicodeDecodeError:
-            name = ""  # cannot be in the file: costs the dummy check like any unknown name
-        d = self._run_blocking(self._users.verify, name, creds.password)
-
-        def result(ok: bool) -> bytes | tuple[()]:
-            if not ok:
-                raise UnauthorizedLogin()
-            return name.encode("utf-8")
-
-        return d.addCallback(result)
-
-
-class IVerifiedUser(ICredentials):
-    """A user whose proof a challenge-response mechanism (CRAM-MD5, SCRAM) has already
-    checked against the users file during the SASL exchange.
-
-    Only those mechanisms create these: PLAIN and LOGIN only ever build ``UsernamePassword``,
-    so nothing a client sends through them can become one. The checker further accepts only
-    objects vouched for by its own users file (``issuer``).
-    """
-
-    name: str = Attribute("The user name exactly as in the users file.")
-    mechanism: str = Attribute("The SASL mechanism that checked the proof.")
-    issuer: object = Attribute("The UsersFile whose secrets the proof was checked against.")
-
-
-@implementer(IVerifiedUser)
-@attrs.frozen
-class VerifiedUser:
-    name: str
-    mechanism: str
-    issuer: object = attrs.field(repr=False, eq=False)
-
-
-@implementer(ICredentialsChecker)
-class VerifiedUserChecker:
-    """Accepts :class:`IVerifiedUser` from our own mechanisms, if the user still exists.
-
-    The proof was checked during the exchange; what is left is to make sure it was checked
-    against this portal's users file and that the user was not deleted meanwhile.
-    """
-
-    credentialInterfaces = (IVerifiedUser,)
-
-    def __init__(self, users: UsersFile, run_blocking: RunBlocking) -> None:
-        self._users = users
-        self._run_blocking = run_blocking
-
-    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
-        creds: IVerifiedUser = credentials
-        name = creds.name
-        trusted = creds.issuer is self._users
-        d = self._run_blocking(self._users.lookup, name)
-
-        def result(entry: UserEntry | None) -> bytes | tuple[()]:
-            if not trusted or entry is None:
-                raise UnauthorizedLogin()
-            return name.encode("utf-8")
-
-        return d.addCallback(result)
-
-
-def _logout() -> None:
-    """Nothing to release: an avatar is a plain value."""
-
-
-@implementer(IRealm)
-class UserRealm:
-    def requestAvatar(
-        self, avatarId: bytes | tuple[()], mind: object, *interfaces: type[Interface]
-    ) -> tuple[type[Interface], object, Callable[[], None]]:
-        if IUser not in interfaces or not isinstance(avatarId, bytes):
-            raise NotImplementedError("only named IUser avatars exist")
-        return IUser, User(avatarId.decode("utf-8")), _logout
-
-
-def build_portal(users: UsersFile, run_blocking: RunBlocking) -> Portal:
-    """Passwords (PLAIN, LOGIN) are checked with bcrypt; CRAM-MD5 and SCRAM users arrive
-    already verified by the exchange, against the same ``users``."""
-    return Portal(UserRealm(), [BcryptChecker(users, run_blocking),
-                                VerifiedUserChecker(users, run_blocking)])
-
-
-def login(portal: Portal, credentials: ICredentials) -> Deferred[User]:
-    """Log in with a SASL mechanism's credentials and return the avatar.
-
-    Fails with ``UnauthorizedLogin`` for bad credentials. Any other failure (unreadable users
-    file, no checker for this kind of credentials) is the server's fault: the session should
-    answer ``454 4.7.0``, not ``535``. Throttling of failures belongs in a wrapper around this
-    (or in the session), not in the checker.
-    """
-    d = portal.login(credentials, None, IUser)
-
-    def avatar(result: tuple[type[Interface], object, Callable[[], None]]) -> User:
-        user = result[1]
-        assert isinstance(user, User)
-        return user
-
-    return d.addCallback(avatar)
-
-
-class PortalLogin:
-    """:func:`login` as the callable the session takes: fires with the user name."""
-
-    def __init__(self, portal: Portal) -> None:
-        self._portal = portal
-
-    def __call__(self, credentials: ICredentials) -> Deferred[str]:
-        return login(self._portal, credentials).addCallback(lambda user: user.name)
 
 
 # --- rewriting the file (the admin tool) -------------------------------------------------

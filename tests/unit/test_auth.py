@@ -24,24 +24,27 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from smarthost.auth import derived
-from smarthost.auth import users as auth
-from smarthost.auth.users import (
+from smarthost.auth.cred import (
     BcryptChecker,
     IUser,
-    PasswordError,
     PortalLogin,
-    RunBlocking,
     User,
-    UserNameError,
     UserRealm,
-    UsersFile,
     build_portal,
+    login,
+)
+from smarthost.auth.users import (
+    DEFAULT_ROUNDS,
+    PasswordError,
+    UserNameError,
+    UsersFile,
     delete_user,
     parse_users,
     set_password,
     users_file_is_insecure,
     validate_name,
 )
+from smarthost.core.types import RunBlocking
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -295,7 +298,7 @@ class RewriteTests(TempDirMixin, SynchronousTestCase):
         self.assertTrue(UsersFile(path).verify("alice", b"correct horse"))
 
     def test_default_cost_is_12(self) -> None:
-        self.assertEqual(auth.DEFAULT_ROUNDS, 12)
+        self.assertEqual(DEFAULT_ROUNDS, 12)
 
     def test_replace_keeps_other_lines_byte_for_byte_and_drops_old_secrets(self) -> None:
         path = os.path.join(self.make_dir(), "users")
@@ -488,15 +491,15 @@ class CheckerTests(TempDirMixin, SynchronousTestCase):
         self.assertTrue(f.check(OSError))
 
     def test_portal_login_fires_with_user_name(self) -> None:
-        login = PortalLogin(build_portal(self.users, self.run_blocking))
-        d = login(UsernamePassword(b"bob@example.test", b"bobs"))
+        portal_login = PortalLogin(build_portal(self.users, self.run_blocking))
+        d = portal_login(UsernamePassword(b"bob@example.test", b"bobs"))
         self.assertEqual(self.successResultOf(d), "bob@example.test")
-        self.failureResultOf(login(UsernamePassword(b"bob@example.test", b"x")),
+        self.failureResultOf(portal_login(UsernamePassword(b"bob@example.test", b"x")),
                              UnauthorizedLogin)
 
     def test_login_fires_with_the_avatar(self) -> None:
         portal = build_portal(self.users, self.run_blocking)
-        d = auth.login(portal, UsernamePassword(b"alice", b"right"))
+        d = login(portal, UsernamePassword(b"alice", b"right"))
         self.assertEqual(self.successResultOf(d), User("alice"))
 
     def test_realm_avatar_is_a_frozen_user(self) -> None:
@@ -523,9 +526,9 @@ class ThreadPoolTests(TempDirMixin, TestCase):
         return Deferred.fromCoroutine(self._login())
 
     async def _login(self) -> None:
-        login = PortalLogin(build_portal(UsersFile(self.path), deferToThread))
-        self.assertEqual(await login(UsernamePassword(b"alice", b"right")), "alice")
+        portal_login = PortalLogin(build_portal(UsersFile(self.path), deferToThread))
+        self.assertEqual(await portal_login(UsernamePassword(b"alice", b"right")), "alice")
         with self.assertRaises(UnauthorizedLogin):
-            await login(UsernamePassword(b"alice", b"wrong"))
+            await portal_login(UsernamePassword(b"alice", b"wrong"))
         with self.assertRaises(UnauthorizedLogin):
-            await login(UsernamePassword(b"nobody", b"right"))
+            await portal_login(UsernamePassword(b"nobody", b"right"))

@@ -29,7 +29,8 @@ from smarthost.app import admin, credfactory
 from smarthost.app.config import ConfigError
 from smarthost.app.pluginload import build_plugins
 from smarthost.auth import oauth, sasl
-from smarthost.auth import users as auth
+from smarthost.auth.cred import PortalLogin, build_portal
+from smarthost.auth.users import UsersFile, set_password, validate_name
 from smarthost.core.maillog import MailLog
 from smarthost.queue.spool import Spool
 from smarthost.smtpd.hooks import Hooks
@@ -189,7 +190,7 @@ def test_fuzz_parsers_refuse_cleanly_and_never_quote_the_token(pieces: list[str]
         else:
             assert token.token and "SECRETTOKEN" not in repr(token)
             if token.user is not None:
-                auth.validate_name(token.user)  # a name the users file could hold
+                validate_name(token.user)  # a name the users file could hold
 
 
 # -- the exchanges --------------------------------------------------------------------------
@@ -318,9 +319,9 @@ def test_checker_accepts_coroutine_verifiers() -> None:
 
 class Client(LineClient):
     def __init__(self, tmp: Path, verifier: FakeVerifier) -> None:
-        auth.set_password(tmp / "users", "carol", "correct horse", rounds=4)
+        set_password(tmp / "users", "carol", "correct horse", rounds=4)
         self.clock = Clock()
-        users = auth.UsersFile(tmp / "users")
+        users = UsersFile(tmp / "users")
         spool, _ = Spool.open(tmp / "spool", clock=self.clock, run_blocking=run_now)
         settings = SessionSettings(
             role="submission", hostname="mx.smarthost.test", max_size=10000,
@@ -329,10 +330,10 @@ class Client(LineClient):
         )
         hooks = Hooks([("fake", verifier)], self.clock)
         portal = credfactory.with_checkers(
-            auth.build_portal(users, run_now),
+            build_portal(users, run_now),
             [oauth.BearerTokenChecker(hooks.verifiers, self.clock)])
         self.session = Session(
-            settings, RelayPolicy(frozenset(), (), {}), auth.PortalLogin(portal), spool,
+            settings, RelayPolicy(frozenset(), (), {}), PortalLogin(portal), spool,
             MailLog(self.clock), self.clock, Limits(self.clock, LimitSettings()), hooks)
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 4321))
         self.session.makeConnection(self.transport)

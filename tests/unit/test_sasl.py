@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smarthost.auth.cred import PortalLogin, build_portal
 from smarthost.auth.sasl import (
     MECHANISMS,
     Challenge,
@@ -31,7 +32,7 @@ from smarthost.auth.sasl import (
     Step,
     build_mechanisms,
 )
-from smarthost.auth.users import PortalLogin, UsersFile, build_portal, set_password
+from smarthost.auth.users import UsersFile, set_password
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

@@ -21,6 +21,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smarthost.auth.cred import VerifiedUser
 from smarthost.auth.derived import CramMD5Secret
 from smarthost.auth.md5state import MD5_IV, md5_compress, md5_resume
 from smarthost.auth.sasl import (
@@ -32,12 +33,7 @@ from smarthost.auth.sasl import (
     ISASLMechanism,
     Rejected,
 )
-from smarthost.auth.users import (
-    UsersFile,
-    VerifiedUser,
-    parse_users,
-    set_password,
-)
+from smarthost.auth.users import UsersFile, parse_users, set_password
 
 # RFC 2195 2, the worked example.
 RFC_CHALLENGE = b"<1896.697170952@postoffice.reston.mci.net>"

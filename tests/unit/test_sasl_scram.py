@@ -25,6 +25,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from smarthost.auth.cred import (
+    IVerifiedUser,
+    PortalLogin,
+    VerifiedUser,
+    VerifiedUserChecker,
+    build_portal,
+)
 from smarthost.auth.derived import (
     ScramSecret,
     derive_scram,
@@ -41,16 +48,7 @@ from smarthost.auth.sasl import (
     ScramMechanism,
     Step,
 )
-from smarthost.auth.users import (
-    IVerifiedUser,
-    PortalLogin,
-    UsersFile,
-    VerifiedUser,
-    VerifiedUserChecker,
-    build_portal,
-    delete_user,
-    set_password,
-)
+from smarthost.auth.users import UsersFile, delete_user, set_password
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
