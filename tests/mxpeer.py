@@ -25,7 +25,7 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from aiosmtpd.controller import Controller
@@ -209,7 +209,8 @@ class _Controller(Controller):
     def _trigger_server(self) -> None:
         # Port 0 means "any free port": learn it before aiosmtpd's readiness probe uses it.
         assert self.server is not None
-        self.port = self.server.sockets[0].getsockname()[1]
+        server = cast(asyncio.Server, self.server)
+        self.port = server.sockets[0].getsockname()[1]
         super()._trigger_server()
 
 

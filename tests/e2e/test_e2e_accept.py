@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from twisted.internet import task
-from twisted.internet.defer import succeed
 
 from daemon import SMARTHOST, TWISTD, Daemon, client_tls
+from fakes import run_now
 from smarthost.core.envelope import QueueId
 from smarthost.queue.spool import Spool
 
@@ -53,7 +53,7 @@ def queued(d: Daemon) -> list[dict[str, object]]:
 
 def spooled_body(spool: Path, queue_id: object) -> bytes:
     """A message's bytes as the spool holds them, read as the admin tool reads a live spool."""
-    reader = Spool(spool, clock=task.Clock(), run_blocking=succeed)
+    reader = Spool(spool, clock=task.Clock(), run_blocking=run_now)
     with reader.open_body(QueueId(str(queue_id))) as f:
         return f.read()
 

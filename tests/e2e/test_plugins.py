@@ -23,7 +23,7 @@ from twisted.cred import strcred
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.plugin import pluginPackagePaths
 from twisted.trial.unittest import TestCase
@@ -66,7 +66,7 @@ def plugin_dir(tmp_path: Path) -> Iterator[Path]:
     saved_modules = set(sys.modules)
     sys.path.insert(0, str(root))
     # Exactly what smarthost/plugins/__init__.py does at import time.
-    for found in pluginPackagePaths("smarthost.plugins"):  # type: ignore[no-untyped-call]
+    for found in pluginPackagePaths("smarthost.plugins"):
         if found not in smarthost.plugins.__path__:
             smarthost.plugins.__path__.append(found)
     try:
@@ -293,7 +293,7 @@ class CheckerFactoryTests(TestCase):
             credentialInterfaces = auth.BcryptChecker.credentialInterfaces
 
             def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
-                return maybeDeferred(lambda: 1 / 0)
+                return fail(OSError("the users file cannot be read"))
 
         chain = credfactory.FirstOf(
             [Broken(), InMemoryUsernamePasswordDatabaseDontUse(bob=b"pw")])  # type: ignore[list-item]

@@ -8,12 +8,12 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -21,6 +21,7 @@ from dnsserver import DNSTestServer, Zone, close_client_connections, start
 from fakes import PluginSession
 from smarthost.api import Context, IConnectCheck, ISmarthostPlugin
 from smarthost.app.pluginload import PluginError, available_plugins, build_plugins
+from smarthost.core.enums import Role
 from smarthost.core.envelope import Client
 from smarthost.core.replies import Reply
 from smarthost.delivery.routing import make_resolver
@@ -47,7 +48,7 @@ ZONE: Mapping[str, Any] = {
 }
 
 
-def inbound(address: str, user: str | None = None, role: str = "smtp") -> Client:
+def inbound(address: str, user: str | None = None, role: Role = Role.SMTP) -> Client:
     return Client(address=address, role=role, user=user)
 
 
@@ -71,8 +72,9 @@ class DNSBLTests(TestCase):
             if event.get("log_namespace") == "smarthost.plugins.dnsbl":
                 self.warnings.append(event["log_format"].format(**event))
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        observer = cast(ILogObserver, observe)  # any callable of one event is one
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def build(self, **settings: Any) -> Any:
         settings.setdefault("zones", ["zen.dnsbl.test"])
@@ -120,10 +122,10 @@ class DNSBLTests(TestCase):
     async def test_submission_and_authenticated_clients_never_checked(self) -> None:
         check = self.build()
         for client in (
-            inbound(LISTED_V4, role="submission"),
-            inbound(LISTED_V4, role="submissions"),
+            inbound(LISTED_V4, role=Role.SUBMISSION),
+            inbound(LISTED_V4, role=Role.SUBMISSIONS),
             inbound(LISTED_V4, user="alice"),
-            inbound(LISTED_V4, user="alice", role="submission"),
+            inbound(LISTED_V4, user="alice", role=Role.SUBMISSION),
         ):
             self.assertIsNone(await check.check_connect(client))
         self.assertEqual(self.server.queries, [])
@@ -167,7 +169,9 @@ class DNSBLTests(TestCase):
         )
         self.assertEqual(name, "dnsbl")
         hooks = Hooks([(name, check)], reactor)
-        self.assertEqual((await hooks.check_connect(inbound(LISTED_V4))).code, 554)
+        refusal = await hooks.check_connect(inbound(LISTED_V4))
+        assert refusal is not None
+        self.assertEqual(refusal.code, 554)
 
 
 class SessionTests(TestCase):

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from smarthost.app.config import ConfigError, parse_config
 from smarthost.auth import sasl
+from smarthost.core.enums import Role
 from smarthost.core.envelope import (
     Address,
     AddressError,
@@ -35,7 +36,7 @@ from smarthost.smtpd.policy import RelayPolicy
 
 LOCAL = frozenset({"example.test", "kk.test"})
 POLICY = RelayPolicy(LOCAL, (), {})
-ANONYMOUS = [Client(address="192.0.2.7", role=role) for role in ("submission", "smtp")]
+ANONYMOUS = [Client(address="192.0.2.7", role=role) for role in (Role.SUBMISSION, Role.SMTP)]
 
 # SMARTHOST_FUZZ_EXAMPLES=N runs a long fuzz (scripts, nightly); CI keeps the default.
 EXAMPLES = int(os.environ.get("SMARTHOST_FUZZ_EXAMPLES", "0"))
