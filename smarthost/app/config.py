@@ -292,7 +292,7 @@ class _Loader:
         return result
 
     def delivery(self, t: _Table) -> DeliveryConfig:
-        from smarthost.delivery.routing import parse_nameserver
+        from smarthost.delivery.dns import parse_nameserver
 
         port = t.integer("port", 25, minimum=1)
         if port > 65535:

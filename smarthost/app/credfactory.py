@@ -25,7 +25,8 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from smarthost.auth.users import BcryptChecker, UsersFile
+from smarthost.auth.cred import BcryptChecker
+from smarthost.auth.users import UsersFile
 
 
 def users_checker(argstring: str, auth_type: str = "smarthost-users") -> BcryptChecker:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 import attrs
@@ -16,6 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from smarthost.core.safeio import atomic_write
 
 
 @attrs.frozen
@@ -83,10 +84,10 @@ def issue(
 def write_pair(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     key_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pair.key_pem)
-    cert_path.write_bytes(pair.cert_pem)
+    # The key first: a crash in between leaves no certificate, so the next start makes a
+    # new pair instead of serving a certificate whose key is missing.
+    atomic_write(key_path, pair.key_pem, mode=0o600)
+    atomic_write(cert_path, pair.cert_pem, mode=0o644)
 
 
 def ensure_self_signed(hostname: str, cert_path: Path, key_path: Path) -> bool:

@@ -8,7 +8,6 @@ resolver, ``run_blocking``); only this room knows the global reactor and the con
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,16 @@ from smarthost.app.config import Config, ConfigError
 from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.app.services import ListenerService, QueueService
 from smarthost.auth import oauth, sasl
-from smarthost.auth import users as auth
+from smarthost.auth.cred import PortalLogin, build_portal
+from smarthost.auth.decoys import decoy_key
+from smarthost.auth.users import UsersFile, users_file_is_insecure
 from smarthost.core.enums import Role
 from smarthost.core.envelope import QueueEntry
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.delivery.courier import Courier
+from smarthost.delivery.dns import DNSLookups, make_resolver
 from smarthost.delivery.maildir import LocalRecipients, MaildirDelivery
-from smarthost.delivery.routing import Credentials, DNSLookups, NextHopResolver, make_resolver
+from smarthost.delivery.routing import Credentials, NextHopResolver
 from smarthost.delivery.scheduler import Reporter, RetryPolicy, Scheduler
 from smarthost.delivery.smtpagent import SMTPDelivery
 from smarthost.queue.spool import Spool
@@ -58,7 +60,7 @@ class Parts:
     scheduler: Scheduler
     limits: Limits
     hooks: Hooks
-    users: auth.UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
+    users: UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
 
 
 def make_service(
@@ -101,7 +103,7 @@ def build_parts(
     # OAUTHBEARER and XOAUTH2: the token verifier plugins say whose a token is.
     token_checkers = [oauth.BearerTokenChecker(hooks.verifiers, reactor)] if hooks.verifiers else []
     portal = credfactory.with_checkers(
-        auth.build_portal(users, deferToThread), [*checkers, *token_checkers]
+        build_portal(users, deferToThread), [*checkers, *token_checkers]
     )
     return Parts(
         config=config,
@@ -130,15 +132,13 @@ def _server_tls(config: Config, maillog: MailLog) -> ssl.CertificateOptions:
         raise usage.UsageError(f"tls: cannot load certificate/key: {e}") from None
 
 
-def _users(config: Config, maillog: MailLog) -> auth.UsersFile:
-    # Decoy SCRAM salts for unknown names must not change on restart, or recording them across
-    # one would tell real names from made-up ones: key them with a one-way derivative of our
-    # TLS private key, a secret that already lives as long as the installation.
-    decoy_key = hmac.digest(config.tls.key.read_bytes(), b"smarthost SCRAM decoys", "sha256")
-    users = auth.UsersFile(config.auth.users, decoy_key=decoy_key)
+def _users(config: Config, maillog: MailLog) -> UsersFile:
+    # The decoy secrets for unknown names are keyed from the TLS private key (auth.decoys
+    # says why); the key was made or loaded just before.
+    users = UsersFile(config.auth.users, decoy_key=decoy_key(config.tls.key.read_bytes()))
     for problem in users.reload().problems:
         maillog.warning("users file {path}: {problem}", path=str(users.path), problem=problem)
-    if auth.users_file_is_insecure(config.auth.users):
+    if users_file_is_insecure(config.auth.users):
         maillog.warning(
             "users file {path} is readable by other users; chmod 600 it", path=str(users.path)
         )
@@ -255,7 +255,7 @@ class SessionFactory(Factory):
                 clock=reactor,
             ) if role != Role.SMTP else (),
         )
-        self._login = auth.PortalLogin(parts.portal)
+        self._login = PortalLogin(parts.portal)
 
     def buildProtocol(self, addr: Any) -> Session:
         parts = self._parts
