@@ -1,8 +1,8 @@
 """OAuth 2.0 bearer tokens for SMTP AUTH: the OAUTHBEARER (RFC 7628) and XOAUTH2 messages,
 the credentials they become, and the cred checker that asks the token verifier plugins.
 
-The mechanism classes live with the others in :mod:`smarthost.auth.sasl`; this module holds what
-they share and the portal side:
+The mechanism classes live with the others, in :mod:`smarthost.auth.sasl.bearer`; this module
+holds what they share and the portal side:
 
 - :func:`parse_oauthbearer` and :func:`parse_xoauth2` turn a client message into a
   :class:`BearerToken` or raise :class:`MessageError` (malformed: ``501``). Neither the

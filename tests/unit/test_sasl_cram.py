@@ -26,13 +26,13 @@ from smarthost.auth.derived import CramMD5Secret
 from smarthost.auth.md5state import MD5_IV, md5_compress, md5_resume
 from smarthost.auth.sasl import (
     Challenge,
-    CramMD5Exchange,
     CramMD5Mechanism,
     Credentials,
     ISASLExchange,
     ISASLMechanism,
     Rejected,
 )
+from smarthost.auth.sasl.cram import CramMD5Exchange
 from smarthost.auth.users import UsersFile, parse_users, set_password
 
 # RFC 2195 2, the worked example.
