@@ -25,7 +25,7 @@ from smarthost.api import Context
 from smarthost.app.config import Config, ConfigError, load_config
 from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.auth import oauth, sasl
-from smarthost.auth import users as auth
+from smarthost.auth.users import PasswordError, UserNameError, delete_user, set_password
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.queue.spool import Spool, release_held
 
@@ -89,14 +89,14 @@ def _spool(config: Config) -> Spool:
 def cmd_passwd(args: argparse.Namespace) -> int:
     users = Path(args.users)
     if args.delete:
-        if not auth.delete_user(users, args.name):
+        if not delete_user(users, args.name):
             raise CLIError(f"no user {args.name!r} in {users}")
         print(f"deleted {args.name}")
         return 0
     password = _read_password()
     try:
-        auth.set_password(users, args.name, password)
-    except (auth.UserNameError, auth.PasswordError) as e:
+        set_password(users, args.name, password)
+    except (UserNameError, PasswordError) as e:
         raise CLIError(str(e)) from None
     print(f"password set for {args.name} in {users}")
     return 0
