@@ -4,7 +4,7 @@ smtplib's CRAM-MD5 and a scramp-driven AUTH dialog; the users file holds no pass
 from __future__ import annotations
 
 import smtplib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -45,21 +45,24 @@ def connect(d: Daemon, source: str = "127.0.0.1") -> smtplib.SMTP_SSL:
                             context=client_tls(), source_address=(source, 0))
 
 
-def scram(mechanism: str, user: str, password: str) -> Callable[..., str]:
+class ScramAuth:
     """An smtplib ``authobject`` speaking SCRAM through scramp, checking the server's v=."""
-    client = ScramClient([mechanism], user, password)
 
-    def authobject(challenge: bytes | None = None) -> str:
+    def __init__(self, mechanism: str, user: str, password: str) -> None:
+        self._client = ScramClient([mechanism], user, password)
+
+    def __call__(self, challenge: bytes | None = None) -> str:
+        answer: str  # scramp carries no annotations
         if challenge is None:
-            return client.get_client_first()  # the initial response
+            answer = self._client.get_client_first()  # the initial response
+            return answer
         text = challenge.decode("ascii")
         if text.startswith("v="):
-            client.set_server_final(text)  # raises unless the server knew ServerKey
+            self._client.set_server_final(text)  # raises unless the server knew ServerKey
             return ""  # RFC 4954 4: the empty answer to the last challenge
-        client.set_server_first(text)
-        return client.get_client_final()
-
-    return authobject
+        self._client.set_server_first(text)
+        answer = self._client.get_client_final()
+        return answer
 
 
 def login(d: Daemon, mechanism: str, user: str, password: str, source: str = "127.0.0.1",
@@ -67,14 +70,14 @@ def login(d: Daemon, mechanism: str, user: str, password: str, source: str = "12
     with connect(d, source) as s:
         s.ehlo()
         try:
+            s.user, s.password = user, password
             if mechanism.startswith("SCRAM"):
-                code, _ = s.auth(mechanism, scram(mechanism, user, password))
+                code, _ = s.auth(mechanism, ScramAuth(mechanism, user, password))
+            elif mechanism == "CRAM-MD5":
+                code, _ = s.auth(mechanism, s.auth_cram_md5, initial_response_ok=False)
             else:
-                s.user, s.password = user, password
-                authobject = {"CRAM-MD5": s.auth_cram_md5, "PLAIN": s.auth_plain,
-                              "LOGIN": s.auth_login}[mechanism]
-                code, _ = s.auth(mechanism, authobject,
-                                 initial_response_ok=mechanism != "CRAM-MD5")
+                authobject = {"PLAIN": s.auth_plain, "LOGIN": s.auth_login}[mechanism]
+                code, _ = s.auth(mechanism, authobject)
         except smtplib.SMTPAuthenticationError as e:
             return e.smtp_code
         if send:
