@@ -226,9 +226,9 @@ class UsersFile:
     ``run_blocking``; :meth:`scram` and :meth:`cram_md5` only stat (and, after a change,
     re-read) a small local file. A lock makes it safe from several pool threads at once.
 
-    ``decoy_key`` keys the stand-in secrets for names without real ones. The daemon passes a
-    key derived from its TLS private key, so decoy salts survive restarts as real ones do; the
-    default (random per process) suits tools and tests.
+    ``decoy_key`` keys the stand-in secrets for names without real ones. The daemon passes
+    :func:`smarthost.auth.decoys.decoy_key` of its TLS private key, so decoy salts survive
+    restarts as real ones do; the default (random per process) suits tools and tests.
     """
 
     def __init__(
