@@ -1,11 +1,11 @@
 """Test doubles shared by the unit and integration tests: the synchronous stand-in for
-``run_blocking``, and one SMTP session with plugins on a StringTransport."""
+``run_blocking``, and the one builder of an SMTP session on a StringTransport."""
 
 from __future__ import annotations
 
 import base64
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,14 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from smarthost.api import PLUGIN_TIMEOUT
 from smarthost.auth import sasl
 from smarthost.auth import users as auth
-from smarthost.core.maillog import MailLog
+from smarthost.auth.sasl import ISASLMechanism
+from smarthost.core.enums import Role
+from smarthost.core.maillog import EventFile, MailLog
 from smarthost.queue.spool import Spool
+from smarthost.smtpd.authdialog import Login
 from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.policy import RelayPolicy
@@ -31,52 +35,82 @@ def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
     return maybeDeferred(f, *args, **kwargs)
 
 
-class PluginSession:
-    """One SMTP session with ``plugins`` run through the core's Hooks, a real spool and a
-    real bcrypt portal (alice@example.test / secret), in virtual time."""
+class SessionHarness:
+    """One SMTP session on a StringTransport, the way every unit test builds one: a real spool
+    and, unless ``login`` is given, a real bcrypt portal over ``users`` (each with password
+    ``secret``), in virtual time. ``plugins`` run through the core's Hooks (or pass ``hooks``).
+    Keyword defaults describe a submission listener for ``example.test``."""
 
     def __init__(
         self,
         tmp: Path,
-        plugins: Sequence[tuple[str, object]],
+        plugins: Sequence[tuple[str, object]] = (),
         *,
         role: str = "submission",
         client: str = "192.0.2.7",
+        port: int = 4321,
         trusted: Sequence[str] = (),
+        local_domains: Sequence[str] = ("example.test",),
+        senders: Mapping[str, frozenset[str]] | None = None,
+        hostname: str = "mx.smarthost.test",
+        max_size: int = 100_000,
+        max_recipients: int = 10,
+        command_timeout: float = 300,
+        allow_plaintext_auth: bool = True,
+        mechanisms: Sequence[ISASLMechanism] | None = None,  # None: PLAIN, none for "smtp"
+        users: Sequence[str] = ("alice@example.test",),
+        login: Login | None = None,
+        limits: LimitSettings | None = None,
+        hooks: Hooks | None = None,
+        plugin_timeout: float = PLUGIN_TIMEOUT,
+        clock: Clock | None = None,
+        events: EventFile | None = None,
     ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-        users = tmp / "users"
-        users.write_text(f"alice@example.test:{HASH}\n")
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.spool, _ = Spool.open(tmp / "spool", clock=self.clock, run_blocking=run_now)
-        portal = auth.build_portal(auth.UsersFile(users), run_now)
+        if clock is None:
+            clock = Clock()
+            clock.advance(1_700_000_000)
+        self.clock = clock
+        self.spool, _ = Spool.open(tmp / "spool", clock=clock, run_blocking=run_now)
+        if login is None:
+            (tmp / "users").write_text("".join(f"{user}:{HASH}\n" for user in users))
+            login = auth.PortalLogin(auth.build_portal(auth.UsersFile(tmp / "users"), run_now))
+        if mechanisms is None:
+            mechanisms = () if role == "smtp" else sasl.build_mechanisms(["PLAIN"])
         settings = SessionSettings(
-            role=role,
-            hostname="mx.smarthost.test",
-            max_size=100_000,
-            max_recipients=10,
-            command_timeout=300,
-            allow_plaintext_auth=True,
+            role=Role(role),
+            hostname=hostname,
+            max_size=max_size,
+            max_recipients=max_recipients,
+            command_timeout=command_timeout,
+            allow_plaintext_auth=allow_plaintext_auth,
             tls=None,
-            mechanisms=() if role == "smtp" else sasl.build_mechanisms(["PLAIN"]),
+            mechanisms=mechanisms,
         )
         policy = RelayPolicy(
-            local_domains=frozenset({"example.test"}),
+            local_domains=frozenset(local_domains),
             trusted_networks=tuple(ipaddress.ip_network(n) for n in trusted),
-            senders={},
+            senders=dict(senders or {}),
         )
+        self.hooks = hooks if hooks is not None else Hooks(plugins, clock, plugin_timeout)
+        self.maillog = MailLog(clock, events)
         self.session = Session(
-            settings, policy, auth.PortalLogin(portal), self.spool, MailLog(self.clock),
-            self.clock, Limits(self.clock, LimitSettings()), Hooks(plugins, self.clock),
+            settings, policy, login, self.spool, self.maillog, clock,
+            Limits(clock, limits or LimitSettings()), self.hooks,
         )
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", client, 4321))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", client, port))
         self.session.makeConnection(self.transport)
 
     def replies(self) -> list[str]:
+        """Every reply line written since the last call."""
         data = self.transport.value().decode("utf-8")
         self.transport.clear()
         return data.split("\r\n")[:-1] if data else []
+
+    def feed(self, data: bytes) -> list[str]:
+        """Send raw bytes; return every reply line that came back."""
+        self.session.dataReceived(data)
+        return self.replies()
 
     def send(self, *lines: str) -> list[str]:
         """Send lines (CRLF added); return every reply line that came back."""
@@ -104,6 +138,9 @@ class PluginSession:
             with self.spool.open_body(entry.queue_id) as f:
                 bodies.append(f.read())
         return bodies
+
+
+PluginSession = SessionHarness  # the name the plugin tests know it by
 
 
 def codes(replies: Sequence[str]) -> list[int]:

@@ -1,9 +1,14 @@
-"""SMTP replies: one value type and every reply the core sends, in one place.
+"""SMTP replies: one value type and every reply the core sends, in one place — the fixed
+ones as constants, the ones that carry a value (host name, queue id, SASL challenge) as small
+functions at the end.
 
 Tests assert codes and enhanced codes, never the prose, so texts can be improved freely.
 """
 
 from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
 
 import attrs
 
@@ -13,6 +18,8 @@ class Reply:
     code: int
     enhanced: str  # RFC 3463 enhanced status code, e.g. "5.7.1"; "" for 220/221 banners
     text: str
+    # Further lines of a multi-line reply (RFC 5321 4.2.1), such as the EHLO extensions.
+    lines: tuple[str, ...] = attrs.field(default=(), kw_only=True)
 
     @property
     def is_positive(self) -> bool:
@@ -22,9 +29,9 @@ class Reply:
     def is_temporary(self) -> bool:
         return 400 <= self.code < 500
 
-    def to_bytes(self, extra: tuple[str, ...] = ()) -> bytes:
-        """Wire form; ``extra`` lines make a multi-line reply (RFC 5321 4.2.1)."""
-        lines = [self.text, *extra]
+    def to_bytes(self) -> bytes:
+        """Wire form: one line, or a multi-line reply when there are further ``lines``."""
+        lines = [self.text, *self.lines]
         out = []
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
@@ -106,3 +113,26 @@ NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 # Plugins
 PLUGIN_FAILED = Reply(451, "4.3.0", "Temporary local problem, try again later")
+
+
+# Replies that carry a value
+
+
+def greeting(hostname: str) -> Reply:
+    """The 220 banner; RFC 2034 3 gives it no enhanced code."""
+    return Reply(220, "", f"{hostname} ESMTP smarthost")
+
+
+def hello(hostname: str, extensions: Sequence[str] = ()) -> Reply:
+    """The answer to EHLO (with its extensions, RFC 5321 4.1.1.1) or HELO (without)."""
+    return Reply(250, "", hostname, lines=tuple(extensions))
+
+
+def queued(queue_id: str) -> Reply:
+    """The end of DATA: the message is on disk and is ours now."""
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def challenge(data: bytes) -> Reply:
+    """A SASL challenge: base64 only, no enhanced code (RFC 4954 4)."""
+    return Reply(334, "", base64.b64encode(data).decode("ascii"))

@@ -2,8 +2,9 @@
 through the cred portal, and the accounting of failures (the fail2ban log line, the
 per-address throttle, the per-connection cap).
 
-The session checks whether AUTH may start at all (TLS, EHLO, not in a transaction) and owns
-the connection; this class only talks to it through :class:`DialogHost`.
+The commands check whether AUTH may start at all (TLS, EHLO, not in a transaction) and the
+transport owns the connection; this class only talks to the commands through
+:class:`DialogHost`.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Login(Protocol):
 
 
 class DialogHost(Protocol):
-    """What the dialog needs from the session."""
+    """What the dialog needs from the commands."""
 
     def send(self, r: Reply) -> None:
         """Answer now."""
@@ -84,7 +85,7 @@ class AuthDialog:
                     return
             step = exchange.step(data)
             if isinstance(step, Challenge):
-                self._host.send(Reply(334, "", base64.b64encode(step.data).decode("ascii")))
+                self._host.send(reply.challenge(step.data))
                 self._host.next_line(respond)
             elif isinstance(step, Credentials):
                 self._host.answer_later(self._check(step, mechanism))
@@ -120,7 +121,7 @@ class AuthDialog:
                 self._host.answer_later(last())
 
             self._host.next_line(finish)
-            return Reply(334, "", base64.b64encode(step.failure_challenge).decode("ascii"))
+            return reply.challenge(step.failure_challenge)
         except Exception:
             self._log.failure("password check failed")
             return reply.AUTH_TEMP

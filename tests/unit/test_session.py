@@ -4,33 +4,30 @@ log, and flow control for clients that pipeline without reading."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
-from test_hooks import run_now
-from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from zope.interface import implementer
 
-from smarthost.core.maillog import EventFile, MailLog
-from smarthost.queue.spool import Spool
-from smarthost.smtpd.limits import Limits, LimitSettings
-from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.session import Session, SessionSettings
+from fakes import SessionHarness
+from smarthost.api import IRcptCheck
+from smarthost.core.envelope import Client
+from smarthost.core.maillog import EventFile
+from smarthost.smtpd.session import Session
+
+
+def harness(tmp: Path, events: EventFile | None = None,
+            plugins: Sequence[tuple[str, object]] = ()) -> SessionHarness:
+    return SessionHarness(tmp, plugins, role="smtp", hostname="mx.test", port=1234,
+                          events=events)
 
 
 def make(tmp: Path, events: EventFile | None = None) -> tuple[Session, StringTransport, Clock]:
-    clock = Clock()
-    spool, _ = Spool.open(tmp / "spool", clock=clock, run_blocking=run_now)
-    settings = SessionSettings(role="smtp", hostname="mx.test", max_size=100000,
-                               command_timeout=300)
-    session = Session(
-        settings, RelayPolicy(frozenset({"example.test"}), (), {}), lambda c: Deferred(),
-        spool, MailLog(clock, events), clock, Limits(clock, LimitSettings()),
-    )
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 1234))
-    session.makeConnection(transport)
-    return session, transport, clock
+    h = harness(tmp, events)
+    return h.session, h.transport, h.clock
 
 
 def test_idle_client_gets_421_after_command_timeout(tmp_path: Path) -> None:
@@ -68,15 +65,19 @@ def test_events_file_gets_one_json_object_per_event(tmp_path: Path) -> None:
     assert accepted["sender"] == "a@x.test" and accepted["user"] == "anonymous"
 
 
+@implementer(IRcptCheck)
+class Slow:
+    def __init__(self) -> None:
+        self.pending = Deferred[None]()
+
+    async def check_rcpt(self, client: Client, sender: str, recipient: str) -> None:
+        await self.pending
+
+
 def test_a_client_that_pipelines_without_reading_is_paused(tmp_path: Path) -> None:
-    session, transport, _ = make(tmp_path)
-    pending = Deferred[None]()
-
-    async def slow(*args: object) -> None:
-        await pending
-
-    session._hooks.rcpt = [("slow", object())]  # a pending RCPT check holds replies
-    session._hooks.check_rcpt = slow  # type: ignore[method-assign]
+    slow = Slow()  # a pending RCPT check holds replies
+    h = harness(tmp_path, plugins=[("slow", slow)])
+    session, transport, pending = h.session, h.transport, slow.pending
     session.dataReceived(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.test>\r\n")
     session.dataReceived(b"X" * 1_200_000)  # 1.2 MB pipelined while a reply is pending
     assert transport.producerState == "paused"
@@ -86,7 +87,8 @@ def test_a_client_that_pipelines_without_reading_is_paused(tmp_path: Path) -> No
 
 def test_anonymous_dsn_requests_are_limited_to_failure_with_headers(tmp_path: Path) -> None:
     """Success and delay reports to an unverified sender would make us a reflector."""
-    session, transport, _ = make(tmp_path)
+    h = harness(tmp_path)
+    session, transport = h.session, h.transport
     session.dataReceived(
         b"EHLO c\r\nMAIL FROM:<victim@remote.test> RET=FULL\r\n"
         b"RCPT TO:<a@example.test> NOTIFY=SUCCESS,DELAY\r\n"
@@ -95,7 +97,7 @@ def test_anonymous_dsn_requests_are_limited_to_failure_with_headers(tmp_path: Pa
         b"DATA\r\nSubject: x\r\n\r\n.\r\n"
     )
     assert b"queued as" in transport.value()
-    [entry] = session._spool.entries()  # type: ignore[attr-defined]
+    [entry] = h.spool.entries()
     notify = [r.notify for r in entry.envelope.recipients]
     assert notify == [("NEVER",), ("FAILURE",), ("NEVER",), ("FAILURE",)]
     assert entry.envelope.ret == "HDRS"
