@@ -16,80 +16,44 @@ included) and a real cred portal over a bcrypt users file.
 from __future__ import annotations
 
 import codecs
-import ipaddress
 import re
 from pathlib import Path
-from typing import Any
 
-import bcrypt
 import pytest
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 
+from fakes import SessionHarness
 from smarthost.auth import sasl
-from smarthost.auth import users as auth
-from smarthost.core.maillog import MailLog
-from smarthost.queue.spool import Spool
-from smarthost.smtpd.limits import Limits, LimitSettings
-from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.session import Session, SessionSettings
+from smarthost.smtpd.limits import LimitSettings
 
 DIALOGS = sorted((Path(__file__).parent.parent / "dialogs").glob("*.txt"))
-HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
-
-
-def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-    return maybeDeferred(f, *args, **kwargs)
 
 
 class Dialog:
     def __init__(self, tmp: Path, settings: dict[str, str]) -> None:
-        users = tmp / "users"
-        users.write_text(f"alice@example.test:{HASH}\nbob:{HASH}\n")
-        self.clock = Clock()
-        self.clock.advance(1_700_000_000)
-        self.spool, _ = Spool.open(tmp / "spool", clock=self.clock, run_blocking=run_now)
-        portal = auth.build_portal(auth.UsersFile(users), run_now)
         role = settings.get("role", "submission")
-        session_settings = SessionSettings(
+        host, port = settings.get("client", "192.0.2.7:4321").rsplit(":", 1)
+        harness = SessionHarness(
+            tmp,
             role=role,
-            hostname="mx.smarthost.test",
+            client=host,
+            port=int(port),
             max_size=int(settings.get("max_size", "10000")),
             max_recipients=int(settings.get("max_recipients", "5")),
-            command_timeout=300,
             allow_plaintext_auth=settings.get("allow_plaintext", "no") == "yes",
-            tls=None,
             mechanisms=() if role == "smtp" else sasl.build_mechanisms(["PLAIN", "LOGIN"]),
-        )
-        policy = RelayPolicy(
-            local_domains=frozenset(settings.get("local", "example.test").split(",")),
-            trusted_networks=tuple(
-                ipaddress.ip_network(n) for n in settings.get("trusted", "").split(",") if n
-            ),
+            users=("alice@example.test", "bob"),
+            local_domains=settings.get("local", "example.test").split(","),
+            trusted=[n for n in settings.get("trusted", "").split(",") if n],
             senders={"bob": frozenset({"bob@example.test", "@bob.test"})},
-        )
-
-        def login(credentials: Any) -> Deferred[str]:
-            return auth.PortalLogin(portal)(credentials)
-
-        limits = Limits(
-            self.clock,
-            LimitSettings(
+            limits=LimitSettings(
                 connections_per_ip=int(settings.get("connections_per_ip", "50")),
                 auth_failures_per_ip=int(settings.get("auth_failures_per_ip", "10")),
                 messages_per_user_per_hour=int(settings.get("rate", "1000")),
                 hold_user_after_per_hour=int(settings.get("hold_after", "5000")),
             ),
         )
-        self.session = Session(
-            session_settings, policy, login, self.spool, MailLog(self.clock), self.clock, limits
-        )
-        host, port = settings.get("client", "192.0.2.7:4321").rsplit(":", 1)
-        from twisted.internet.address import IPv4Address
-
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", host, int(port)))
-        self.session.makeConnection(self.transport)
+        self.clock, self.spool = harness.clock, harness.spool
+        self.session, self.transport = harness.session, harness.transport
         self.replies: list[str] = []
 
     def read_replies(self) -> None:
@@ -115,7 +79,7 @@ def parse(path: Path) -> tuple[dict[str, str], list[tuple[str, str]]]:
         if not raw.strip() or raw.startswith("#"):
             continue
         if raw.startswith("@ "):
-            settings.update(item.split("=", 1) for item in raw[2:].split())
+            settings.update(item.split("=", 1) for item in raw[2:].split())  # type: ignore[misc]
             continue
         kind, text = raw[:2], raw[3:]
         assert kind in ("C:", "C!", "S:", "Q:", "H:"), f"{path.name}: bad line {raw!r}"

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from fakes import SessionHarness
 from smarthost.api import (
     IConnectCheck,
     IDataCheck,
@@ -21,13 +18,7 @@ from smarthost.api import (
     MessageView,
 )
 from smarthost.core.envelope import Client
-from smarthost.core.maillog import MailLog
 from smarthost.core.replies import PLUGIN_FAILED, Reply
-from smarthost.queue.spool import Spool
-from smarthost.smtpd.hooks import Hooks
-from smarthost.smtpd.limits import Limits, LimitSettings
-from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.session import Session, SessionSettings
 
 NO_BOB = Reply(550, "5.7.1", "bob does not want mail")
 
@@ -83,32 +74,10 @@ class Gatekeeper:
         return Reply(550, "5.7.1", "no") if sender.endswith("@spam.test") else None
 
 
-def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-    return maybeDeferred(f, *args, **kwargs)
-
-
-class Harness:
-    def __init__(self, tmp: Path, plugins: list[tuple[str, object]],
-                 client: str = "192.0.2.7") -> None:
-        self.clock = Clock()
-        self.spool, _ = Spool.open(tmp / "spool", clock=self.clock, run_blocking=run_now)
-        settings = SessionSettings(role="submission", hostname="mx.test", max_size=100000)
-        policy = RelayPolicy(frozenset({"example.test"}), (), {})
-        self.session = Session(
-            settings, policy, lambda c: Deferred(), self.spool, MailLog(self.clock), self.clock,
-            Limits(self.clock, LimitSettings()), Hooks(plugins, self.clock, timeout=5),
-        )
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", client, 1234))
-        self.session.makeConnection(self.transport)
-
-    def send(self, data: bytes) -> list[str]:
-        self.session.dataReceived(data)
-        return self.replies()
-
-    def replies(self) -> list[str]:
-        out = self.transport.value().decode()
-        self.transport.clear()
-        return [line for line in out.split("\r\n") if line]
+def harness(tmp: Path, plugins: list[tuple[str, object]],
+            client: str = "192.0.2.7") -> SessionHarness:
+    return SessionHarness(tmp, plugins, hostname="mx.test", client=client, port=1234,
+                          plugin_timeout=5)
 
 
 def codes(lines: list[str]) -> list[str]:
@@ -116,43 +85,43 @@ def codes(lines: list[str]) -> list[str]:
 
 
 def test_rcpt_refused_by_a_plugin_after_the_relay_rule(tmp_path: Path) -> None:
-    h = Harness(tmp_path, [("nobob", RefuseBob())])
+    h = harness(tmp_path, [("nobob", RefuseBob())])
     h.replies()
-    replies = h.send(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<bob@example.test>\r\n"
+    replies = h.feed(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<bob@example.test>\r\n"
                      b"RCPT TO:<carol@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\n")
     # The relay rule still comes first: the plugin is never asked about a relay attempt.
     assert codes(replies) == ["250", "250", "550", "250", "554"]
 
 
 def test_plugin_exception_fails_closed(tmp_path: Path) -> None:
-    h = Harness(tmp_path, [("crashes", Crashes())])
+    h = harness(tmp_path, [("crashes", Crashes())])
     h.replies()
-    replies = h.send(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\n")
+    replies = h.feed(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\n")
     assert replies[-1].startswith("451 4.3.0")
 
 
 def test_plugin_timeout_fails_closed_and_keeps_reply_order(tmp_path: Path) -> None:
-    h = Harness(tmp_path, [("slow", NeverAnswers())])
+    h = harness(tmp_path, [("slow", NeverAnswers())])
     h.replies()
-    replies = h.send(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\nNOOP\r\n")
+    replies = h.feed(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\nNOOP\r\n")
     assert codes(replies) == ["250", "250"]  # NOOP waits behind the pending RCPT
     h.clock.advance(5)
     assert codes(h.replies()) == ["451", "250"]
 
 
 def test_a_plugin_cannot_grant(tmp_path: Path) -> None:
-    h = Harness(tmp_path, [("grant", TriesToGrant())])
+    h = harness(tmp_path, [("grant", TriesToGrant())])
     h.replies()
-    replies = h.send(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\n")
+    replies = h.feed(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\n")
     assert replies[-1] == PLUGIN_FAILED.to_bytes().decode().strip()
 
 
 def test_data_check_sees_headers_and_header_adder_prepends(tmp_path: Path) -> None:
     inspector = Inspector()
-    h = Harness(tmp_path, [("inspector", inspector)])
+    h = harness(tmp_path, [("inspector", inspector)])
     h.replies()
-    h.send(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
-    replies = h.send(b"Subject: hello\r\nFrom: a@x.test\r\n\r\nbody\r\n.\r\n")
+    h.feed(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
+    replies = h.feed(b"Subject: hello\r\nFrom: a@x.test\r\n\r\nbody\r\n.\r\n")
     assert replies[-1].startswith("250 2.0.0")
     [view] = inspector.seen
     assert view.headers == b"Subject: hello\r\nFrom: a@x.test\r\n"
@@ -163,18 +132,18 @@ def test_data_check_sees_headers_and_header_adder_prepends(tmp_path: Path) -> No
     assert stored.endswith(b"Subject: hello\r\nFrom: a@x.test\r\n\r\nbody\r\n")
     assert h.spool.load(qid).size == len(stored)
     # A refusal at DATA queues nothing.
-    h.send(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
-    replies = h.send(b"Subject: spam\r\n\r\nbuy\r\n.\r\n")
+    h.feed(b"MAIL FROM:<a@x.test>\r\nRCPT TO:<carol@example.test>\r\nDATA\r\n")
+    replies = h.feed(b"Subject: spam\r\n\r\nbuy\r\n.\r\n")
     assert replies[-1].startswith("554 5.7.1")
     assert len(h.spool.queue_ids()) == 1
 
 
 def test_connect_helo_and_mail_checks(tmp_path: Path) -> None:
-    refused = Harness(tmp_path / "a", [("gate", Gatekeeper())], client="192.0.2.66")
+    refused = harness(tmp_path / "a", [("gate", Gatekeeper())], client="192.0.2.66")
     assert codes(refused.replies()) == ["554"]
     assert refused.transport.disconnecting
-    h = Harness(tmp_path / "b", [("gate", Gatekeeper())])
+    h = harness(tmp_path / "b", [("gate", Gatekeeper())])
     assert codes(h.replies()) == ["220"]
-    assert codes(h.send(b"HELO localhost\r\n")) == ["550"]
-    assert codes(h.send(b"HELO c\r\nMAIL FROM:<x@spam.test>\r\nMAIL FROM:<x@ok.test>\r\n")) == [
+    assert codes(h.feed(b"HELO localhost\r\n")) == ["550"]
+    assert codes(h.feed(b"HELO c\r\nMAIL FROM:<x@spam.test>\r\nMAIL FROM:<x@ok.test>\r\n")) == [
         "250", "550", "250"]

@@ -6,28 +6,18 @@ from __future__ import annotations
 import base64
 import smtplib
 from pathlib import Path
-from typing import Any
 
 import pytest
 from scramp import ScramClient
-from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from fakes import SessionHarness, run_now
 from smarthost.auth import sasl
 from smarthost.auth import users as auth
-from smarthost.core.maillog import MailLog
-from smarthost.queue.spool import Spool
-from smarthost.smtpd.limits import Limits, LimitSettings
-from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.session import Session, SessionSettings
+from smarthost.smtpd.session import Session
 
 MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
-
-
-def run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-    return maybeDeferred(f, *args, **kwargs)
 
 
 class LineClient:
@@ -63,22 +53,16 @@ class Client(LineClient):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
         users = auth.UsersFile(path)
-        spool, _ = Spool.open(tmp / "spool", clock=self.clock, run_blocking=run_now)
-        settings = SessionSettings(
-            role="submission", hostname="mx.smarthost.test", max_size=10000,
-            allow_plaintext_auth=True,
+        harness = SessionHarness(
+            tmp, max_size=10000, local_domains=(), clock=self.clock,
             mechanisms=sasl.build_mechanisms(MECHANISMS, users=users,
                                              hostname="mx.smarthost.test", clock=self.clock),
+            login=auth.PortalLogin(auth.build_portal(users, run_now)),
         )
-        login = auth.PortalLogin(auth.build_portal(users, run_now))
-        self.session = Session(settings, RelayPolicy(frozenset(), (), {}), login, spool,
-                               MailLog(self.clock), self.clock, Limits(self.clock, LimitSettings()))
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 4321))
-        self.session.makeConnection(self.transport)
+        self.session, self.transport = harness.session, harness.transport
         self.read()
         self.send("EHLO client.test")
         self.ehlo = self.read()
-
 
 
 @pytest.fixture
