@@ -31,10 +31,10 @@ from smarthost.auth.cred import PortalLogin, build_portal
 from smarthost.auth.decoys import decoy_key
 from smarthost.auth.users import UsersFile, users_file_is_insecure
 from smarthost.core.enums import Role
-from smarthost.core.envelope import QueueEntry
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.delivery.courier import Courier
 from smarthost.delivery.dns import DNSLookups, make_resolver
+from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.maildir import LocalRecipients, MaildirDelivery
 from smarthost.delivery.routing import Credentials, NextHopResolver
 from smarthost.delivery.scheduler import Reporter, RetryPolicy, Scheduler
@@ -198,10 +198,20 @@ def build_scheduler(
 ) -> Scheduler:
     from twisted.internet.threads import deferToThread
 
+    # Forward only: each object is built from those before it, none calls back into a later one.
+    queue = config.queue
+    policy = RetryPolicy(
+        delays=tuple(float(d) for d in queue.retry),
+        lifetime=queue.lifetime,
+        delay_warning=queue.delay_warning,
+    )
+    # The one memory of failed hosts: routing orders by it, the courier writes and reads it,
+    # a flush forgets it; it holds a host no longer than the first retry interval.
+    hosts = HostCache(reactor, first_retry=policy.delay(1))
     delivery = config.delivery
     resolver = NextHopResolver(
         dns,
-        clock=reactor,
+        hosts=hosts,
         local_domains=config.relay.local_domains,
         local=delivery.local,
         routes=delivery.routes,
@@ -213,27 +223,14 @@ def build_scheduler(
     def maildir(root: Path) -> MaildirDelivery:
         return MaildirDelivery(root, deferToThread, reactor, config.hostname)
 
-    smtp = SMTPDelivery(reactor, config.hostname, unreachable=resolver.mark_unreachable)
+    smtp = SMTPDelivery(reactor, config.hostname)
     # Connections parked for reuse get a polite QUIT when the daemon stops.
     reactor.addSystemEventTrigger("before", "shutdown", smtp.close_all)
-    courier = Courier(resolver.resolve, smtp, maildir)
-    queue = config.queue
-    policy = RetryPolicy(
-        delays=tuple(float(d) for d in queue.retry),
-        lifetime=queue.lifetime,
-        delay_warning=queue.delay_warning,
+    courier = Courier(resolver.resolve, smtp, maildir, hosts)
+    reporter = Reporter(spool, config.hostname, reactor, maillog)
+    return Scheduler(
+        reactor, spool, courier.attempt, reporter, policy, maillog, hosts, observe=hooks.observe
     )
-    scheduler: Scheduler
-
-    def queued(entry: QueueEntry) -> None:
-        scheduler.enqueue(entry)
-
-    reporter = Reporter(spool, config.hostname, reactor, queued, maillog)
-    scheduler = Scheduler(
-        reactor, spool, courier.attempt, reporter, policy, maillog, observe=hooks.observe,
-        on_flush=smtp.forget_failures,
-    )
-    return scheduler
 
 
 class SessionFactory(Factory):

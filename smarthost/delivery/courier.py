@@ -4,6 +4,12 @@ next hop all of its recipients at once (one connection per next hop).
 The courier never touches the spool: it returns one :class:`Outcome` per pending recipient and
 the scheduler records them. Anything unexpected inside an attempt becomes a deferral, so a bug
 can delay mail but never lose it.
+
+Before handing a route to the SMTP agent the courier asks the failed-host memory
+(:mod:`smarthost.delivery.hostcache`) whether the route is suspended (every host failed lately)
+and if so defers its recipients at once, as Postfix's queue manager does with dead destinations
+instead of letting each message pay a connect timeout. The hosts the agent found unreachable go
+back in the result; the scheduler records them, with the time the attempt started.
 """
 
 from __future__ import annotations
@@ -12,15 +18,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+import attrs
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from smarthost.core.envelope import BOUNCED, DEFERRED, Envelope, Outcome, QueueEntry, Recipient
-from smarthost.delivery.routing import MAILDIR, PermanentRouteError, Route, RouteError
+from smarthost.delivery.hostcache import HostCache
+from smarthost.delivery.routing import MAILDIR, HostFailure, PermanentRouteError, Route, RouteError
+from smarthost.delivery.smtpagent import HopResult
 
 _log = Logger(namespace="smarthost.delivery.courier")
 
 OpenBody = Callable[[], BinaryIO]
+
+
+@attrs.frozen
+class AttemptResult:
+    """One attempt of one message: an outcome per pending recipient, and the hosts that took
+    no connection (for the failed-host memory)."""
+
+    outcomes: tuple[Outcome, ...]
+    unreachable: tuple[HostFailure, ...] = ()
 
 
 class Resolve(Protocol):
@@ -35,7 +53,7 @@ class SMTPAgent(Protocol):
         recipients: Sequence[Recipient],
         open_body: OpenBody,
         size: int,
-    ) -> list[Outcome]: ...
+    ) -> HopResult: ...
 
 
 class LocalAgent(Protocol):
@@ -50,13 +68,15 @@ class Courier:
         resolve: Resolve,
         smtp: SMTPAgent,
         maildir: Callable[[Path], LocalAgent],
+        hosts: HostCache,
     ) -> None:
         self._resolve = resolve
         self._smtp = smtp
         self._maildir = maildir
+        self._hosts = hosts
         self._mailboxes: dict[str, LocalAgent] = {}
 
-    async def attempt(self, entry: QueueEntry, open_body: OpenBody) -> list[Outcome]:
+    async def attempt(self, entry: QueueEntry, open_body: OpenBody) -> AttemptResult:
         pending = [state.recipient for state in entry.pending]
         by_domain: dict[str, list[Recipient]] = {}
         for recipient in pending:
@@ -85,25 +105,32 @@ class Courier:
             [Deferred.fromCoroutine(self._hop(route, entry, rcpts, open_body))
              for route, rcpts in groups]
         )
-        for delivered in results:
-            outcomes += delivered
-        return outcomes
+        unreachable: list[HostFailure] = []
+        for hop in results:
+            outcomes += hop.outcomes
+            unreachable += hop.unreachable
+        return AttemptResult(tuple(outcomes), tuple(unreachable))
 
     async def _hop(
         self, route: Route, entry: QueueEntry, recipients: list[Recipient], open_body: OpenBody
-    ) -> list[Outcome]:
+    ) -> HopResult:
         try:
             if route.kind == MAILDIR:
                 agent = self._mailboxes.get(route.maildir)
                 if agent is None:
                     agent = self._mailboxes[route.maildir] = self._maildir(Path(route.maildir))
-                return await agent.deliver(entry.envelope, recipients, open_body)
+                return HopResult(tuple(await agent.deliver(entry.envelope, recipients, open_body)))
+            suspended = self._hosts.suspended(route.hosts)
+            if suspended is not None:
+                return _deferred(recipients, f"delivery temporarily suspended: {suspended.reason}",
+                                 suspended.host.remote, suspended.status)
             return await self._smtp.deliver(
                 route, entry.envelope, recipients, open_body, entry.size
             )
         except Exception:
             _log.failure("{queue_id}: delivery attempt crashed", queue_id=str(entry.queue_id))
-            return [
-                Outcome(r, DEFERRED, "internal error during delivery", "", "4.3.0")
-                for r in recipients
-            ]
+            return _deferred(recipients, "internal error during delivery", "", "4.3.0")
+
+
+def _deferred(recipients: list[Recipient], why: str, remote: str, status: str) -> HopResult:
+    return HopResult(tuple(Outcome(r, DEFERRED, why, remote, status) for r in recipients))

@@ -1,7 +1,8 @@
 """The one memory of failed next-hop hosts, and its one rule.
 
-A host that took no connection (refused, timed out) is remembered for ``hold`` seconds, the
-first interval of ``[queue] retry`` but never more than a minute. While it is remembered:
+A host that took no connection (refused, timed out) is remembered for ``hold`` seconds from the
+start of the attempt that found it down; ``hold`` is the first interval of ``[queue] retry``,
+but never more than a minute. While it is remembered:
 
 - routing lists it last among its route's hosts (moved, never dropped: a host that was down
   a moment ago may be the only one that works now);
@@ -17,8 +18,9 @@ the one followed (with ``retry = [1, 1, 2]`` mail waited a full minute for an MX
 back after two seconds). ``smarthost queue flush`` forgets everything, as ``postqueue -f``
 forgets dead destinations.
 
-Only the courier writes here (from the hosts an agent reports unreachable), routing and the
-courier read, and the scheduler forgets on a flush: the agents never see this memory.
+The scheduler writes here (the hosts an attempt found unreachable, as the SMTP agent reported
+them through the courier) and forgets on a flush; routing and the courier read. The agents
+never see this memory.
 """
 
 from __future__ import annotations
@@ -44,13 +46,15 @@ class HostCache:
         self._failed: dict[tuple[str, int], tuple[float, int, HostFailure]] = {}
         self._seq = itertools.count()
 
-    def failed(self, failure: HostFailure) -> None:
-        """Remember that ``failure.host`` took no connection just now."""
-        now = self._clock.seconds()
-        self._forget_expired(now)
+    def failed(self, failure: HostFailure, since: float) -> None:
+        """Remember that ``failure.host`` took no connection in the attempt that started at
+        ``since``. The hold counts from there, not from the failure (a connect timeout can come
+        30 s later): the attempt's message, retried one first interval later at the earliest,
+        always finds the hold over."""
+        self._forget_expired(self._clock.seconds())
         key = _key(failure.host)
         self._failed.pop(key, None)  # re-recorded: now the most recent
-        self._failed[key] = (now, next(self._seq), failure)
+        self._failed[key] = (since, next(self._seq), failure)
 
     def remembered(self, host: Host) -> bool:
         """Whether ``host`` failed less than ``hold`` seconds ago."""
@@ -86,9 +90,9 @@ class HostCache:
         return found
 
     def _forget_expired(self, now: float) -> None:
-        # Oldest first, so the memory holds at most the hosts that failed in the last `hold`
-        # seconds. A clock stepped backwards only makes an entry stay a little longer here;
-        # _failure still compares times.
+        # Roughly oldest first (attempts that overlap may record out of order, and a clock
+        # can step back), so the memory holds about the hosts of the last `hold` seconds; an
+        # entry left a little longer is harmless, as _failure compares times.
         while self._failed:
             key, (when, _, _) = next(iter(self._failed.items()))
             if now - when < self.hold:

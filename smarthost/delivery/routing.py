@@ -8,13 +8,13 @@ rules live here; asking DNS and reading its answers is :mod:`smarthost.delivery.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from random import Random
+from typing import Protocol
 
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 
 from smarthost.core.enums import TLSPolicy
 from smarthost.delivery.dns import DNSLookups as DNSLookups
@@ -104,7 +104,6 @@ class TemporaryRouteError(RouteError):
 
 DEFAULT_SMTP_PORT = 25
 IMPLICIT_TLS_PORT = 465  # RFC 8314 3.3: submissions, TLS from the first byte
-UNREACHABLE_FOR = 60.0  # seconds a failed host stays at the end of the list
 MAX_MX_HOSTS = 10  # a domain with hundreds of MX records must not cost hundreds of lookups
 
 _TARGET_FORMS = {SMTP: "smtp:HOST:PORT", MAILDIR: "maildir:DIR"}
@@ -142,20 +141,28 @@ def parse_target(text: str, *, kinds: Iterable[str] = (SMTP, MAILDIR)) -> Target
 # --- The resolver ----------------------------------------------------------------------------
 
 
+class HostOrder(Protocol):
+    """What routing asks the failed-host memory (:class:`smarthost.delivery.hostcache.HostCache`):
+    the order to try a route's hosts in. A protocol, not an import: the delivery agents import
+    this module for its values, and must not reach that memory even indirectly."""
+
+    def order(self, hosts: Sequence[Host]) -> tuple[Host, ...]: ...
+
+
 class NextHopResolver:
     """Turns a recipient domain into the next hop, in the order Postfix's trivial-rewrite and
     smtp client would: local domain, exact static route, ``"*"``, then the domain's MX hosts.
 
-    Every collaborator is passed in (the DNS client, the clock for the unreachable-host cache,
-    the random source that shuffles equal MX preferences), so tests run on a fake resolver
-    in virtual time with deterministic ordering.
+    Every collaborator is passed in (the DNS client, the failed-host memory that orders a
+    route's hosts, the random source that shuffles equal MX preferences), so tests run on a
+    fake resolver in virtual time with deterministic ordering.
     """
 
     def __init__(
         self,
         resolver: DNSLookups,
         *,
-        clock: IReactorTime,
+        hosts: HostOrder,
         local_domains: Iterable[str] = frozenset(),
         local: str = "maildir:var/maildir",
         routes: Mapping[str, str] | None = None,
@@ -163,13 +170,12 @@ class NextHopResolver:
         tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC,
         credentials: Credentials | None = None,
         random: Random | None = None,
-        unreachable_for: float = UNREACHABLE_FOR,
         address_literals: bool = True,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port {port}: expected 1 to 65535")
         self._dns = Lookups(resolver)
-        self._clock = clock
+        self._hosts = hosts
         self._local_domains = frozenset(_domain_key(d) for d in local_domains)
         self._local = parse_target(local)
         self._routes = {
@@ -180,9 +186,7 @@ class NextHopResolver:
         self._tls = tls
         self._credentials = credentials
         self._random = random if random is not None else Random()  # noqa: S311 (not crypto)
-        self._unreachable_for = unreachable_for
         self._address_literals = address_literals
-        self._unreachable: dict[tuple[str, int], float] = {}
 
     # -- public API --
 
@@ -191,21 +195,6 @@ class NextHopResolver:
         :class:`TemporaryRouteError` (defer). Any other failure is a bug and, like every crash
         in delivery, should be treated as temporary by the caller."""
         return Deferred.fromCoroutine(self._resolve(domain))
-
-    def mark_unreachable(self, host: Host, now: float | None = None) -> None:
-        """Remember that ``host`` refused or timed out, so the next routes try it last.
-
-        Postfix-like: the host is moved to the end, never dropped, because a host that was
-        down a minute ago may be the only one that works now.
-        """
-        when = self._clock.seconds() if now is None else now
-        self._forget_expired(when)
-        self._unreachable[(host.address, host.port)] = when
-
-    def is_unreachable(self, host: Host) -> bool:
-        """For logs and tests: whether ``host`` is currently tried last."""
-        marked = self._unreachable.get((host.address, host.port))
-        return marked is not None and self._clock.seconds() - marked < self._unreachable_for
 
     # -- routing --
 
@@ -351,19 +340,9 @@ class NextHopResolver:
         return ordered
 
     def _order(self, hosts: list[Host]) -> tuple[Host, ...]:
-        """Drop duplicate addresses (keeping the best place) and move recently unreachable
-        hosts to the end, keeping the order within each part."""
+        """Drop duplicate addresses (keeping the best place); recently unreachable hosts go
+        last (the failed-host memory's rule)."""
         unique: dict[tuple[str, int], Host] = {}
         for host in hosts:
             unique.setdefault((host.address, host.port), host)
-        now = self._clock.seconds()
-        self._forget_expired(now)
-        fresh = [h for h in unique.values() if (h.address, h.port) not in self._unreachable]
-        stale = [h for h in unique.values() if (h.address, h.port) in self._unreachable]
-        return (*fresh, *stale)
-
-    def _forget_expired(self, now: float) -> None:
-        # Expired entries are dropped on every use, so the cache holds at most the hosts that
-        # failed in the last `unreachable_for` seconds.
-        for key in [k for k, t in self._unreachable.items() if now - t >= self._unreachable_for]:
-            del self._unreachable[key]
+        return self._hosts.order(list(unique.values()))

@@ -35,6 +35,8 @@ from smarthost.core.envelope import (
 from smarthost.core.errors import CorruptEntry
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.bounce import Kind, ReportedRecipient, build_report, report_envelope
+from smarthost.delivery.courier import AttemptResult
+from smarthost.delivery.hostcache import HostCache
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
 
@@ -100,24 +102,23 @@ def expire(entry: QueueEntry) -> tuple[QueueEntry, list[RecipientState]]:
 class Attempt(Protocol):
     def __call__(
         self, entry: QueueEntry, open_body: Callable[[], BinaryIO]
-    ) -> Coroutine[Any, Any, list[Outcome]]: ...
+    ) -> Coroutine[Any, Any, AttemptResult]: ...
 
 
 class Reporter:
-    """Builds RFC 3464 reports and queues them like any message, with the null sender."""
+    """Builds RFC 3464 reports and commits them to the spool like any message, with the null
+    sender; the caller (the scheduler) schedules the entry it returns."""
 
     def __init__(
         self,
         spool: ISpool,
         hostname: str,
         clock: IReactorTime,
-        queued: Callable[[QueueEntry], None],
         maillog: MailLog,
     ) -> None:
         self._spool = spool
         self._hostname = hostname
         self._clock = clock
-        self._queued = queued
         self._log = maillog
 
     async def send(
@@ -126,9 +127,11 @@ class Reporter:
         entry: QueueEntry,
         recipients: Sequence[ReportedRecipient],
         retry_until: float | None = None,
-    ) -> None:
+    ) -> QueueEntry | None:
+        """The queued report, or None when there is nothing to report (no recipient, the
+        null sender, NOTIFY=NEVER)."""
         if not recipients:
-            return
+            return None
         now = self._clock.seconds()
         with self._spool.open_body(entry.queue_id) as original:
             report = build_report(
@@ -143,7 +146,7 @@ class Reporter:
                 retry_until=retry_until,
             )
         if report is None:
-            return
+            return None
         incoming = self._spool.receive()
         try:
             incoming.write(report)
@@ -152,7 +155,7 @@ class Reporter:
             raise
         queued = await incoming.commit(report_envelope(report, entry.envelope, now))
         self._log.bounce_sent(entry.queue_id, queued.queue_id, kind)
-        self._queued(queued)
+        return queued
 
 
 @attrs.define
@@ -175,14 +178,14 @@ class Scheduler:
         reporter: Reporter,
         policy: RetryPolicy,
         maillog: MailLog,
+        hosts: HostCache,
         *,
         concurrency: int = 100,
         per_destination: int = 20,
         observe: Callable[[QueueEntry, Outcome], None] = lambda entry, outcome: None,
-        on_flush: Callable[[], None] = lambda: None,
     ) -> None:
         self._clock = clock
-        self._on_flush = on_flush  # e.g. forget suspended next hops: the operator says retry
+        self._hosts = hosts  # records each attempt's unreachable hosts; a flush forgets them
         self._spool = spool
         self._attempt = attempt
         self._reporter = reporter
@@ -243,8 +246,9 @@ class Scheduler:
         self._pump()
 
     def flush(self) -> int:
-        """Retry every waiting message now (``smarthost queue flush``)."""
-        self._on_flush()
+        """Retry every waiting message now (``smarthost queue flush``), failed next hops
+        included (``postqueue -f`` forgets dead destinations too)."""
+        self._hosts.forget_all()
         waiting = [qid for qid in self._due]
         self._heap.clear()
         self._due.clear()
@@ -412,11 +416,16 @@ class Scheduler:
             return self._spool.open_body(queue_id)
 
         try:
-            outcomes = await self._attempt(entry, open_body)
+            result = await self._attempt(entry, open_body)
         except Exception:
             # A crash inside delivery is a temporary failure: the message stays queued.
             self._log.failure("{queue_id}: delivery attempt failed", queue_id=str(queue_id))
-            outcomes = []
+            result = AttemptResult(())
+        # Remembered from the start of this attempt, so this message's next attempt (one
+        # retry interval later at the earliest) finds the hold over and tries the host again.
+        for failure in result.unreachable:
+            self._hosts.failed(failure, since=now)
+        outcomes = list(result.outcomes)
         for outcome in outcomes:
             self._log.attempt(queue_id, outcome)
             self._observe(entry, outcome)
@@ -426,7 +435,7 @@ class Scheduler:
         await self._report(entry, outcomes, now)
         if entry.pending and self._policy.expired(entry, now):
             entry, expired = expire(entry)
-            await self._reporter.send(
+            await self._send_report(
                 "failure",
                 entry,
                 [
@@ -445,7 +454,7 @@ class Scheduler:
                             s.remote, EXPIRED_STATUS),
                 )
         elif entry.pending and self._policy.should_warn(entry, now):
-            await self._reporter.send(
+            await self._send_report(
                 "delay",
                 entry,
                 [ReportedRecipient.from_state(s, now) for s in entry.pending],
@@ -472,10 +481,21 @@ class Scheduler:
     async def _report(self, entry: QueueEntry, outcomes: list[Outcome], now: float) -> None:
         """Failure reports for this attempt's bounces, success reports where NOTIFY asks."""
         bounced = [ReportedRecipient.from_outcome(o, now) for o in outcomes if o.result == BOUNCED]
-        await self._reporter.send("failure", entry, bounced)
+        await self._send_report("failure", entry, bounced)
         delivered = [
             ReportedRecipient.from_outcome(o, now, relayed=o.remote != "maildir")
             for o in outcomes
             if o.result == DELIVERED and o.recipient.wants("SUCCESS") and not o.dsn_passed
         ]
-        await self._reporter.send("success", entry, delivered)
+        await self._send_report("success", entry, delivered)
+
+    async def _send_report(
+        self,
+        kind: Kind,
+        entry: QueueEntry,
+        recipients: Sequence[ReportedRecipient],
+        retry_until: float | None = None,
+    ) -> None:
+        report = await self._reporter.send(kind, entry, recipients, retry_until)
+        if report is not None:
+            self.enqueue(report)

@@ -31,11 +31,9 @@ transaction at a time. When a reused connection fails before ``MAIL`` is accepte
 hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not the
 message's fault: a fresh connection to the same host is opened instead, transparently.
 
-Dead destinations, like Postfix's queue manager: when not one host of a route could be
-connected to, the route is suspended for ``suspend_for`` seconds (60): its messages are
-deferred at once ("delivery temporarily suspended: ...") instead of each paying a connect
-attempt, or a 30 s connect timeout, against a next hop that is down. ``smarthost queue flush``
-forgets suspensions (:meth:`SMTPDelivery.forget_failures`), as ``postqueue -f`` does.
+Hosts that took no connection are reported in the result (:attr:`HopResult.unreachable`),
+never remembered here: the courier keeps them in the one failed-host memory
+(:mod:`smarthost.delivery.hostcache`), which orders routes and suspends dead next hops.
 """
 
 from __future__ import annotations
@@ -65,7 +63,7 @@ from twisted.logger import Logger
 
 from smarthost.core.enums import TLSPolicy
 from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
-from smarthost.delivery.routing import Credentials, Host, Route
+from smarthost.delivery.routing import Credentials, Host, HostFailure, Route
 from smarthost.delivery.smtpclient import (
     CONNECT_FAILED,
     ClientConnection,
@@ -79,7 +77,14 @@ from smarthost.delivery.smtpclient import (
 if TYPE_CHECKING:
     from twisted.internet._sslverify import IOpenSSLTrustRoot
 
-SUSPEND_FOR = 60.0  # seconds a route none of whose hosts took a connection stays suspended
+
+@attrs.frozen
+class HopResult:
+    """One delivery to one route: an outcome per recipient, in order, and the hosts that took
+    no connection on the way (whether or not a later host took the message)."""
+
+    outcomes: tuple[Outcome, ...]
+    unreachable: tuple[HostFailure, ...] = ()
 
 
 @attrs.frozen
@@ -142,10 +147,8 @@ class SMTPDelivery:
         *,
         timeouts: Timeouts = Timeouts(),
         trust_root: IOpenSSLTrustRoot | Certificate | None = None,
-        unreachable: Callable[[Host], None] = lambda host: None,
         transcript: bool = False,
         reuse: Reuse | None = Reuse(),
-        suspend_for: float = SUSPEND_FOR,
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
@@ -155,14 +158,7 @@ class SMTPDelivery:
         # The SMTP dialog line by line at debug level: for debugging a peer, not by default
         # (twistd's log shows debug, and one delivery is a dozen lines).
         self._transcript = transcript
-        # Told about hosts that could not be connected to, so routes try them last for a
-        # while instead of paying a connect timeout on every message.
-        self._unreachable = unreachable
         self._reuse = reuse  # None: one connection per delivery, QUIT after it
-        self._suspend_for = suspend_for
-        # route hosts (in any order: routing puts recently failed ones last) -> (since, why,
-        # which host): none of them took a connection
-        self._suspended: dict[frozenset[Host], tuple[float, str, str]] = {}
         self._parked: dict[_Key, list[_Session]] = {}
         self._closing: set[Deferred[None]] = set()
         self._shut = False
@@ -174,7 +170,7 @@ class SMTPDelivery:
         recipients: Sequence[Recipient],
         open_body: Callable[[], BinaryIO],
         size: int,
-    ) -> list[Outcome]:
+    ) -> HopResult:
         """One outcome per recipient, in order; network trouble never raises.
 
         Only a bug raises, and the caller then defers every recipient: a possible duplicate
@@ -182,32 +178,22 @@ class SMTPDelivery:
         every path.
         """
         if not recipients:
-            return []
-        hosts = frozenset(route.hosts)
-        suspended = self._suspended.get(hosts)
-        if suspended is not None:
-            since, why, remote = suspended
-            if self._clock.seconds() - since < self._suspend_for:
-                why = f"delivery temporarily suspended: {why}"
-                return [Outcome(r, DEFERRED, why, remote, CONNECT_FAILED) for r in recipients]
-            del self._suspended[hosts]
+            return HopResult(())
         last, remote = HostError("no SMTP host to try", "4.4.4"), ""
-        unconnected = 0
+        unreachable: list[HostFailure] = []
         for host in route.hosts:
             try:
-                return await self._attempt(host, route, envelope, recipients, open_body, size)
+                outcomes = await self._attempt(
+                    host, route, envelope, recipients, open_body, size
+                )
             except HostError as e:
-                last, remote = e, _remote(host)
+                last, remote = e, host.remote
                 if e.status == CONNECT_FAILED:
-                    self._unreachable(host)
-                    unconnected += 1
-        if route.hosts and unconnected == len(route.hosts):
-            self._suspended[hosts] = (self._clock.seconds(), last.reason, remote)
-        return [Outcome(r, DEFERRED, last.reason, remote, last.status) for r in recipients]
-
-    def forget_failures(self) -> None:
-        """The operator says the next hops are back (``queue flush``): try them again now."""
-        self._suspended.clear()
+                    unreachable.append(HostFailure(host, e.reason, e.status))
+                continue
+            return HopResult(tuple(outcomes), tuple(unreachable))
+        deferred = (Outcome(r, DEFERRED, last.reason, remote, last.status) for r in recipients)
+        return HopResult(tuple(deferred), tuple(unreachable))
 
     async def _attempt(
         self,
@@ -486,7 +472,7 @@ class SMTPDelivery:
         *,
         reused: bool = False,
     ) -> list[Outcome]:
-        t, remote = self._timeouts, _remote(host)
+        t, remote = self._timeouts, host.remote
 
         def outcome(recipient: Recipient, reply: ServerReply) -> Outcome:
             result = DELIVERED if reply.positive else DEFERRED if reply.code < 500 else BOUNCED
@@ -572,7 +558,3 @@ def _done(decided: list[Outcome | None]) -> list[Outcome]:
     done = [d for d in decided if d is not None]
     assert len(done) == len(decided), "a recipient without an outcome"
     return done
-
-
-def _remote(host: Host) -> str:
-    return f"{host.name}[{host.address}]"

@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from dnsserver import DNSTestServer, Zone, close_client_connections, start
 from smarthost.delivery.dns import make_resolver
+from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import (
     Host,
     NextHopResolver,
@@ -53,7 +54,7 @@ class WireTestCase(TestCase):
         self.dns = make_resolver([self.server.nameserver], reactor, timeout=SHORT)
 
     def resolver(self) -> NextHopResolver:
-        return NextHopResolver(self.dns, clock=Clock(), random=Random(1))
+        return NextHopResolver(self.dns, hosts=HostCache(Clock(), first_retry=60), random=Random(1))
 
     async def route(self, domain: str) -> Route:
         return await self.resolver().resolve(domain)
@@ -111,7 +112,8 @@ class ResolverSetupTests(TestCase):
         server = start(reactor, Zone())
         self.addCleanup(server.stop)
         resolver = NextHopResolver(
-            make_resolver([server.nameserver], reactor, timeout=SHORT), clock=Clock()
+            make_resolver([server.nameserver], reactor, timeout=SHORT),
+            hosts=HostCache(Clock(), first_retry=60),
         )
         with self.assertRaises(PermanentRouteError):
             await resolver.resolve("localhost")
@@ -122,7 +124,8 @@ class ResolverSetupTests(TestCase):
         self.addCleanup(server.stop)
         self.assertEqual(server.nameserver, f"[::1]:{server.port}")
         resolver = NextHopResolver(
-            make_resolver([server.nameserver], reactor, timeout=SHORT), clock=Clock()
+            make_resolver([server.nameserver], reactor, timeout=SHORT),
+            hosts=HostCache(Clock(), first_retry=60),
         )
         route = await resolver.resolve("implicit4.test")
         self.assertEqual(route.hosts[0].address, "127.0.0.31")
@@ -145,7 +148,8 @@ class ResolverSetupTests(TestCase):
             self.assertTrue(sel.select(timeout=10), "dnsserver.py printed no port")
         port = int(proc.stdout.readline())
         resolver = NextHopResolver(
-            make_resolver([f"127.0.0.1:{port}"], reactor, timeout=(1, 2)), clock=Clock()
+            make_resolver([f"127.0.0.1:{port}"], reactor, timeout=(1, 2)),
+            hosts=HostCache(Clock(), first_retry=60),
         )
         route = await resolver.resolve("sub.test")
         self.assertEqual(route.hosts, (Host("mx.sub.test", "127.0.0.61", 25),))

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import Certificate, PrivateCertificate
@@ -25,9 +25,20 @@ from zope.interface import implementer
 
 from mxpeer import MXPeer
 from smarthost.app.tlscert import issue
-from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
+from smarthost.core.envelope import (
+    BOUNCED,
+    DEFERRED,
+    DELIVERED,
+    Envelope,
+    Outcome,
+    QueueEntry,
+    QueueId,
+    Recipient,
+)
+from smarthost.delivery.courier import Courier, LocalAgent
+from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import SMTP, Credentials, Host, Route
-from smarthost.delivery.smtpagent import SMTPDelivery, Timeouts
+from smarthost.delivery.smtpagent import HopResult, SMTPDelivery, Timeouts
 from smarthost.delivery.smtpclient import CHUNK, ClientConnection, DotStuffer, xtext
 
 FAST = Timeouts(
@@ -55,6 +66,14 @@ class DeliveryTestCase(TestCase):
         return peer
 
     def deliver(
+        self, hosts: Sequence[Host], recipients: Sequence[Recipient] = (ALICE,), **options: Any
+    ) -> Deferred[list[Outcome]]:
+        """The outcomes of :meth:`hop`."""
+        return self.hop(hosts, recipients, **options).addCallback(
+            lambda result: list(result.outcomes)
+        )
+
+    def hop(
         self,
         hosts: Sequence[Host],
         recipients: Sequence[Recipient] = (ALICE,),
@@ -64,15 +83,14 @@ class DeliveryTestCase(TestCase):
         trust_root: Any = None,
         envelope: Envelope | None = None,
         size: int | None = None,
-        unreachable: Callable[[Host], None] = lambda host: None,
         delivery: SMTPDelivery | None = None,
         **route: Any,
-    ) -> Deferred[list[Outcome]]:
+    ) -> Deferred[HopResult]:
         """One delivery; by ``delivery`` when given, else by a new one that keeps no
         connection (reuse has its own tests in test_outbound_reuse.py)."""
         delivery = delivery or SMTPDelivery(
             reactor, "client.test", timeouts=timeouts, trust_root=trust_root,
-            unreachable=unreachable, transcript=True, reuse=None,
+            transcript=True, reuse=None,
         )
         envelope = envelope or Envelope("sender@example.test", tuple(recipients))
         open_body = body if callable(body) else (lambda: io.BytesIO(body))
@@ -160,9 +178,10 @@ class HostChoiceTests(DeliveryTestCase):
     async def test_hosts_that_refuse_connections_are_reported_unreachable(self) -> None:
         peer = self.peer()
         down = Host("down.test", "127.0.0.1", free_port())
-        reported: list[Host] = []
-        await self.deliver([down, peer.host], unreachable=reported.append)
+        result = await self.hop([down, peer.host])
+        reported = [failure.host for failure in result.unreachable]
         self.assertEqual(reported, [down])  # the host that answered is not
+        self.assertEqual(result.unreachable[0].reason, f"connection refused by {down}")
 
     async def test_all_hosts_down_defers_with_last_error(self) -> None:
         first = Host("a.test", "127.0.0.1", free_port())
@@ -221,60 +240,89 @@ class LaterReactor:
         return getattr(reactor, name)
 
 
+def no_maildir(root: Path) -> LocalAgent:
+    raise AssertionError("these routes are all SMTP")
+
+
 class SuspensionTests(DeliveryTestCase):
-    """Postfix's dead destinations: a next hop that took no connection is not hammered."""
+    """Postfix's dead destinations: a next hop that took no connection is not hammered. The
+    courier and the failed-host memory decide; the real agent connects (or not)."""
 
     def setUp(self) -> None:
         self.reactor = LaterReactor()
-        self.tried: list[Host] = []
-        self.delivery = SMTPDelivery(
-            self.reactor, "client.test", timeouts=FAST, unreachable=self.tried.append,
-            reuse=None,
-        )
+        self.tried: list[Host] = []  # the hosts attempts found unreachable
+        self.hosts = HostCache(self.reactor, first_retry=60)
+        self.delivery = SMTPDelivery(self.reactor, "client.test", timeouts=FAST, reuse=None)
+
+    async def through_courier(
+        self, hosts: Sequence[Host], recipients: Sequence[Recipient] = (ALICE,)
+    ) -> list[Outcome]:
+        """One attempt of a message whose recipients all route to ``hosts``; its unreachable
+        hosts recorded as the scheduler records them."""
+        started = self.reactor.seconds()
+        route = Route(SMTP, hosts=tuple(hosts))
+        courier = Courier(lambda domain: succeed(route), self.delivery, no_maildir, self.hosts)
+        envelope = Envelope("sender@example.test", tuple(recipients))
+        entry = QueueEntry.new(QueueId.new(started), envelope, len(BODY))
+        result = await courier.attempt(entry, lambda: io.BytesIO(BODY))
+        for failure in result.unreachable:
+            self.tried.append(failure.host)
+            self.hosts.failed(failure, since=started)
+        return list(result.outcomes)
 
     async def test_a_route_no_host_took_is_deferred_without_connecting(self) -> None:
         down = [Host("a.test", "127.0.0.1", free_port()), Host("b.test", "127.0.0.1", free_port())]
-        first = await self.deliver(down, [ALICE], delivery=self.delivery)
+        first = await self.through_courier(down, [ALICE])
         self.assertEqual(self.tried, down)
         self.assertEqual(first[0].reply, f"connection refused by {down[1]}")
-        second = await self.deliver(down, [ALICE, BOB], delivery=self.delivery)
+        second = await self.through_courier(down, [ALICE, BOB])
         self.assertEqual(self.tried, down)  # not one more connection
         self.assertResults(second, DEFERRED, DEFERRED)
         self.assertEqual(second[0].reply,
                          f"delivery temporarily suspended: connection refused by {down[1]}")
         self.assertEqual((second[0].status, second[0].remote), ("4.4.1", first[0].remote))
         self.reactor.ahead = 61  # the suspension is over: one more real try
-        await self.deliver(down, [ALICE], delivery=self.delivery)
+        await self.through_courier(down, [ALICE])
         self.assertEqual(self.tried, down + down)
+
+    async def test_the_suspension_lasts_only_the_first_retry_interval(self) -> None:
+        self.hosts = HostCache(self.reactor, first_retry=1)  # [queue] retry = [1, 1, 2]
+        down = Host("a.test", "127.0.0.1", free_port())
+        await self.through_courier([down])
+        [outcome] = await self.through_courier([down])
+        self.assertTrue(outcome.reply.startswith("delivery temporarily suspended: "))
+        self.reactor.ahead = 1  # the message's second attempt really tries the host
+        await self.through_courier([down])
+        self.assertEqual(self.tried, [down, down])
 
     async def test_the_same_hosts_in_another_order_stay_suspended(self) -> None:
         # Routing lists recently failed hosts last, so the next route may be reordered.
         down = [Host("a.test", "127.0.0.1", free_port()), Host("b.test", "127.0.0.1", free_port())]
-        await self.deliver(down, delivery=self.delivery)
-        [outcome] = await self.deliver(down[::-1], delivery=self.delivery)
+        await self.through_courier(down)
+        [outcome] = await self.through_courier(down[::-1])
         self.assertTrue(outcome.reply.startswith("delivery temporarily suspended: "))
         self.assertEqual(self.tried, down)
 
     async def test_flush_forgets_suspensions(self) -> None:
         down = Host("a.test", "127.0.0.1", free_port())
-        await self.deliver([down], delivery=self.delivery)
-        self.delivery.forget_failures()
-        await self.deliver([down], delivery=self.delivery)
+        await self.through_courier([down])
+        self.hosts.forget_all()
+        await self.through_courier([down])
         self.assertEqual(self.tried, [down, down])
 
     async def test_a_route_with_one_live_host_is_never_suspended(self) -> None:
         peer = self.peer()
         down = Host("down.test", "127.0.0.1", free_port())
         for _ in range(2):
-            [outcome] = await self.deliver([down, peer.host], delivery=self.delivery)
+            [outcome] = await self.through_courier([down, peer.host])
             self.assertEqual(outcome.result, DELIVERED)
         self.assertEqual(self.tried, [down, down])
 
     async def test_other_routes_are_not_suspended(self) -> None:
         peer = self.peer()
         down = Host("down.test", "127.0.0.1", free_port())
-        await self.deliver([down], delivery=self.delivery)
-        [outcome] = await self.deliver([peer.host], delivery=self.delivery)
+        await self.through_courier([down])
+        [outcome] = await self.through_courier([peer.host])
         self.assertEqual(outcome.result, DELIVERED)
 
 

@@ -23,7 +23,7 @@ class HoldTests(SynchronousTestCase):
     def test_the_first_retry_interval_is_the_hold(self) -> None:
         clock = Clock()
         hosts = HostCache(clock, first_retry=RetryPolicy(delays=(1, 1, 2)).delay(1))
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=clock.seconds())
         self.assertEqual(hosts.order([A, B]), (B, A))
         self.assertEqual(hosts.suspended([A]), refused(A))
         clock.advance(0.999)
@@ -37,7 +37,7 @@ class HoldTests(SynchronousTestCase):
         clock = Clock()
         hosts = HostCache(clock, first_retry=RetryPolicy().delay(1))
         self.assertEqual(hosts.hold, 60)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=clock.seconds())
         clock.advance(59)
         self.assertIsNotNone(hosts.suspended([A]))
         clock.advance(1)
@@ -50,39 +50,47 @@ class HoldTests(SynchronousTestCase):
     def test_a_new_failure_starts_the_hold_again(self) -> None:
         clock = Clock()
         hosts = HostCache(clock, first_retry=10)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=clock.seconds())
         clock.advance(8)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=clock.seconds())
         clock.advance(8)
         self.assertTrue(hosts.remembered(A))
         clock.advance(2)
         self.assertFalse(hosts.remembered(A))
 
+    def test_the_hold_counts_from_the_start_of_the_attempt(self) -> None:
+        clock = Clock()
+        hosts = HostCache(clock, first_retry=1)
+        clock.advance(0.5)  # DNS and a slow refusal took half a second
+        hosts.failed(refused(A), since=0)
+        clock.advance(0.5)  # the message's second attempt tries the host again
+        self.assertFalse(hosts.remembered(A))
+
     def test_expired_failures_do_not_hide_live_ones(self) -> None:
         clock = Clock()
         hosts = HostCache(clock, first_retry=10)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=clock.seconds())
         clock.advance(10)
-        hosts.failed(refused(B))  # drops A's expired entry on the way
+        hosts.failed(refused(B), since=clock.seconds())  # drops A's expired entry on the way
         self.assertEqual(hosts.order([A, B, C]), (A, C, B))
 
 
 class OrderTests(SynchronousTestCase):
     def test_remembered_hosts_go_last_in_their_order(self) -> None:
         hosts = HostCache(Clock(), first_retry=60)
-        hosts.failed(refused(C))
-        hosts.failed(refused(A))
+        hosts.failed(refused(C), since=0)
+        hosts.failed(refused(A), since=0)
         self.assertEqual(hosts.order([A, B, C]), (B, A, C))
 
     def test_all_remembered_keeps_order_and_drops_nothing(self) -> None:
         hosts = HostCache(Clock(), first_retry=60)
         for host in (A, B, C):
-            hosts.failed(refused(host))
+            hosts.failed(refused(host), since=0)
         self.assertEqual(hosts.order([A, B, C]), (A, B, C))
 
     def test_a_host_is_its_address_and_port(self) -> None:
         hosts = HostCache(Clock(), first_retry=60)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=0)
         self.assertTrue(hosts.remembered(Host("other-name.test", A.address, 25)))
         self.assertFalse(hosts.remembered(Host(A.name, A.address, 587)))
 
@@ -90,14 +98,14 @@ class OrderTests(SynchronousTestCase):
 class SuspensionTests(SynchronousTestCase):
     def test_a_route_all_of_whose_hosts_failed_is_suspended_in_any_order(self) -> None:
         hosts = HostCache(Clock(), first_retry=60)
-        hosts.failed(refused(A))
-        hosts.failed(refused(B))
+        hosts.failed(refused(A), since=0)
+        hosts.failed(refused(B), since=0)
         self.assertEqual(hosts.suspended([A, B]), refused(B))  # the latest failure says why
         self.assertEqual(hosts.suspended([B, A]), refused(B))
 
     def test_one_host_not_remembered_is_enough_to_try(self) -> None:
         hosts = HostCache(Clock(), first_retry=60)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=0)
         self.assertIsNone(hosts.suspended([A, B]))
         self.assertIsNone(hosts.suspended([B]))
 
@@ -106,7 +114,7 @@ class SuspensionTests(SynchronousTestCase):
 
     def test_flush_forgets_everything(self) -> None:
         hosts = HostCache(Clock(), first_retry=60)
-        hosts.failed(refused(A))
+        hosts.failed(refused(A), since=0)
         hosts.forget_all()
         self.assertIsNone(hosts.suspended([A]))
         self.assertEqual(hosts.order([A, B]), (A, B))

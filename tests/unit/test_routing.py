@@ -1,5 +1,5 @@
 """Routing rules in virtual time, on a resolver that answers from an in-memory zone: MX order,
-implicit MX, null MX, DNS failures, static routes, the local target, the unreachable-host
+implicit MX, null MX, DNS failures, static routes, the local target, the failed-host
 order, and the route texts. What twisted.names itself does on the wire (retransmissions,
 TCP after truncation, IDNA, a subprocess server) is tests/integration/test_dns.py's."""
 
@@ -17,11 +17,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dnsserver import TIMEOUT, Zone
 from smarthost.delivery.dns import _DefaultTimeout, make_resolver, parse_nameserver
+from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import (
     MAILDIR,
     SMTP,
     Credentials,
     Host,
+    HostFailure,
     NextHopResolver,
     PermanentRouteError,
     Route,
@@ -106,10 +108,11 @@ class ResolverTestCase(SynchronousTestCase):
         self.server = ZoneResolver(Zone.from_dict(ZONE))  # the queries asked, as "server"
         self.dns = self.server
         self.clock = Clock()
+        self.hosts = HostCache(self.clock, first_retry=60)  # the failed-host memory
 
     def resolver(self, **kwargs: Any) -> NextHopResolver:
         options: dict[str, Any] = {
-            "clock": self.clock,
+            "hosts": self.hosts,
             "local_domains": frozenset({"example.org"}),
             "local": "maildir:/srv/maildir",
             "routes": {},
@@ -315,12 +318,16 @@ class StaticRouteTests(ResolverTestCase):
         self.assertIsInstance(e, PermanentRouteError)
 
 
+def refused(host: Host) -> HostFailure:
+    return HostFailure(host, f"connection refused by {host}", "4.4.1")
+
+
 class UnreachableCacheTests(ResolverTestCase):
     def test_unreachable_hosts_move_to_the_end_then_return(self) -> None:
         resolver = self.resolver()
         first = self.successResultOf(resolver.resolve("example.test"))
-        resolver.mark_unreachable(first.hosts[0], now=self.clock.seconds())
-        self.assertTrue(resolver.is_unreachable(first.hosts[0]))
+        self.hosts.failed(refused(first.hosts[0]), since=self.clock.seconds())
+        self.assertTrue(self.hosts.remembered(first.hosts[0]))
         moved = self.successResultOf(resolver.resolve("example.test"))
         self.assertEqual(moved.hosts, (*first.hosts[1:], first.hosts[0]))
         self.clock.advance(59)
@@ -329,13 +336,14 @@ class UnreachableCacheTests(ResolverTestCase):
         self.clock.advance(1)
         back = self.successResultOf(resolver.resolve("example.test"))
         self.assertEqual(back.hosts, first.hosts)
-        self.assertFalse(resolver.is_unreachable(first.hosts[0]))
+        self.assertFalse(self.hosts.remembered(first.hosts[0]))
 
     def test_all_unreachable_keeps_order_and_drops_nothing(self) -> None:
-        resolver = self.resolver(unreachable_for=10)
+        self.hosts = HostCache(self.clock, first_retry=10)
+        resolver = self.resolver()
         first = self.successResultOf(resolver.resolve("example.test"))
         for host in first.hosts:
-            resolver.mark_unreachable(host)
+            self.hosts.failed(refused(host), since=self.clock.seconds())
         again = self.successResultOf(resolver.resolve("example.test"))
         self.assertEqual(again.hosts, first.hosts)
 
@@ -361,7 +369,7 @@ class ConstructorTests(SynchronousTestCase):
     def test_bad_values_are_refused_early(self) -> None:
         with self.assertRaises(ValueError):  # routes must be SMTP
             NextHopResolver(
-                ZoneResolver(Zone()), clock=Clock(),
+                ZoneResolver(Zone()), hosts=HostCache(Clock(), first_retry=60),
                 routes={"x.test": "maildir:/tmp/x"},
             )
 

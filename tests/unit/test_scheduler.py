@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase
 
 from smarthost.core.envelope import (
@@ -36,11 +36,13 @@ from smarthost.core.envelope import (
     Recipient,
 )
 from smarthost.core.maillog import MailLog
-from smarthost.delivery.courier import Courier
+from smarthost.delivery.courier import AttemptResult, Courier
+from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import (
     MAILDIR,
     SMTP,
     Host,
+    HostFailure,
     PermanentRouteError,
     Route,
     TemporaryRouteError,
@@ -54,6 +56,7 @@ from smarthost.delivery.scheduler import (
     expire,
     record,
 )
+from smarthost.delivery.smtpagent import HopResult
 from smarthost.queue.spool import Spool
 
 T0 = 1_700_000_000.0
@@ -129,7 +132,14 @@ class FakeMX:
     def attempted(self, queue_id: QueueId) -> list[float]:
         return [t for t, q, _ in self.attempts if q == queue_id]
 
-    async def attempt(self, entry: QueueEntry, open_body: Callable[[], BinaryIO]) -> list[Outcome]:
+    async def attempt(
+        self, entry: QueueEntry, open_body: Callable[[], BinaryIO]
+    ) -> AttemptResult:
+        return AttemptResult(tuple(await self.outcomes(entry, open_body)))
+
+    async def outcomes(
+        self, entry: QueueEntry, open_body: Callable[[], BinaryIO]
+    ) -> list[Outcome]:
         with open_body() as f:
             data = f.read()
         pending = [s.recipient for s in entry.pending]
@@ -211,14 +221,12 @@ class SchedulerTestCase(SynchronousTestCase):
                        concurrency: int | None = None, start: bool = True,
                        **options: Any) -> Scheduler:
         maillog = MailLog(self.clock)
-        scheduler: Scheduler
-
-        def queued(entry: QueueEntry) -> None:
-            scheduler.enqueue(entry)
-
-        reporter = Reporter(self.spool, "mx.smarthost.test", self.clock, queued, maillog)
+        policy = policy or self.policy
+        self.hosts = HostCache(self.clock, first_retry=policy.delay(1))
+        reporter = Reporter(self.spool, "mx.smarthost.test", self.clock, maillog)
         scheduler = Scheduler(
-            self.clock, self.spool, self.mx.attempt, reporter, policy or self.policy, maillog,
+            self.clock, self.spool, options.pop("attempt", self.mx.attempt), reporter, policy,
+            maillog, options.pop("hosts", self.hosts),
             concurrency=concurrency or self.concurrency, **options,
         )
         if start:
@@ -448,6 +456,18 @@ class ReportTests(SchedulerTestCase):
         self.assertEqual(self.mx.reports, [])
 
 
+class WatchedHostCache(HostCache):
+    """A failed-host memory that calls ``forgetting`` when told to forget, then forgets."""
+
+    def __init__(self, clock: Clock, first_retry: float, forgetting: Callable[[], None]) -> None:
+        super().__init__(clock, first_retry)
+        self._forgetting = forgetting
+
+    def forget_all(self) -> None:
+        self._forgetting()
+        super().forget_all()
+
+
 class FlushForgetTests(SchedulerTestCase):
     def test_flush_retries_now(self) -> None:
         self.scheduler.stop()
@@ -465,9 +485,8 @@ class FlushForgetTests(SchedulerTestCase):
         self.scheduler.stop()
         seen: list[int] = []  # attempts made when the scheduler asked to forget
         self.mx.manual = True
-        self.scheduler = self.make_scheduler(
-            on_flush=lambda: seen.append(len(self.mx.attempt_times))
-        )
+        hosts = WatchedHostCache(self.clock, 60, lambda: seen.append(len(self.mx.attempt_times)))
+        self.scheduler = self.make_scheduler(hosts=hosts)
         self.submit(BOB)
         self.mx.finish()
         self.scheduler.flush()
@@ -533,6 +552,89 @@ class FlushForgetTests(SchedulerTestCase):
         self.successResultOf(self.spool.remove(entry.queue_id))  # the admin tool, directly
         self.mx.finish()
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class RefusingMX:
+    """The SMTP agent for an MX that refuses connections until ``up`` is set: it reports the
+    refusing host unreachable, as the real agent does."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self.up = False
+        self.refusing_takes = 0.0  # virtual seconds before the refusal (DNS, a slow network)
+        self.tries: list[float] = []
+
+    async def deliver(self, route: Route, envelope: Envelope, recipients: Any,
+                      open_body: Any, size: int) -> HopResult:
+        self.tries.append(self.clock.seconds() - T0)
+        host = route.hosts[0]
+        if not self.up and self.refusing_takes:
+            await deferLater(self.clock, self.refusing_takes, lambda: None)
+        if self.up:
+            return HopResult(tuple(Outcome(r, DELIVERED, REPLIES[DELIVERED], host.remote, "2.0.0")
+                                   for r in recipients))
+        why = f"connection refused by {host}"
+        return HopResult(tuple(Outcome(r, DEFERRED, why, host.remote, "4.4.1") for r in recipients),
+                         (HostFailure(host, why, "4.4.1"),))
+
+
+class FailedHostTests(SchedulerTestCase):
+    """The issue's bug: after an MX refused a connection its mail waited 60 s, whatever the
+    retry schedule said. The failed-host memory now lasts the first retry interval at most."""
+
+    def scheduled(self, policy: RetryPolicy) -> RefusingMX:
+        """A scheduler whose attempts go through the courier to one refusing MX."""
+        self.scheduler.stop()
+        mx = RefusingMX(self.clock)
+        route = Route(SMTP, hosts=(Host("mx.remote.test", "192.0.2.1", 25),))
+        hosts = HostCache(self.clock, first_retry=policy.delay(1))
+        courier = Courier(lambda domain: succeed(route), mx, FakeMaildir, hosts)
+        self.scheduler = self.make_scheduler(policy, attempt=courier.attempt, hosts=hosts)
+        return mx
+
+    def test_refused_then_accepted_is_delivered_at_the_second_attempt(self) -> None:
+        mx = self.scheduled(RetryPolicy(delays=(1, 1, 2), delay_warning=0))
+        entry = self.submit(BOB)
+        self.assertEqual(self.state(entry).last_error, "connection refused by "
+                         "mx.remote.test[192.0.2.1]:25")
+        mx.up = True  # the MX starts
+        self.clock.advance(1)
+        self.assertEqual(mx.tries, [0, 1])  # tried again, not "temporarily suspended"
+        self.assertEqual(self.queued(), [])
+
+    def test_the_hold_counts_from_the_start_of_the_attempt_not_the_refusal(self) -> None:
+        mx = self.scheduled(RetryPolicy(delays=(1, 1, 2), delay_warning=0))
+        mx.refusing_takes = 0.5
+        self.submit(BOB)
+        self.clock.advance(0.5)
+        mx.up = True
+        self.clock.advance(0.5)  # the second attempt, 1 s after the first began
+        self.assertEqual(mx.tries, [0, 1])
+        self.assertEqual(self.queued(), [])
+
+    def test_within_the_hold_other_mail_for_the_route_is_deferred_untried(self) -> None:
+        mx = self.scheduled(RetryPolicy(delay_warning=0))  # the default: 60 s, 300 s, ...
+        self.submit(BOB)
+        self.clock.advance(10)
+        second = self.submit(CAROL)
+        self.assertEqual(mx.tries, [0])
+        self.assertEqual(self.state(second).last_error, "delivery temporarily suspended: "
+                         "connection refused by mx.remote.test[192.0.2.1]:25")
+        mx.up = True
+        self.clock.advance(50)  # the first message's retry: the hold (60 s) is over
+        self.assertEqual(mx.tries, [0, 60])
+        self.clock.advance(10)
+        self.assertEqual(mx.tries, [0, 60, 70])
+        self.assertEqual(self.queued(), [])
+
+    def test_flush_tries_a_suspended_route_now(self) -> None:
+        mx = self.scheduled(RetryPolicy(delay_warning=0))
+        self.submit(BOB)
+        self.clock.advance(10)
+        mx.up = True
+        self.scheduler.flush()
+        self.assertEqual(mx.tries, [0, 10])
+        self.assertEqual(self.queued(), [])
 
 
 class FairnessTests(SchedulerTestCase):
@@ -758,11 +860,12 @@ class FakeSMTP:
         self.crash = crash
 
     async def deliver(self, route: Route, envelope: Envelope, recipients: Any,
-                      open_body: Any, size: int) -> list[Outcome]:
+                      open_body: Any, size: int) -> HopResult:
         self.calls.append((route, tuple(r.address for r in recipients)))
         if self.crash:
             raise Crash("smtp agent bug")
-        return [Outcome(r, DELIVERED, "250 ok", "mx[127.0.0.1]") for r in recipients]
+        return HopResult(tuple(Outcome(r, DELIVERED, "250 ok", "mx[127.0.0.1]")
+                               for r in recipients))
 
 
 class FakeMaildir:
@@ -802,11 +905,11 @@ class CourierTests(SynchronousTestCase):
     def attempt(self, *addresses: str) -> list[Outcome]:
         envelope = Envelope(ALICE, tuple(Recipient(a) for a in addresses))
         entry = QueueEntry.new(QueueId.new(T0), envelope, 10)
-        courier = Courier(self.resolve, self.smtp, FakeMaildir)
-        outcomes: list[Outcome] = self.successResultOf(
+        courier = Courier(self.resolve, self.smtp, FakeMaildir, HostCache(Clock(), 60))
+        result: AttemptResult = self.successResultOf(
             Deferred.fromCoroutine(courier.attempt(entry, lambda: _no_body()))
         )
-        return outcomes
+        return list(result.outcomes)
 
     def test_one_connection_per_route_and_one_lookup_per_domain(self) -> None:
         outcomes = self.attempt("x@a.test", "y@b.test", "z@a.test", "w@c.test")
