@@ -57,8 +57,9 @@ import attrs
 import bcrypt
 
 # Transitional: the cred glue moved to smarthost.auth.cred. These four keep the old
-# `smarthost.auth.users` spelling working for app/tap.py, app/wiring.py, app/credfactory.py,
-# tests/fakes.py and three test modules until they import from cred; then delete them.
+# `smarthost.auth.users` spelling working for tests/fakes.py, tests/unit/test_sasl_session.py,
+# tests/unit/test_commands.py and tests/e2e/test_plugins.py until they import from cred;
+# then delete them.
 from smarthost.auth.cred import BcryptChecker as BcryptChecker
 from smarthost.auth.cred import PortalLogin as PortalLogin
 from smarthost.auth.cred import build_portal as build_portal
