@@ -34,6 +34,7 @@ from fakes import HASH, PluginSession, codes, run_now
 from smarthost.api import Context
 from smarthost.app import credfactory
 from smarthost.app.pluginload import available_plugins, build_plugins
+from smarthost.auth import cred
 from smarthost.auth.cred import BcryptChecker, build_portal
 from smarthost.auth.users import UsersFile
 
