@@ -17,22 +17,22 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 
 from smarthost.core.enums import TLSPolicy
-from smarthost.delivery.dns import DNSLookups as DNSLookups
 from smarthost.delivery.dns import (
+    DNSLookups,
     Lookups,
+    domain_key,
     has_dns_form,
     is_host_name,
     is_ip,
     split_host_port,
     usable_address,
 )
-from smarthost.delivery.dns import domain_key as _domain_key
-from smarthost.delivery.dns import make_resolver as make_resolver
-from smarthost.delivery.dns import parse_nameserver as parse_nameserver
 
-# The "X as X" imports above re-export names whose home is now smarthost.delivery.dns:
-# app/ and tests/integration/test_plugin_dnsbl.py import them from here, and
-# tests/unit/test_fuzz_parsers.py imports _domain_key.
+# Re-exported until tests/integration/test_plugin_dnsbl.py imports make_resolver, and
+# tests/unit/test_fuzz_parsers.py domain_key, from smarthost.delivery.dns.
+from smarthost.delivery.dns import make_resolver as make_resolver
+
+_domain_key = domain_key
 
 SMTP, MAILDIR = "smtp", "maildir"
 
@@ -176,10 +176,10 @@ class NextHopResolver:
             raise ValueError(f"port {port}: expected 1 to 65535")
         self._dns = Lookups(resolver)
         self._hosts = hosts
-        self._local_domains = frozenset(_domain_key(d) for d in local_domains)
+        self._local_domains = frozenset(domain_key(d) for d in local_domains)
         self._local = parse_target(local)
         self._routes = {
-            (key if key == "*" else _domain_key(key)): parse_target(value, kinds=(SMTP,))
+            (key if key == "*" else domain_key(key)): parse_target(value, kinds=(SMTP,))
             for key, value in (routes or {}).items()
         }
         self._port = port
@@ -199,7 +199,7 @@ class NextHopResolver:
     # -- routing --
 
     async def _resolve(self, domain: str) -> Route:
-        key = _domain_key(domain)
+        key = domain_key(domain)
         if key in self._local_domains:
             if self._local.kind == MAILDIR:
                 return Route(MAILDIR, maildir=self._local.directory)
