@@ -17,8 +17,9 @@ from twisted.internet.testing import StringTransport
 
 from smarthost.api import PLUGIN_TIMEOUT
 from smarthost.auth import sasl
-from smarthost.auth import users as auth
+from smarthost.auth.cred import PortalLogin, build_portal
 from smarthost.auth.sasl import ISASLMechanism
+from smarthost.auth.users import UsersFile
 from smarthost.core.enums import Role
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.queue.spool import Spool
@@ -74,7 +75,7 @@ class SessionHarness:
         self.spool, _ = Spool.open(tmp / "spool", clock=clock, run_blocking=run_now)
         if login is None:
             (tmp / "users").write_text("".join(f"{user}:{HASH}\n" for user in users))
-            login = auth.PortalLogin(auth.build_portal(auth.UsersFile(tmp / "users"), run_now))
+            login = PortalLogin(build_portal(UsersFile(tmp / "users"), run_now))
         if mechanisms is None:
             mechanisms = () if role == "smtp" else sasl.build_mechanisms(["PLAIN"])
         settings = SessionSettings(

@@ -56,14 +56,6 @@ from typing import Generic, TypeVar
 import attrs
 import bcrypt
 
-# Transitional: the cred glue moved to smarthost.auth.cred. These four keep the old
-# `smarthost.auth.users` spelling working for tests/fakes.py, tests/unit/test_sasl_session.py,
-# tests/unit/test_commands.py and tests/e2e/test_plugins.py until they import from cred;
-# then delete them.
-from smarthost.auth.cred import BcryptChecker as BcryptChecker
-from smarthost.auth.cred import PortalLogin as PortalLogin
-from smarthost.auth.cred import build_portal as build_portal
-from smarthost.auth.cred import login as login
 from smarthost.auth.decoys import Decoys
 from smarthost.auth.derived import (
     CRAM_MD5_FIELD,

@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 
 from fakes import HASH, run_now
 from smarthost.auth import sasl
-from smarthost.auth import users as auth
+from smarthost.auth.cred import PortalLogin, build_portal
+from smarthost.auth.users import UsersFile
 from smarthost.core import replies as reply
 from smarthost.core.enums import Role
 from smarthost.core.envelope import QueueEntry
@@ -98,7 +99,7 @@ def rig(tmp: Path, *, role: str = "submission", channel: FakeChannel | None = No
     clock.advance(1_700_000_000)
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "users").write_text(f"alice@example.test:{HASH}\n")
-    portal = auth.build_portal(auth.UsersFile(tmp / "users"), run_now)
+    portal = build_portal(UsersFile(tmp / "users"), run_now)
     spool, _ = Spool.open(tmp / "spool", clock=clock, run_blocking=run_now)
     settings = SessionSettings(
         role=Role(role), hostname="mx.test", max_size=1000, max_recipients=2,
@@ -108,7 +109,7 @@ def rig(tmp: Path, *, role: str = "submission", channel: FakeChannel | None = No
     channel = channel or FakeChannel()
     commands = Commands(
         channel, settings, RelayPolicy(frozenset({"example.test"}), (), {}),
-        auth.PortalLogin(portal), spool, MailLog(clock), clock,
+        PortalLogin(portal), spool, MailLog(clock), clock,
         limits or Limits(clock, LimitSettings(connections_per_ip=connections_per_ip)),
         Hooks((), clock),
         accepted.append,

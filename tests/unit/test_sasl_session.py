@@ -14,7 +14,8 @@ from twisted.internet.testing import StringTransport
 
 from fakes import SessionHarness, run_now
 from smarthost.auth import sasl
-from smarthost.auth import users as auth
+from smarthost.auth.cred import PortalLogin, build_portal
+from smarthost.auth.users import UsersFile, set_password
 from smarthost.smtpd.session import Session
 
 MECHANISMS = ["SCRAM-SHA-256", "SCRAM-SHA-1", "CRAM-MD5", "PLAIN", "LOGIN"]
@@ -49,15 +50,15 @@ class LineClient:
 class Client(LineClient):
     def __init__(self, tmp: Path) -> None:
         self.users_path = path = tmp / "users"
-        auth.set_password(path, "alice", "correct horse", rounds=4)
+        set_password(path, "alice", "correct horse", rounds=4)
         self.clock = Clock()
         self.clock.advance(1_700_000_000)
-        users = auth.UsersFile(path)
+        users = UsersFile(path)
         harness = SessionHarness(
             tmp, max_size=10000, local_domains=(), clock=self.clock,
             mechanisms=sasl.build_mechanisms(MECHANISMS, users=users,
                                              hostname="mx.smarthost.test", clock=self.clock),
-            login=auth.PortalLogin(auth.build_portal(users, run_now)),
+            login=PortalLogin(build_portal(users, run_now)),
         )
         self.session, self.transport = harness.session, harness.transport
         self.read()
