@@ -205,8 +205,9 @@ def build_scheduler(
         lifetime=queue.lifetime,
         delay_warning=queue.delay_warning,
     )
-    # The one memory of failed hosts: routing orders by it, the courier writes and reads it,
-    # a flush forgets it; it holds a host no longer than the first retry interval.
+    # The one memory of failed hosts, held no longer than the first retry interval: routing
+    # orders by it, the courier defers suspended routes by it, the scheduler records each
+    # attempt's unreachable hosts in it and empties it on a flush.
     hosts = HostCache(reactor, first_retry=policy.delay(1))
     delivery = config.delivery
     resolver = NextHopResolver(
