@@ -24,7 +24,7 @@ from smarthost.app.pluginload import PluginError, available_plugins, build_plugi
 from smarthost.core.enums import Role
 from smarthost.core.envelope import Client
 from smarthost.core.replies import Reply
-from smarthost.delivery.routing import make_resolver
+from smarthost.delivery.dns import make_resolver
 from smarthost.plugins.dnsbl import DNSBLPlugin, parse_settings, reverse_name
 from smarthost.smtpd.hooks import Hooks
 

@@ -30,8 +30,8 @@ from smarthost.core.envelope import (
     parse_mailbox,
     parse_path,
 )
+from smarthost.delivery.dns import domain_key
 from smarthost.delivery.maildir import mailbox_path
-from smarthost.delivery.routing import _domain_key as nexthop_domain_key
 from smarthost.smtpd.policy import RelayPolicy
 
 LOCAL = frozenset({"example.test", "kk.test"})
@@ -78,7 +78,7 @@ def _check_accepted(text: str, addr: Address, utf8: bool) -> None:
     assert key == addr.domain.lower().rstrip(".")
     recipient = Recipient(str(addr))
     assert recipient.domain == key
-    assert nexthop_domain_key(recipient.domain) == key
+    assert domain_key(recipient.domain) == key
     local = POLICY.is_local(addr)
     assert local == (not addr.is_literal and key in LOCAL)
     for client in ANONYMOUS:
