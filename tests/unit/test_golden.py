@@ -8,6 +8,7 @@ import pytest
 
 from smarthost.app.config import ConfigError, load_config, parse_config
 from smarthost.auth import sasl
+from smarthost.core.enums import Role
 from smarthost.core.envelope import Client, parse_mailbox
 from smarthost.smtpd.policy import RelayPolicy
 
@@ -71,6 +72,6 @@ def test_relay_decision(case: list[str], tmp_path: Path) -> None:
     policy = RelayPolicy(
         config.relay.local_domains, config.relay.trusted_networks, config.relay.senders
     )
-    client = Client(address=address, role=role, user=None if user == "-" else user)
+    client = Client(address=address, role=Role(role), user=None if user == "-" else user)
     refusal = policy.check_recipient(client, parse_mailbox(recipient))
     assert (str(refusal.code) if refusal else "ok") == expected

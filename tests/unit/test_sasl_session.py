@@ -36,7 +36,7 @@ class LineClient:
             if self.transport.value():
                 break
             self.clock.advance(1)
-        lines = self.transport.value().decode().split("\r\n")[:-1]
+        lines: list[str] = self.transport.value().decode().split("\r\n")[:-1]
         self.transport.clear()
         return lines
 
