@@ -28,12 +28,6 @@ from smarthost.delivery.dns import (
     usable_address,
 )
 
-# Re-exported until tests/integration/test_plugin_dnsbl.py imports make_resolver, and
-# tests/unit/test_fuzz_parsers.py domain_key, from smarthost.delivery.dns.
-from smarthost.delivery.dns import make_resolver as make_resolver
-
-_domain_key = domain_key
-
 SMTP, MAILDIR = "smtp", "maildir"
 
 
