@@ -92,6 +92,10 @@ class LimitsConfig:
     messages_per_user_per_hour: int = 1000
     hold_user_after_per_hour: int = 5000
     command_timeout: int = 300
+    tls_handshake_timeout: int = 30
+    min_data_rate: int = 500  # bytes/s during DATA/BDAT, after the first command_timeout
+    messages_per_ip_per_hour: int = 1000  # unauthenticated clients, mail to local domains
+    ipv6_prefix: int = 64  # per-address limits count IPv6 clients per prefix
 
 
 @attrs.frozen
@@ -369,6 +373,8 @@ class _Loader:
                 for field in attrs.fields(LimitsConfig)
             }
         )
+        if result.ipv6_prefix > 128:
+            raise ConfigError("limits.ipv6_prefix", "must be a prefix length from 1 to 128")
         t.check_unknown()
         return result
 
