@@ -30,16 +30,25 @@ from zope.interface import Attribute, Interface, implementer
 from smarthost.core.types import RunBlocking
 
 
+class NamedEntry(Protocol):
+    @property
+    def name(self) -> str:
+        """The user name exactly as in the users file."""
+
+
 class UserDirectory(Protocol):
     """What the checkers ask of the users file (:class:`smarthost.auth.users.UsersFile`).
 
     Both calls may block (stat, read, bcrypt): the checkers run them through ``run_blocking``.
+    Both find a user under the name as presented or as SASLprep prepares it, and answer with
+    the name as stored, which is the one the avatar (and sender ownership) goes by.
     """
 
-    def verify(self, name: str, password: bytes) -> bool:
-        """True when ``password`` is the user's; as slow for unknown names as for known ones."""
+    def verify(self, name: str, password: bytes) -> str | None:
+        """The user's stored name when ``password`` is theirs, else None; as slow for
+        unknown names as for known ones."""
 
-    def lookup(self, name: str) -> object | None:
+    def lookup(self, name: str) -> NamedEntry | None:
         """The user's entry, or None when there is no such user."""
 
 
@@ -77,10 +86,10 @@ class BcryptChecker:
             name = ""  # cannot be in the file: costs the dummy check like any unknown name
         d = self._run_blocking(self._users.verify, name, creds.password)
 
-        def result(ok: bool) -> bytes | tuple[()]:
-            if not ok:
+        def result(stored: str | None) -> bytes | tuple[()]:
+            if stored is None:
                 raise UnauthorizedLogin()
-            return name.encode("utf-8")
+            return stored.encode("utf-8")
 
         return d.addCallback(result)
 
@@ -94,7 +103,7 @@ class IVerifiedUser(ICredentials):
     objects vouched for by its own users file (``issuer``).
     """
 
-    name: str = Attribute("The user name exactly as in the users file.")
+    name: str = Attribute("The user name as the client presented it.")
     mechanism: str = Attribute("The SASL mechanism that checked the proof.")
     issuer: object = Attribute("The UsersFile whose secrets the proof was checked against.")
 
@@ -127,10 +136,10 @@ class VerifiedUserChecker:
         trusted = creds.issuer is self._users
         d = self._run_blocking(self._users.lookup, name)
 
-        def result(entry: object | None) -> bytes | tuple[()]:
+        def result(entry: NamedEntry | None) -> bytes | tuple[()]:
             if not trusted or entry is None:
                 raise UnauthorizedLogin()
-            return name.encode("utf-8")
+            return entry.name.encode("utf-8")
 
         return d.addCallback(result)
 

@@ -62,7 +62,7 @@ def derive_scram(
     password: bytes, hash_name: str, salt: bytes | None = None,
     iterations: int = SCRAM_ITERATIONS,
 ) -> ScramSecret:
-    """RFC 5802 section 3 from a (normalised, see :func:`scram_password`) password."""
+    """RFC 5802 section 3 from a prepared (:func:`prepare_password`) password."""
     if salt is None:
         salt = os.urandom(SCRAM_SALT_OCTETS)
     salted = hashlib.pbkdf2_hmac(hash_name, password, salt, iterations)  # Hi()
@@ -72,26 +72,48 @@ def derive_scram(
     return ScramSecret(iterations, salt, stored_key, server_key)
 
 
-def scram_password(password: bytes) -> bytes:
-    """``Normalize(password)`` of RFC 5802 2.2: SASLprep (RFC 4013) when the password is
-    text it accepts; otherwise the octets as given, as PostgreSQL does, since a client that
-    cannot prepare them either sends them unchanged."""
+def prepare_password(password: bytes, *, query: bool = False) -> bytes:
+    """A password in the one form every mechanism hashes and compares: SASLprep (RFC 4013).
+
+    ``smarthost passwd`` hashes this with bcrypt and derives SCRAM from it (a "stored" string:
+    RFC 4616 2, and RFC 5802 2.2 ``Normalize``); PLAIN and LOGIN prepare what the client
+    presents the same way, as a ``query`` (RFC 4616 2: unassigned code points allowed), so a
+    password typed in another Unicode normal form still works, as it does with SCRAM, where
+    the client prepares it. A password SASLprep refuses (not UTF-8, a control character) is
+    used as given, as PostgreSQL does for SCRAM: a client cannot prepare it either and sends
+    it unchanged; so is one SASLprep would empty. ASCII passwords without controls are their
+    own prepared form.
+    """
     try:
-        return saslprep(password.decode("utf-8")).encode("utf-8")
+        prepared = saslprep(password.decode("utf-8"), query=query).encode("utf-8")
     except (UnicodeDecodeError, ValueError):
         return password
+    return prepared or password  # only "mapped to nothing" characters: never the empty one
+
+
+def prepare_name(name: str) -> str:
+    """A user name as presented, prepared for the users-file lookup (RFC 4616 2 for PLAIN,
+    RFC 5802 5.1 for SCRAM: a "query", so unassigned code points are allowed); as given when
+    SASLprep refuses it (then only the exact name can match)."""
+    try:
+        return saslprep(name, query=True)
+    except ValueError:
+        return name
 
 
 _PROHIBITED = (
     stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
     stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
     stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
-    stringprep.in_table_a1,  # unassigned code points: a stored string (RFC 3454 7)
 )
 
 
-def saslprep(text: str) -> str:
-    """RFC 4013 SASLprep for a stored string; ``ValueError`` when it is prohibited."""
+def saslprep(text: str, *, query: bool = False) -> str:
+    """RFC 4013 SASLprep; ``ValueError`` when the result is prohibited.
+
+    A stored string may not hold unassigned code points (RFC 3454 7); a ``query`` (what a
+    client presents, compared with stored strings) may.
+    """
     # 2.1: non-ASCII spaces become SPACE, "commonly mapped to nothing" vanish.
     mapped = "".join(" " if stringprep.in_table_c12(c) else c
                      for c in text if not stringprep.in_table_b1(c))
@@ -100,6 +122,8 @@ def saslprep(text: str) -> str:
     for char in prepared:
         if any(table(char) for table in _PROHIBITED):
             raise ValueError(f"SASLprep prohibits {char!a}")
+        if not query and stringprep.in_table_a1(char):
+            raise ValueError(f"SASLprep: {char!a} is unassigned in Unicode 3.2")
     # 2.4 (RFC 3454 6): right-to-left text must be wholly so and start and end with it.
     if any(stringprep.in_table_d1(c) for c in prepared) and (
         any(stringprep.in_table_d2(c) for c in prepared)
@@ -145,8 +169,13 @@ class CramMD5Secret:
 
 
 def derive_secrets(password: bytes, iterations: int = SCRAM_ITERATIONS) -> tuple[str, ...]:
-    """The extra users-file fields for ``password``, in the order they are written."""
-    prepared = scram_password(password)
+    """The extra users-file fields for ``password`` (as typed), in the order they are written.
+
+    SCRAM's come from the prepared password, which is what a SCRAM client hashes. CRAM-MD5's
+    come from the password as typed: RFC 2195 knows no preparation and its clients key the
+    HMAC with the octets the user typed, so only that form can ever match.
+    """
+    prepared = prepare_password(password)
     fields = [f"{mechanism.lower()}={derive_scram(prepared, hash_name, None, iterations).field()}"
               for mechanism, hash_name in SCRAM_HASHES.items()]
     fields.append(f"{CRAM_MD5_FIELD}={CramMD5Secret.derive(password).field()}")

@@ -27,12 +27,24 @@ same password for the challenge-response mechanisms, which never see the passwor
     hashlib cannot do: :func:`smarthost.auth.md5state.md5_resume` is a small RFC 1321 one.
 
 Unknown keys are kept and ignored, so a newer file still works with an older daemon; a
-malformed known field is reported and ignored (the user keeps PLAIN and LOGIN). A user
-without a mechanism's secret (an ``htpasswd -B`` line, a file from before they existed)
-fails that mechanism exactly as an unknown name does: decoys (:mod:`smarthost.auth.decoys`)
-stand in with secrets derived from the name and a server key, so probing cannot tell the
-two apart. Bcrypt hashes, base64, hex and (validated) names never contain ``:``, which
-keeps the split unambiguous.
+malformed known field is reported and ignored (the user keeps PLAIN and LOGIN). A name
+without a mechanism's secret runs that mechanism's exchange with a decoy
+(:mod:`smarthost.auth.decoys`): secrets derived from the name and a server key, so the
+exchange looks the same as for a real user. An unknown name then fails like a wrong
+password. A user who exists but has no secret for the mechanism (an ``htpasswd -B`` line, a
+file from before they existed) fails too, but is marked (:attr:`Secret.user_without_secret`):
+nothing was guessed, so the session neither counts nor delays it and the client falls back
+to another mechanism at once. The price is that such a name answers sooner than an unknown
+one; names with secrets, the rest, stay indistinguishable from unknown ones, and probing for
+the former costs a throttled failure per unknown name tried. Bcrypt hashes, base64, hex and
+(validated) names never contain ``:``, which keeps the split unambiguous.
+
+Passwords and names are prepared with SASLprep (RFC 4013, :mod:`smarthost.auth.derived`):
+``smarthost passwd`` stores the prepared name and the bcrypt hash and SCRAM secrets of the
+prepared password; a lookup tries the name as given, then prepared; a PLAIN or LOGIN
+password is checked prepared, then as given when that differs (a hash made before passwords
+were prepared). So the same password in another Unicode normal form works with PLAIN and
+LOGIN as with SCRAM, and every earlier user keeps working.
 
 Everything that runs bcrypt is blocking; the cred checker (:mod:`smarthost.auth.cred`) runs
 it through an injected ``run_blocking`` (``deferToThread`` in production) so the reactor
@@ -64,6 +76,9 @@ from smarthost.auth.derived import (
     CramMD5Secret,
     ScramSecret,
     derive_secrets,
+    prepare_name,
+    prepare_password,
+    saslprep,
 )
 from smarthost.core.safeio import atomic_write
 
@@ -280,35 +295,56 @@ class UsersFile:
         return self._parsed.problems
 
     def lookup(self, name: str) -> UserEntry | None:
-        return self.reload().users.get(name)
+        """The user called ``name``: as given, or else as SASLprep prepares it (RFC 4616 2,
+        RFC 5802 5.1), the form ``smarthost passwd`` stores."""
+        users = self.reload().users
+        entry = users.get(name)
+        if entry is None:
+            prepared = prepare_name(name)
+            if prepared != name:
+                entry = users.get(prepared)
+        return entry
 
-    def verify(self, name: str, password: bytes) -> bool:
-        """True when ``password`` is the user's; as slow for unknown names as for known ones.
+    def verify(self, name: str, password: bytes) -> str | None:
+        """The user's name as stored when ``password`` is theirs, else None; as slow for
+        unknown names as for known ones.
 
-        Names compare exactly, case included: a name is also a key of ``[relay.senders]``
-        and may be an address whose local part is case-sensitive (RFC 5321 2.4), so folding
-        case here would let two spellings share one password but not one sender policy.
+        Names compare exactly (after SASLprep), case included: a name is also a key of
+        ``[relay.senders]`` and may be an address whose local part is case-sensitive
+        (RFC 5321 2.4), so folding case here would let two spellings share one password but
+        not one sender policy.
         """
         entry = self.lookup(name)
-        password = password[:MAX_PASSWORD_OCTETS]
-        if entry is None:
-            bcrypt.checkpw(password, self._dummy)
-            return False
-        return bcrypt.checkpw(password, entry.password_hash)
+        # The prepared password first; the one as typed when it differs, for hashes made
+        # before passwords were prepared (and for htpasswd's). Both are always tried when
+        # the first fails, for unknown names too, so the time taken tells nothing.
+        prepared = prepare_password(password, query=True)
+        candidates = [prepared] if prepared == password else [prepared, password]
+        hashed = self._dummy if entry is None else entry.password_hash
+        matched = False
+        for candidate in candidates:
+            if bcrypt.checkpw(candidate[:MAX_PASSWORD_OCTETS], hashed):
+                matched = True
+                break
+        return entry.name if matched and entry is not None else None
 
     def scram(self, name: str, mechanism: str) -> Secret[ScramSecret]:
         """The user's secret for ``mechanism`` (``"SCRAM-SHA-256"``), or a decoy."""
         entry = self.lookup(name)
         secret = entry.scram.get(mechanism) if entry is not None else None
         if secret is None:
-            return Secret(self._decoys.scram(name, mechanism, self._iterations), known=False)
+            # Keyed by the prepared name: two spellings of one unknown name get one salt,
+            # as two spellings of a real one do.
+            decoy = self._decoys.scram(prepare_name(name), mechanism, self._iterations)
+            return Secret(decoy, known=False, user_without_secret=entry is not None)
         return Secret(secret, known=True)
 
     def cram_md5(self, name: str) -> Secret[CramMD5Secret]:
         """The user's CRAM-MD5 HMAC states, or a decoy."""
         entry = self.lookup(name)
         if entry is None or entry.cram_md5 is None:
-            return Secret(self._decoys.cram_md5(name), known=False)
+            decoy = self._decoys.cram_md5(prepare_name(name))
+            return Secret(decoy, known=False, user_without_secret=entry is not None)
         return Secret(entry.cram_md5, known=True)
 
 
@@ -318,10 +354,13 @@ class Secret(Generic[_T]):
 
     ``known`` is False for a decoy: the exchange runs exactly as for a real user (same salt
     format, iteration count and arithmetic) and then fails whatever the client sent.
+    ``user_without_secret`` says the decoy stands in for a user who exists but has no secret
+    for this mechanism: the failure is then no guess (see the module docstring).
     """
 
     value: _T = attrs.field(repr=False)
     known: bool
+    user_without_secret: bool = False
 
 
 # --- rewriting the file (the admin tool) -------------------------------------------------
@@ -337,30 +376,52 @@ def set_password(
 
     Other lines, comments included, are kept byte for byte. The user's old extra fields are
     dropped: secrets derived from the old password must not outlive it.
+
+    The name and the password are stored prepared with SASLprep (RFC 4013, "stored"
+    strings); the CRAM-MD5 states come from the password as typed (``derive_secrets`` says
+    why). A line under the name as typed, from before names were prepared, is replaced too.
     """
-    validate_name(name)
+    stored = _stored_name(name)
     secret = password.encode("utf-8") if isinstance(password, str) else password
     if not secret:
         raise PasswordError("password is empty")
-    if len(secret) > MAX_PASSWORD_OCTETS:
-        raise PasswordError(f"password is longer than {MAX_PASSWORD_OCTETS} octets, "
-                            "which bcrypt would silently ignore")
     if b"\0" in secret:
         raise PasswordError("password must not contain NUL (AUTH PLAIN could not send it)")
+    prepared = prepare_password(secret)
+    if len(prepared) > MAX_PASSWORD_OCTETS:
+        raise PasswordError(f"password is longer than {MAX_PASSWORD_OCTETS} octets, "
+                            "which bcrypt would silently ignore")
     if not 4 <= rounds <= 31:
         raise PasswordError("bcrypt rounds must be between 4 and 31")
     if iterations < SCRAM_ITERATIONS:
         raise PasswordError(f"SCRAM iterations must be at least {SCRAM_ITERATIONS} (RFC 7677)")
-    hashed = bcrypt.hashpw(secret, bcrypt.gensalt(rounds))
+    hashed = bcrypt.hashpw(prepared, bcrypt.gensalt(rounds))
     extras = ":".join(derive_secrets(secret, iterations)).encode("ascii")
-    new_line = name.encode("utf-8") + b":" + hashed + b":" + extras
-    _rewrite(path, name, new_line)
+    new_line = stored.encode("utf-8") + b":" + hashed + b":" + extras
+    _rewrite(path, {stored, name}, new_line)
 
 
 def delete_user(path: str | os.PathLike[str], name: str) -> bool:
-    """Remove ``name``; False (and the file untouched) when there was no such user."""
+    """Remove ``name`` (as typed, or prepared); False (and the file untouched) when there
+    was no such user."""
     validate_name(name)
-    return _rewrite(path, name, None)
+    try:
+        names = {name, _stored_name(name)}
+    except UserNameError:
+        names = {name}  # an old line SASLprep would refuse can still be deleted
+    return _rewrite(path, names, None)
+
+
+def _stored_name(name: str) -> str:
+    """``name`` as ``smarthost passwd`` stores it: SASLprep'd (RFC 4013, a stored string),
+    then validated."""
+    validate_name(name)
+    try:
+        stored = saslprep(name)
+    except ValueError as e:
+        raise UserNameError(f"user name: {e}") from None
+    validate_name(stored)
+    return stored
 
 
 def users_file_is_insecure(path: str | os.PathLike[str]) -> bool:
@@ -382,8 +443,9 @@ def _line_name(line: bytes) -> bytes | None:
     return stripped.split(b":", 1)[0]
 
 
-def _rewrite(path: str | os.PathLike[str], name: str, new_line: bytes | None) -> bool:
-    """Replace (or, with None, remove) every line of ``name``; append if it had none.
+def _rewrite(path: str | os.PathLike[str], names: set[str], new_line: bytes | None) -> bool:
+    """Replace (or, with None, remove) every line of any of ``names``; append if none had
+    one.
 
     Returns whether the user existed. The write is :func:`atomic_write` (mode 0600, owner
     kept): a crash leaves either the old file or the new one, never a mix.
@@ -392,7 +454,7 @@ def _rewrite(path: str | os.PathLike[str], name: str, new_line: bytes | None) ->
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    key = name.encode("utf-8")
+    keys = {name.encode("utf-8") for name in names}
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         # Two `smarthost passwd` runs at once must not lose one of the updates.
@@ -405,7 +467,7 @@ def _rewrite(path: str | os.PathLike[str], name: str, new_line: bytes | None) ->
         out: list[bytes] = []
         found = False
         for line in lines:
-            if _line_name(line) == key:
+            if _line_name(line) in keys:
                 if not found and new_line is not None:
                     out.append(new_line + b"\n")
                 found = True

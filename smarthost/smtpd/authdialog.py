@@ -1,6 +1,7 @@
 """One connection's SMTP AUTH (RFC 4954): the SASL exchange framed in base64, the login
 through the cred portal, and the accounting of failures (the fail2ban log line, the
-per-address throttle, the per-connection cap).
+per-address throttle, the per-connection cap). A mechanism the user has no secret for is
+not a failure: it is logged apart and answered at once, so the client falls back.
 
 The commands check whether AUTH may start at all (TLS, EHLO, not in a transaction) and the
 transport owns the connection; this class only talks to the commands through
@@ -91,6 +92,9 @@ class AuthDialog:
                 self._host.answer_later(self._check(step, mechanism))
             else:
                 assert isinstance(step, Rejected)
+                if step.no_secret:
+                    self._without_secret(step.username or "", mechanism)
+                    return
                 failed = self._failed(step.username or "", mechanism)
                 if step.malformed:
                     failed.close()  # counted and logged above; the answer is a syntax error
@@ -128,6 +132,14 @@ class AuthDialog:
         self._host.authenticated(user)
         self._log.auth_succeeded(self._address, user, mechanism)
         return reply.AUTH_OK
+
+    def _without_secret(self, user: str, mechanism: str) -> None:
+        """The user exists but has no secret for this mechanism (an ``htpasswd -B`` line and
+        CRAM-MD5 or SCRAM): no password was guessed, so this is neither the fail2ban line nor
+        a failure the throttle counts. ``535`` at once, and the client tries its next
+        mechanism (smtplib, Thunderbird and Outlook do)."""
+        self._log.auth_without_secret(self._address, user, mechanism)
+        self._host.send(reply.AUTH_FAILED)
 
     def _failed(self, user: str, mechanism: str) -> Coroutine[Any, Any, Reply]:
         """Log and count a failure now; the returned coroutine answers after the throttle's

@@ -161,15 +161,22 @@ class ExchangeTests(SynchronousTestCase):
         step = exchange.step(b"tim " + wrong)
         self.assertEqual(step, Rejected("wrong CRAM-MD5 digest", username="tim"))
 
-    def test_unknown_and_bcrypt_only_users_fail_like_a_wrong_digest(self) -> None:
+    def test_unknown_users_fail_like_a_wrong_digest_and_bcrypt_only_ones_have_no_secret(
+        self,
+    ) -> None:
+        """Issue 11, finding 7: an htpasswd -B user tried with CRAM-MD5 is no guess."""
         with open(self.path, "ab") as f:
             f.write(b"old:" + bcrypt.hashpw(RFC_PASSWORD, bcrypt.gensalt(4)) + b"\n")
         digest = CramMD5Secret.derive(RFC_PASSWORD).hmac(RFC_CHALLENGE).hex().encode()
-        for name in (b"old", b"nobody"):
+        expected = {
+            b"nobody": Rejected("wrong CRAM-MD5 digest", username="nobody"),
+            b"old": Rejected("no CRAM-MD5 secret for this user", username="old",
+                             no_secret=True),
+        }
+        for name, rejected in expected.items():
             exchange = FixedChallenge(self.users, "x").new()
             exchange.step(None)
-            step = exchange.step(name + b" " + digest)
-            self.assertEqual(step, Rejected("wrong CRAM-MD5 digest", username=name.decode()))
+            self.assertEqual(exchange.step(name + b" " + digest), rejected)
 
     def test_a_decoy_never_passes_even_when_its_digest_is_sent(self) -> None:
         secret = self.users.cram_md5("nobody")

@@ -21,7 +21,11 @@ The split of work with the session:
   ``UsersFile``), check the proof themselves with ``hmac.compare_digest``, and on success
   hand the portal a ``smarthost.auth.cred.VerifiedUser`` naming that source; on failure they
   answer :class:`Rejected`, which the session logs, counts and throttles like a wrong
-  password. A name without the mechanism's secret gets a decoy and fails the same way.
+  password. A name without the mechanism's secret gets a decoy and fails the same way,
+  except a user who exists and only lacks that secret: ``Rejected(no_secret=True)``, which
+  the session answers at once without counting it (nothing was guessed).
+- PLAIN and LOGIN passwords, and every name looked up, are prepared with SASLprep (RFC 4013)
+  by the users file (:mod:`smarthost.auth.users`), as SCRAM clients prepare theirs.
 - OAUTHBEARER and XOAUTH2 only parse (``smarthost.auth.oauth``): the token goes to the
   portal as an ``IBearerToken``, whose checker asks the token verifier plugins. A refused token is
   answered with one more challenge before the ``535`` (``Credentials.failure_challenge``).

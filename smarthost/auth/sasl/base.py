@@ -51,6 +51,11 @@ class Rejected:
     reason: str  # for logs, never shown to the client
     malformed: bool = False
     username: str | None = None  # when known, for the failed-AUTH log line
+    # The user exists but the users file holds no secret for this mechanism (an htpasswd -B
+    # line and CRAM-MD5): nothing was guessed. The session answers 535 at once, logs it
+    # apart from failures and does not count it, so the client falls back to another
+    # mechanism without being throttled or banned.
+    no_secret: bool = False
 
 
 Step = Challenge | Credentials | Rejected
@@ -93,7 +98,8 @@ class ChallengeSecrets(Protocol):
     """What CRAM-MD5 and SCRAM need from the users file (``smarthost.auth.users.UsersFile``).
 
     Always answers: a name without the secret gets a decoy (``known=False``), so the
-    exchange runs the same steps for it and then fails.
+    exchange runs the same steps for it and then fails (``Rejected(no_secret=True)`` when
+    the secret says ``user_without_secret``).
     """
 
     def scram(self, name: str, mechanism: str) -> Secret[ScramSecret]: ...

@@ -2,7 +2,7 @@
 
 The users file holds HMAC-MD5 states, not the password (``smarthost.auth.derived``), so the
 digest is computed from those; a name without them gets a decoy and fails like a wrong
-password.
+password, or, for a user who only lacks them, as ``Rejected(no_secret=True)``.
 """
 
 from __future__ import annotations
@@ -86,6 +86,9 @@ class CramMD5Exchange:
         except OSError as e:
             return unavailable(e, name)
         expected = secret.value.hmac(self._challenge).hex().encode("ascii")
-        if not hmac.compare_digest(expected, digest.lower().encode("ascii")) or not secret.known:
+        matches = hmac.compare_digest(expected, digest.lower().encode("ascii"))
+        if secret.user_without_secret:
+            return Rejected("no CRAM-MD5 secret for this user", username=name, no_secret=True)
+        if not matches or not secret.known:
             return Rejected("wrong CRAM-MD5 digest", username=name)
         return Credentials(VerifiedUser(name, "CRAM-MD5", self._users), name)

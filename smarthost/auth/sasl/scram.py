@@ -190,7 +190,11 @@ class ScramExchange:
         signature = hmac.digest(secret.stored_key, auth_message, self._hash)
         client_key = bytes(p ^ s for p, s in zip(proof, signature, strict=True))
         stored_key = hashlib.new(self._hash, client_key).digest()
-        if not hmac.compare_digest(stored_key, secret.stored_key) or not known:
+        matches = hmac.compare_digest(stored_key, secret.stored_key)
+        if self._secret.user_without_secret:
+            return Rejected(f"no {self._mechanism} secret for this user", username=name,
+                            no_secret=True)
+        if not matches or not known:
             return Rejected("wrong SCRAM proof", username=name)
         server_signature = hmac.digest(secret.server_key, auth_message, self._hash)
         self._state = "server-final"
