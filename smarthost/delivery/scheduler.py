@@ -34,8 +34,9 @@ from smarthost.core.envelope import (
 )
 from smarthost.core.errors import CorruptEntry
 from smarthost.core.maillog import MailLog
-from smarthost.delivery.bounce import Kind, ReportedRecipient, build_report, report_envelope
+from smarthost.delivery.bounce import Kind, build_report, report_envelope
 from smarthost.delivery.courier import AttemptResult
+from smarthost.delivery.dsn import ReportedRecipient
 from smarthost.delivery.hostcache import HostCache
 
 EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired

@@ -15,14 +15,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from smarthost.core.envelope import BOUNCED, Envelope, Outcome, Recipient, RecipientState
-from smarthost.delivery.bounce import (
-    Kind,
-    ReportedRecipient,
-    build_report,
-    remote_mta_name,
-    report_envelope,
-    status_from_reply,
-)
+from smarthost.delivery.bounce import Kind, build_report, report_envelope
+from smarthost.delivery.dsn import ReportedRecipient, remote_mta_name, status_from_reply
 
 ARRIVAL = 1_700_000_000.0
 NOW = ARRIVAL + 3600
@@ -412,6 +406,64 @@ class WireFormatTests(SynchronousTestCase):
         msg = parse(data)
         self.assertEqual(len(parts(msg)), 3)
         self.assertEqual(len(status_blocks(msg)), 2)
+
+
+# What SMTPUTF8 and the spool let through that a header cannot hold: line and paragraph
+# separators, NEXT LINE, controls, a lone surrogate (JSON keeps it), and address syntax.
+_AWKWARD = "\u2028\u2029\u0085\r\n\x00\t\x0b\x0c\x1c\x1e\x7f\udc80\u200b\ufeff <>\"@;,:\\"
+_ANY_TEXT = st.text(
+    alphabet=st.one_of(st.characters(exclude_categories=()), st.sampled_from(_AWKWARD)),
+    max_size=300,
+)
+
+
+def _sender(local: str) -> str:
+    return f'"{local}"@example.test'
+
+
+class UnbuildableReportTests(SynchronousTestCase):
+    """Hardening II, finding 5: a sender such as ``"a\u2028b"@x`` made the builder raise
+    ("Header values may not contain linefeed..."); now every envelope gives a valid report."""
+
+    def test_line_separators_in_the_sender(self) -> None:
+        for local in ("line\u2028sep", "next\u0085line", "para\u2029sep", "a\u2028\u0085b"):
+            env = envelope(BOB, sender=_sender(local))
+            data = report(env=env)
+            assert data is not None
+            assert_wire_clean(self, data)
+            shown = local.replace("\u2028", "?").replace("\u0085", "?").replace("\u2029", "?")
+            self.assertIn(f"\r\nTo: {_sender(shown)}\r\n".encode(), data)
+            # The report still goes to the real address.
+            self.assertEqual(report_envelope(data, env, NOW).recipients[0].address,
+                             _sender(local))
+
+    @settings(max_examples=300, deadline=None)
+    @given(sender=_ANY_TEXT.filter(bool), address=_ANY_TEXT, orcpt=st.none() | _ANY_TEXT,
+           envid=st.none() | _ANY_TEXT, diagnostic=_ANY_TEXT, remote=_ANY_TEXT,
+           status=_ANY_TEXT, kind=st.sampled_from(["failure", "delay", "success"]),
+           ret=st.sampled_from([None, "FULL", "HDRS"]))
+    def test_any_envelope_the_spool_can_hold_gives_a_valid_report(
+        self, sender: str, address: str, orcpt: str | None, envid: str | None,
+        diagnostic: str, remote: str, status: str, kind: Kind, ret: str | None,
+    ) -> None:
+        rcpt = Recipient(address, notify=("SUCCESS", "FAILURE", "DELAY"), orcpt=orcpt)
+        env = Envelope(sender=sender, recipients=(rcpt,), ret=ret, envid=envid,
+                       smtputf8=not sender.isascii(), received_at=ARRIVAL)
+        data = report(kind, env=env,
+                      recipients=[ReportedRecipient(rcpt, status, remote, diagnostic, NOW)],
+                      retry_until=NOW + 86400)
+        assert data is not None
+        assert_wire_clean(self, data)
+        msg = email.message_from_bytes(data, policy=policy.SMTPUTF8)
+        assert isinstance(msg, EmailMessage)
+        self.assertEqual(len(msg.get_all("To") or []), 1)
+        self.assertEqual(len(parts(msg)), 3)
+        blocks = status_blocks(msg)
+        self.assertEqual(len(blocks), 2)  # no value added a field block of its own
+        actions = {"failure": "failed", "delay": "delayed", "success": "delivered"}
+        self.assertEqual(blocks[1].get_all("Action"), [actions[kind]])
+        # message/delivery-status is ASCII (RFC 6533 3 escapes the rest).
+        self.assertTrue(parts(msg)[1].as_bytes().isascii())
 
 
 class HelperTests(SynchronousTestCase):
