@@ -5,9 +5,13 @@ ready queues. New mail has its own ready queue so a backlog of retries cannot st
 (Postfix's qmgr alternates the same way). One timer serves the whole heap, so start-up with a
 large deferred queue costs one heap push per message and no timers.
 
-The retry schedule is a pure function of the attempt number (:class:`RetryPolicy`), recording
-results a pure function of the entry and the outcomes (:func:`record`), so both are tested
-in virtual time without a reactor.
+The retry schedule and what an attempt does to an entry are pure functions
+(:mod:`smarthost.delivery.recording`), so this module is only the machinery that applies
+them, tested in virtual time without a reactor.
+
+The delivery state is saved before any report is built, and whatever fails afterwards (a
+report, the write itself) is retried on its own without delivering to anyone again: see
+:meth:`Scheduler._run` for what is on disk at each step and the one at-least-once window.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, BinaryIO, Protocol
 
 import attrs
@@ -23,140 +27,21 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from smarthost.api import ISpool
-from smarthost.core.envelope import (
-    BOUNCED,
-    DELIVERED,
-    PENDING,
-    Outcome,
-    QueueEntry,
-    QueueId,
-    RecipientState,
-)
+from smarthost.core.envelope import BOUNCED, Outcome, QueueEntry, QueueId
 from smarthost.core.errors import CorruptEntry
 from smarthost.core.maillog import MailLog
-from smarthost.delivery.bounce import Kind, build_report, report_envelope
 from smarthost.delivery.courier import AttemptResult
-from smarthost.delivery.dsn import ReportedRecipient
 from smarthost.delivery.hostcache import HostCache
-
-EXPIRED_STATUS = "4.4.7"  # RFC 3463: delivery time expired
-
-
-@attrs.frozen
-class RetryPolicy:
-    delays: tuple[float, ...] = (60, 300, 900, 1800, 3600)
-    lifetime: float = 432000
-    delay_warning: float = 14400  # 0 = never
-
-    def delay(self, attempts: int) -> float:
-        """Seconds to wait after attempt number ``attempts`` (1-based); the last repeats."""
-        return self.delays[min(max(attempts, 1), len(self.delays)) - 1]
-
-    def expired(self, entry: QueueEntry, now: float) -> bool:
-        return now - entry.queued_at >= self.lifetime
-
-    def should_warn(self, entry: QueueEntry, now: float) -> bool:
-        return (
-            self.delay_warning > 0
-            and not entry.delay_warned
-            and now - entry.queued_at >= self.delay_warning
-        )
-
-
-def record(entry: QueueEntry, outcomes: Iterable[Outcome]) -> QueueEntry:
-    """The entry after one attempt: each recipient's status and last reply, the attempt count
-    and the last error (what `queue list` shows)."""
-    by_address = {o.recipient.address: o for o in outcomes}
-    states = []
-    last_error = ""
-    for state in entry.recipients:
-        outcome = by_address.get(state.recipient.address)
-        if state.status != PENDING or outcome is None:
-            states.append(state)
-            continue
-        status = outcome.result if outcome.result in (DELIVERED, BOUNCED) else PENDING
-        if status == PENDING and not last_error:
-            last_error = outcome.reply
-        states.append(
-            attrs.evolve(
-                state,
-                status=status,
-                last_reply=outcome.reply,
-                remote=outcome.remote,
-                attempts=state.attempts + 1,
-            )
-        )
-    return attrs.evolve(
-        entry, recipients=tuple(states), attempts=entry.attempts + 1, last_error=last_error
-    )
-
-
-def expire(entry: QueueEntry) -> tuple[QueueEntry, list[RecipientState]]:
-    """Bounce every recipient still pending once the lifetime is over."""
-    expired = list(entry.pending)
-    states = tuple(
-        attrs.evolve(s, status=BOUNCED) if s.status == PENDING else s for s in entry.recipients
-    )
-    return attrs.evolve(entry, recipients=states), expired
+from smarthost.delivery.recording import EXPIRED_STATUS, conclude
+from smarthost.delivery.recording import RetryPolicy as RetryPolicy  # for app/wiring.py, for now
+from smarthost.delivery.reporting import OwedReports
+from smarthost.delivery.reporting import Reporter as Reporter  # for app/wiring.py, for now
 
 
 class Attempt(Protocol):
     def __call__(
         self, entry: QueueEntry, open_body: Callable[[], BinaryIO]
     ) -> Coroutine[Any, Any, AttemptResult]: ...
-
-
-class Reporter:
-    """Builds RFC 3464 reports and commits them to the spool like any message, with the null
-    sender; the caller (the scheduler) schedules the entry it returns."""
-
-    def __init__(
-        self,
-        spool: ISpool,
-        hostname: str,
-        clock: IReactorTime,
-        maillog: MailLog,
-    ) -> None:
-        self._spool = spool
-        self._hostname = hostname
-        self._clock = clock
-        self._log = maillog
-
-    async def send(
-        self,
-        kind: Kind,
-        entry: QueueEntry,
-        recipients: Sequence[ReportedRecipient],
-        retry_until: float | None = None,
-    ) -> QueueEntry | None:
-        """The queued report, or None when there is nothing to report (no recipient, the
-        null sender, NOTIFY=NEVER)."""
-        if not recipients:
-            return None
-        now = self._clock.seconds()
-        with self._spool.open_body(entry.queue_id) as original:
-            report = build_report(
-                kind,
-                reporting_mta=self._hostname,
-                envelope=entry.envelope,
-                recipients=recipients,
-                original=original,
-                arrival=entry.queued_at,
-                now=now,
-                queue_id=str(entry.queue_id),
-                retry_until=retry_until,
-            )
-        if report is None:
-            return None
-        incoming = self._spool.receive()
-        try:
-            incoming.write(report)
-        except BaseException:
-            incoming.abort()  # disk full: no half report left in tmp/
-            raise
-        queued = await incoming.commit(report_envelope(report, entry.envelope, now))
-        self._log.bounce_sent(entry.queue_id, queued.queue_id, kind)
-        return queued
 
 
 @attrs.define
@@ -189,7 +74,11 @@ class Scheduler:
         self._hosts = hosts  # records each attempt's unreachable hosts; a flush forgets them
         self._spool = spool
         self._attempt = attempt
-        self._reporter = reporter
+        # What each message still owes its sender: tried at each of its runs until queued.
+        self._reports = OwedReports(reporter, clock, maillog, give_up_after=policy.lifetime)
+        # Attempts whose results are not on disk yet: each run starts from here, so a failed
+        # write never delivers anyone twice (see _run).
+        self._unsaved: dict[QueueId, QueueEntry] = {}
         self._policy = policy
         self._log = maillog
         self._concurrency = concurrency
@@ -265,8 +154,9 @@ class Scheduler:
         self._due.pop(queue_id, None)
         self._fresh_entries.pop(queue_id, None)
         self._again.discard(queue_id)
-        if queue_id in self._queued:
-            self._queued.discard(queue_id)
+        self._queued.discard(queue_id)
+        self._unsaved.pop(queue_id, None)
+        self._reports.forget(queue_id)
 
     # -- the machinery ---------------------------------------------------------------------
 
@@ -362,8 +252,8 @@ class Scheduler:
         except GeneratorExit:
             raise  # closed unfinished (shutdown, garbage collection): start nothing new
         except Exception:
-            # Recording the attempt failed (disk full, a bug in a report): the entry is still in
-            # the spool as it was before the attempt, so it is simply tried again later.
+            # A bug after the attempt: what it did is still in _unsaved (or on disk), so the
+            # next run starts from there and delivers nobody twice.
             self._log.failure("{queue_id}: scheduling error", queue_id=str(queue_id))
             self._retry_later(queue_id)
         self._finished(queue_id)
@@ -372,12 +262,16 @@ class Scheduler:
         if queue_id in self._due:
             return
         try:
-            attempts = self._spool.load(queue_id).attempts
+            attempts = self._current_attempts(queue_id)
         except KeyError:
             return  # deleted: nothing to retry
         except Exception:
             attempts = 1
         self._wait(queue_id, self._clock.seconds() + self._policy.delay(attempts))
+
+    def _current_attempts(self, queue_id: QueueId) -> int:
+        unsaved = self._unsaved.get(queue_id)
+        return (unsaved or self._spool.load(queue_id)).attempts
 
     def _finished(self, queue_id: QueueId) -> None:
         self._active.discard(queue_id)
@@ -398,20 +292,71 @@ class Scheduler:
         if not self._active and not self._queued and self.idle is not None:
             self.idle()
 
-    # -- one attempt -----------------------------------------------------------------------
+    # -- one run of one message ------------------------------------------------------------
 
     async def _run(self, queue_id: QueueId) -> None:
+        """Deliver to the pending recipients (if any), save what that did, then report.
+
+        What is on disk at each step, and why nobody gets the message twice:
+
+        1. The moment the attempt returns, its results (outcomes, lifetime expiry, the delay
+           warning, the next attempt: :func:`conclude`) and the reports they make due are
+           held in memory (``_unsaved``, :class:`OwedReports`). Nothing that can fail comes
+           first.
+        2. They are saved with one ``spool.update`` (or ``spool.remove`` when nothing is
+           pending and nothing is owed). Until that write succeeds the memory is ahead of the
+           disk and every later run starts from memory: a write that fails (a full spool, any
+           OSError, a bug) is tried again at the next run, which attempts only the recipients
+           still pending.
+        3. Only then are the reports built and queued. One that fails is logged and kept; the
+           next run tries it again and, again, delivers to nobody who is not pending.
+        4. The message is removed once nothing is pending and nothing is owed, so lifetime
+           expiry ends delivery at once even when its report keeps failing.
+
+        The at-least-once window: a restart or crash before step 2 has succeeded loses the
+        memory. The disk then holds the entry as of its last successful write, so the
+        recipients delivered (or bounced) since then are attempted once more after the restart:
+        once per restart, never in a loop, which RFC 5321 6.1 prefers to losing mail. A restart
+        between steps 2 and 3 loses the reports still owed, never the delivery state.
+        """
+        entry = self._current(queue_id)
+        if entry is None or entry.envelope.held:
+            return
+        now = self._clock.seconds()
+        if entry.pending:
+            entry = await self._deliver(entry, now)
+        if not await self._save(entry, now):
+            return
+        if self._reports.owes(queue_id):
+            for report in await self._reports.send(entry):
+                self.enqueue(report)
+            if not (entry.pending or self._reports.owes(queue_id)):
+                await self._save(entry, now)  # the removal
+                return
+        if entry.pending:
+            self._later(entry, entry.next_attempt)
+        elif self._reports.owes(queue_id):  # a report alone: one retry interval from now
+            self._later(entry, now + self._policy.delay(entry.attempts))
+
+    def _current(self, queue_id: QueueId) -> QueueEntry | None:
+        """The entry as this daemon knows it: ahead of the disk when a write failed."""
+        fresh = self._fresh_entries.pop(queue_id, None)
+        known = self._unsaved.get(queue_id) or fresh
+        if known is not None:
+            return known
         try:
-            entry = self._fresh_entries.pop(queue_id, None) or self._spool.load(queue_id)
+            return self._spool.load(queue_id)
         except KeyError:
-            return  # deleted meanwhile
+            self.forget(queue_id)  # deleted meanwhile
         except CorruptEntry as e:
             self._log.warning("{queue_id}: unreadable queue entry: {e}", queue_id=str(queue_id),
                               e=str(e))
-            return
-        if entry.envelope.held:
-            return
-        now = self._clock.seconds()
+        return None
+
+    async def _deliver(self, entry: QueueEntry, now: float) -> QueueEntry:
+        """One attempt of the pending recipients; returns the entry after it, held in
+        ``_unsaved`` until :meth:`_save` has written it."""
+        queue_id = entry.queue_id
 
         def open_body() -> BinaryIO:
             return self._spool.open_body(queue_id)
@@ -422,81 +367,55 @@ class Scheduler:
             # A crash inside delivery is a temporary failure: the message stays queued.
             self._log.failure("{queue_id}: delivery attempt failed", queue_id=str(queue_id))
             result = AttemptResult(())
+        outcomes = list(result.outcomes)
+        after, reports, expired = conclude(entry, outcomes, now, self._policy)
+        self._unsaved[queue_id] = after
+        self._reports.owe(queue_id, reports)
         # Remembered from the start of this attempt, so this message's next attempt (one
         # retry interval later at the earliest) finds the hold over and tries the host again.
         for failure in result.unreachable:
             self._hosts.failed(failure, since=now)
-        outcomes = list(result.outcomes)
         for outcome in outcomes:
             self._log.attempt(queue_id, outcome)
             self._observe(entry, outcome)
-        entry = record(entry, outcomes)
-        if not outcomes:
-            entry = attrs.evolve(entry, last_error="internal error during delivery")
-        await self._report(entry, outcomes, now)
-        if entry.pending and self._policy.expired(entry, now):
-            entry, expired = expire(entry)
-            await self._send_report(
-                "failure",
-                entry,
-                [
-                    attrs.evolve(
-                        ReportedRecipient.from_state(s, now),
-                        status=EXPIRED_STATUS,
-                        diagnostic=s.last_reply or "delivery time expired",
-                    )
-                    for s in expired
-                ],
+        for s in expired:
+            self._log.attempt(
+                queue_id,
+                Outcome(s.recipient, BOUNCED, f"lifetime expired; last: {s.last_reply}",
+                        s.remote, EXPIRED_STATUS),
             )
-            for s in expired:
-                self._log.attempt(
-                    queue_id,
-                    Outcome(s.recipient, BOUNCED, f"lifetime expired; last: {s.last_reply}",
-                            s.remote, EXPIRED_STATUS),
-                )
-        elif entry.pending and self._policy.should_warn(entry, now):
-            await self._send_report(
-                "delay",
-                entry,
-                [ReportedRecipient.from_state(s, now) for s in entry.pending],
-                retry_until=entry.queued_at + self._policy.lifetime,
-            )
-            entry = attrs.evolve(entry, delay_warned=True)
-        if not entry.pending:
-            self._due.pop(queue_id, None)
-            try:
-                await self._spool.remove(queue_id)
-            except KeyError:
-                return  # deleted by the operator while we were delivering
-            self._log.removed(queue_id, "done")
-            return
-        next_attempt = now + self._policy.delay(entry.attempts)
-        entry = attrs.evolve(entry, next_attempt=next_attempt)
+        return after
+
+    async def _save(self, entry: QueueEntry, now: float) -> bool:
+        """Write what memory knows: the entry while anything is pending or owed, else the
+        removal. False when the run stops here: the message was deleted, or the write failed
+        and the message runs again after the next retry interval."""
+        queue_id = entry.queue_id
         try:
-            await self._spool.update(entry)
+            if entry.pending or self._reports.owes(queue_id):
+                if queue_id in self._unsaved:
+                    await self._spool.update(entry)
+            else:
+                self._due.pop(queue_id, None)
+                await self._spool.remove(queue_id)
+                self._log.removed(queue_id, "done")
         except KeyError:
-            return  # deleted while we were delivering
+            self.forget(queue_id)  # deleted by the operator while we were delivering
+            return False
+        except Exception as e:
+            delay = self._policy.delay(entry.attempts)
+            qid, error = str(queue_id), str(e) or repr(e)
+            text = ("{queue_id}: delivery results not saved ({error}); kept in memory and "
+                    "saved at the next try in {delay:g} s, nobody is delivered to again")
+            if isinstance(e, OSError):  # a full or failing disk: the error says it all
+                self._log.error(text, queue_id=qid, error=error, delay=delay)
+            else:
+                self._log.failure(text, queue_id=qid, error=error, delay=delay)
+            self._later(entry, now + delay)
+            return False
+        self._unsaved.pop(queue_id, None)
+        return True
+
+    def _later(self, entry: QueueEntry, when: float) -> None:
         self._note_destination(entry)
-        self._wait(queue_id, next_attempt)
-
-    async def _report(self, entry: QueueEntry, outcomes: list[Outcome], now: float) -> None:
-        """Failure reports for this attempt's bounces, success reports where NOTIFY asks."""
-        bounced = [ReportedRecipient.from_outcome(o, now) for o in outcomes if o.result == BOUNCED]
-        await self._send_report("failure", entry, bounced)
-        delivered = [
-            ReportedRecipient.from_outcome(o, now, relayed=o.remote != "maildir")
-            for o in outcomes
-            if o.result == DELIVERED and o.recipient.wants("SUCCESS") and not o.dsn_passed
-        ]
-        await self._send_report("success", entry, delivered)
-
-    async def _send_report(
-        self,
-        kind: Kind,
-        entry: QueueEntry,
-        recipients: Sequence[ReportedRecipient],
-        retry_until: float | None = None,
-    ) -> None:
-        report = await self._reporter.send(kind, entry, recipients, retry_until)
-        if report is not None:
-            self.enqueue(report)
+        self._wait(entry.queue_id, when)

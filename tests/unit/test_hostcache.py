@@ -7,8 +7,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smarthost.delivery.hostcache import MAX_HOLD, HostCache
+from smarthost.delivery.recording import RetryPolicy
 from smarthost.delivery.routing import Host, HostFailure
-from smarthost.delivery.scheduler import RetryPolicy
 
 A = Host("a.test", "192.0.2.1", 25)
 B = Host("b.test", "192.0.2.2", 25)
