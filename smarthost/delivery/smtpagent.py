@@ -19,17 +19,10 @@ this attempt. Under "opportunistic" TLS a failed STARTTLS *handshake* is also a 
 STARTTLS is not offered, and retrying in the clear would let anyone who can break handshakes
 read the mail.
 
-Connection reuse, like Postfix's connection cache: after a transaction that left the dialog
-clean the connection is parked, keyed by host (name, address, port), TLS policy, implicit TLS
-and credentials, so a connection is never shared across different credentials or TLS
-requirements. The reply to the end of data clears the server's buffers (RFC 5321 4.1.1.4), so
-no ``RSET`` follows a message; a transaction left open (``MAIL`` accepted, no message sent)
-gets ``RSET`` first and is parked on its ``250``. The next delivery with the same key takes it
-(no connect, EHLO, STARTTLS or AUTH; the extensions it announced are remembered); one parked
-too long (:class:`Reuse`) gets ``QUIT``. A parked connection is never in use, so it carries one
-transaction at a time. When a reused connection fails before ``MAIL`` is accepted (the server
-hung up while it was parked, or answers ``MAIL`` with a 4xx such as 421), that is not the
-message's fault: a fresh connection to the same host is opened instead, transparently.
+Connections are reused through :mod:`smarthost.delivery.conncache`. When a reused connection
+fails before ``MAIL`` is accepted (the server hung up while it was parked, or answers ``MAIL``
+with a 4xx such as 421), that is not the message's fault: a fresh connection to the same host
+is opened instead, transparently.
 
 Hosts that took no connection are reported in the result (:attr:`HopResult.unreachable`),
 never remembered here: the courier keeps them in the one failed-host memory
@@ -41,28 +34,27 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeAlias
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import attrs
 from twisted.internet import error
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
-    IDelayedCall,
     IOpenSSLClientConnectionCreator,
     IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
 )
 from twisted.internet.ssl import Certificate, CertificateOptions, optionsForClientTLS
-from twisted.logger import Logger
 
 from smarthost.core.enums import TLSPolicy
 from smarthost.core.envelope import BOUNCED, DEFERRED, DELIVERED, Envelope, Outcome, Recipient
+from smarthost.delivery.conncache import ConnectionCache, Key, Reuse, Session
 from smarthost.delivery.routing import Credentials, Host, HostFailure, Route
 from smarthost.delivery.smtpclient import (
     CONNECT_FAILED,
@@ -108,28 +100,7 @@ class Timeouts:
     rset: float = 20.0  # before parking a connection (Postfix's smtp_rset_timeout)
 
 
-@attrs.frozen
-class Reuse:
-    """Limits of the connection cache, with Postfix's defaults."""
-
-    idle: float = 2.0  # seconds parked before QUIT (smtp_connection_cache_time_limit)
-    uses: int = 100  # transactions per connection (smtp_connection_reuse_count_limit)
-    age: float = 300.0  # seconds since connecting (smtp_connection_reuse_time_limit)
-
-
-# A connection may only carry mail for an equal key: same host, TLS policy and credentials.
-_Key: TypeAlias = tuple[Host, str, bool, Credentials | None]
-
-
-@attrs.define(eq=False)
-class _Session:
-    """A connection ready for MAIL, with what it announced and how much it was used."""
-
-    conn: ClientConnection
-    extensions: dict[str, str]
-    opened: float
-    uses: int = 0
-    timer: IDelayedCall | None = None
+_REUSE = Reuse()  # Postfix's defaults
 
 
 class SMTPDelivery:
@@ -148,7 +119,7 @@ class SMTPDelivery:
         timeouts: Timeouts = Timeouts(),
         trust_root: IOpenSSLTrustRoot | Certificate | None = None,
         transcript: bool = False,
-        reuse: Reuse | None = Reuse(),
+        reuse: Reuse | None = _REUSE,
     ) -> None:
         self._reactor = reactor
         self._clock = IReactorTime(reactor)
@@ -158,10 +129,8 @@ class SMTPDelivery:
         # The SMTP dialog line by line at debug level: for debugging a peer, not by default
         # (twistd's log shows debug, and one delivery is a dozen lines).
         self._transcript = transcript
-        self._reuse = reuse  # None: one connection per delivery, QUIT after it
-        self._parked: dict[_Key, list[_Session]] = {}
-        self._closing: set[Deferred[None]] = set()
-        self._shut = False
+        # reuse None: one connection per delivery, QUIT after it.
+        self._cache = ConnectionCache(self._clock, reuse, quit=timeouts.quit, rset=timeouts.rset)
 
     async def deliver(
         self,
@@ -204,8 +173,8 @@ class SMTPDelivery:
         open_body: Callable[[], BinaryIO],
         size: int,
     ) -> list[Outcome]:
-        key: _Key = (host, route.tls, route.implicit_tls, route.credentials)
-        while (session := self._take(key)) is not None:
+        key: Key = (host, route.tls, route.implicit_tls, route.credentials)
+        while (session := self._cache.take(key)) is not None:
             try:
                 outcomes = await self._transaction(
                     session.conn, host, envelope, recipients, open_body, size,
@@ -214,106 +183,31 @@ class SMTPDelivery:
             except HostError:
                 # Before MAIL was accepted, so nothing was delivered: the connection went
                 # stale while parked. A fresh one (below) decides, never this failure.
-                self._discard(session)
+                self._cache.discard(session)
                 continue
             except BaseException:
-                self._discard(session)
+                self._cache.discard(session)
                 raise
-            await self._finish(key, session)
+            await self._cache.release(key, session)
             return outcomes
         conn = await self._connect(host, route)
         try:
             opened = self._clock.seconds()
             extensions = await self._open(conn, host, route)
-            session = _Session(conn, extensions, opened)
+            session = Session(conn, extensions, opened)
             outcomes = await self._transaction(
                 conn, host, envelope, recipients, open_body, size, extensions
             )
         except BaseException:
             await conn.close(self._timeouts.quit)
             raise
-        await self._finish(key, session)
+        await self._cache.release(key, session)
         return outcomes
 
-    # -- the connection cache -------------------------------------------------------------
-    def _take(self, key: _Key) -> _Session | None:
-        """The most recently parked connection for ``key`` still fit for a transaction."""
-        stack = self._parked.get(key)
-        found = None
-        while stack and found is None:
-            session = stack.pop()
-            if session.timer is not None and session.timer.active():
-                session.timer.cancel()
-            session.timer = None
-            if session.conn.idle and not self._too_old(session):
-                found = session
-            else:  # hung up, or said something unasked while parked
-                self._discard(session)
-        if not stack:
-            self._parked.pop(key, None)
-        return found
-
-    def _too_old(self, session: _Session) -> bool:
-        assert self._reuse is not None
-        return (
-            session.uses >= self._reuse.uses
-            or self._clock.seconds() - session.opened >= self._reuse.age
-        )
-
-    async def _finish(self, key: _Key, session: _Session) -> None:
-        """After a transaction: park the connection (after RSET when the transaction was
-        left open: MAIL accepted, no message sent), or QUIT."""
-        session.uses += 1
-        conn = session.conn
-        if self._reuse is None or self._shut or self._too_old(session) or not conn.idle:
-            await conn.close(self._timeouts.quit)
-            return
-        if not conn.between_transactions:
-            try:
-                conn.send("RSET")
-                reply = await conn.read_reply(self._timeouts.rset, "RSET")
-            except HostError:
-                reply = None
-            if reply is None or reply.code != 250 or self._shut or not conn.idle:
-                await conn.close(self._timeouts.quit)
-                return
-            conn.between_transactions = True
-        session.timer = self._clock.callLater(self._reuse.idle, self._expire, key, session)
-        self._parked.setdefault(key, []).append(session)
-
-    def _expire(self, key: _Key, session: _Session) -> None:
-        session.timer = None
-        stack = self._parked.get(key, [])
-        if session in stack:
-            stack.remove(session)
-            if not stack:
-                del self._parked[key]
-        self._discard(session)
-
-    def _discard(self, session: _Session) -> None:
-        """QUIT (or abort) in the background; :meth:`close_all` waits for it."""
-        closing = Deferred.fromCoroutine(session.conn.close(self._timeouts.quit))
-        self._closing.add(closing)
-
-        def done(result: object) -> None:
-            self._closing.discard(closing)
-
-        closing.addErrback(lambda f: _log.failure("closing {peer}", f, peer=session.conn.peer))
-        closing.addBoth(done)
-
     def close_all(self) -> Deferred[None]:
-        """For shutdown: QUIT every parked connection and park no more; fires when all are
-        closed (each close is bounded by the QUIT timeout)."""
-        self._shut = True
-        parked, self._parked = self._parked, {}
-        for stack in parked.values():
-            for session in stack:
-                if session.timer is not None and session.timer.active():
-                    session.timer.cancel()
-                session.timer = None
-                self._discard(session)
-        closing = DeferredList(list(self._closing))
-        return closing.addCallback(lambda _: None)
+        """For shutdown: QUIT every parked connection and park no more (see
+        :meth:`ConnectionCache.close_all`)."""
+        return self._cache.close_all()
 
     # -- connection and session -----------------------------------------------------------
     def _tls_options(
@@ -549,9 +443,6 @@ class SMTPDelivery:
                 if decided[i] is None:
                     decided[i] = Outcome(recipient, DEFERRED, e.reason, remote, e.status)
         return _done(decided)
-
-
-_log = Logger(namespace="smarthost.delivery.smtpagent")
 
 
 def _done(decided: list[Outcome | None]) -> list[Outcome]:

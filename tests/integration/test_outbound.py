@@ -7,18 +7,25 @@ import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import (
+    IAddress,
+    IReactorTCP,
+    IReactorTime,
+    ITCPTransport,
+    ITLSTransport,
+)
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.ssl import Certificate, PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -234,7 +241,7 @@ class LaterReactor:
         self.ahead = 0.0
 
     def seconds(self) -> float:
-        return float(reactor.seconds()) + self.ahead  # type: ignore[attr-defined]
+        return float(reactor.seconds()) + self.ahead
 
     def __getattr__(self, name: str) -> Any:
         return getattr(reactor, name)
@@ -410,8 +417,9 @@ class AuthTests(DeliveryTestCase):
     async def test_wrong_password_defers_and_never_shows_it(self) -> None:
         peer = self.peer(starttls=True, users={"office": "the-right-one"})
         events: list[dict[str, Any]] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        observer = cast(ILogObserver, events.append)  # any callable of one event is one
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         outcomes = await self.deliver(
             [peer.host], [ALICE, BOB], credentials=Credentials("office", self.PASSWORD)
         )
@@ -570,28 +578,33 @@ TLS_PAIR = issue(("evil.test", "127.0.0.1"))
 class Scripted(LineOnlyReceiver):
     """A minimal SMTP server: answers from ``reply()``, records every line it receives."""
 
-    factory: ScriptedServer
+    server: ScriptedServer  # the factory that built it, with its full type
     delimiter = b"\r\n"
     in_data = False
 
+    @property
+    def wire(self) -> ITCPTransport:
+        """The connection (a TCP transport, able to start TLS) while connected."""
+        return ITCPTransport(self.transport)
+
     def connectionMade(self) -> None:
-        self.factory.connected(self)
-        self.transport.write(b"220 scripted ESMTP\r\n")
+        self.server.connected(self)
+        self.wire.write(b"220 scripted ESMTP\r\n")
 
     def lineReceived(self, line: bytes) -> None:
-        self.factory.lines.append(line)
+        self.server.lines.append(line)
         if self.in_data:
             if line == b".":
                 self.in_data = False
-                self.transport.write(b"250 2.0.0 queued\r\n")
+                self.wire.write(b"250 2.0.0 queued\r\n")
             return
         verb = line.split(b" ", 1)[0].upper()
         reply = self.reply(verb)
-        self.transport.write(reply)
+        self.wire.write(reply)
         if verb == b"DATA" and reply.startswith(b"354"):
             self.in_data = True
         elif verb == b"QUIT":
-            self.transport.loseConnection()
+            self.wire.loseConnection()
 
     def reply(self, verb: bytes) -> bytes:
         if verb == b"EHLO":
@@ -599,19 +612,26 @@ class Scripted(LineOnlyReceiver):
         return {b"DATA": b"354 go\r\n", b"QUIT": b"221 bye\r\n"}.get(verb, b"250 ok\r\n")
 
     def connectionLost(self, reason: Any = None) -> None:
-        self.factory.disconnected(self)
+        self.server.disconnected(self)
 
 
-class ScriptedServer(Factory):
+class ScriptedServer(ServerFactory):
     def __init__(self, protocol: type[Scripted]) -> None:
-        self.protocol = protocol
+        self._protocol = protocol
         self.lines: list[bytes] = []
         self._open: dict[Scripted, Deferred[None]] = {}
         self._all: list[Deferred[None]] = []
 
+    def buildProtocol(self, addr: IAddress | None) -> Scripted:
+        protocol = self._protocol()
+        protocol.factory = protocol.server = self
+        return protocol
+
     async def listen(self) -> None:
         self.port = reactor.listenTCP(0, self, interface="127.0.0.1")
-        self.host = Host("evil.test", "127.0.0.1", self.port.getHost().port)
+        address = self.port.getHost()
+        assert isinstance(address, IPv4Address)
+        self.host = Host("evil.test", "127.0.0.1", address.port)
 
     def connected(self, proto: Scripted) -> None:
         d: Deferred[None] = Deferred()
@@ -627,9 +647,11 @@ class ScriptedServer(Factory):
 
     async def stop(self) -> None:
         for proto in list(self._open):
-            proto.transport.abortConnection()
+            proto.wire.abortConnection()
         await self.closed()
-        await self.port.stopListening()
+        stopped = self.port.stopListening()
+        if stopped is not None:
+            await stopped
 
 
 class StartTLSInjection(Scripted):
@@ -651,7 +673,7 @@ class StartTLSInjection(Scripted):
         if line.upper() == b"STARTTLS":
             self.tls = True
             pem = TLS_PAIR.cert_pem + TLS_PAIR.key_pem
-            self.transport.startTLS(PrivateCertificate.loadPEM(pem).options())
+            ITLSTransport(self.transport).startTLS(PrivateCertificate.loadPEM(pem).options())
 
 
 class MailFromRejected(Scripted):

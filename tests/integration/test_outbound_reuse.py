@@ -9,8 +9,9 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from smarthost.core.envelope import BOUNCED, DELIVERED
+from smarthost.delivery.conncache import Reuse
 from smarthost.delivery.routing import Credentials
-from smarthost.delivery.smtpagent import Reuse, SMTPDelivery
+from smarthost.delivery.smtpagent import SMTPDelivery
 
 POSTFIX_LIKE = Reuse()  # 2 s idle, 100 uses, 300 s
 
@@ -30,7 +31,7 @@ class HangsUpAfterMessage(Scripted):
         data = self.in_data
         super().lineReceived(line)
         if data and not self.in_data:
-            self.transport.loseConnection()
+            self.wire.loseConnection()
 
 
 class RefusesRecipients(Scripted):
@@ -53,9 +54,9 @@ class IdleTimeout421(Scripted):
         if line.upper().startswith(b"MAIL"):
             self.mails += 1
             if self.mails == 2:
-                self.factory.lines.append(line)
-                self.transport.write(b"421 4.4.2 idle too long\r\n")
-                self.transport.loseConnection()
+                self.server.lines.append(line)
+                self.wire.write(b"421 4.4.2 idle too long\r\n")
+                self.wire.loseConnection()
                 return
         super().lineReceived(line)
 

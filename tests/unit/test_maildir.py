@@ -29,10 +29,10 @@ from smarthost.core.envelope import (
     Outcome,
     Recipient,
 )
+from smarthost.core.types import RunBlocking
 from smarthost.delivery.maildir import (
     LocalRecipients,
     MaildirDelivery,
-    RunBlocking,
     mailbox_path,
     recipient_key,
     safe_name,
