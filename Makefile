@@ -19,11 +19,11 @@ install-test: $(BIN)/python test-deps
 
 # Real third-party clients for the end-to-end tests (Debian packages).
 test-deps:
-	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null || ! command -v htpasswd >/dev/null; then \
+	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null || ! command -v htpasswd >/dev/null || ! command -v fail2ban-regex >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks msmtp apache2-utils >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks msmtp apache2-utils fail2ban >/dev/null; \
 	  else \
-	    echo "needed: sudo apt-get install swaks msmtp apache2-utils" >&2; exit 1; \
+	    echo "needed: sudo apt-get install swaks msmtp apache2-utils fail2ban" >&2; exit 1; \
 	  fi; \
 	fi
 
