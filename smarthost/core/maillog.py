@@ -126,10 +126,6 @@ class EventFile:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         return os.fdopen(fd, "ab", buffering=0)
 
-    @property
-    def path(self) -> str:
-        return self._path
-
     def write(self, event: Mapping[str, Any]) -> None:
         # ASCII only: a U+2028 or U+0085 from a client stays an escape, so every reader's
         # idea of a line (Python's splitlines() included) is one event.
