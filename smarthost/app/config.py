@@ -36,6 +36,7 @@ class ListenConfig:
 class TLSConfig:
     certificate: Path
     key: Path
+    profile: str = "intermediate"  # a key of smtpd.tlsprofile.PROFILES
 
 
 @attrs.frozen
@@ -222,9 +223,15 @@ class _Loader:
         return result
 
     def tls(self, t: _Table) -> TLSConfig:
+        from smarthost.smtpd.tlsprofile import PROFILES
+
+        profile = t.get("profile", str, "intermediate")
+        if profile not in PROFILES:
+            raise ConfigError("tls.profile", f"must be one of {', '.join(PROFILES)}")
         result = TLSConfig(
             certificate=self.path(t, "certificate", "certs/smarthost.pem"),
             key=self.path(t, "key", "certs/smarthost.key"),
+            profile=profile,
         )
         t.check_unknown()
         return result

@@ -2,6 +2,10 @@
 
 Generated with ``cryptography`` in-process (no ``openssl`` subprocess), written with 0600
 permissions for keys so a fresh install never leaves a readable private key behind.
+
+The certificates carry the RFC 5280 extensions strict verifiers insist on (key usage, subject
+and authority key identifiers), so a test CA made here passes a scanner's path validation, and
+live at most a year: Mozilla's TLS guidelines cap a server certificate at 366 days.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from smarthost.core.safeio import atomic_write
+
+SELF_SIGNED_DAYS = 365
 
 
 @attrs.frozen
@@ -40,7 +46,7 @@ def issue(
     *,
     ca: KeyPair | None = None,
     is_ca: bool = False,
-    days: int = 825,
+    days: int = SELF_SIGNED_DAYS,
     now: datetime.datetime | None = None,
 ) -> KeyPair:
     """A certificate for ``hostnames``: self-signed when ``ca`` is None, else signed by it."""
@@ -63,7 +69,16 @@ def issue(
         .not_valid_before(start)
         .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        .add_extension(_key_usage(is_ca), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
+    if ca is not None:
+        # RFC 5280 4.2.1.1: required in every certificate a CA issues (strict verifiers, such
+        # as the one sslyze uses, refuse the chain without it).
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()),
+            critical=False,
+        )
     if not is_ca:
         builder = builder.add_extension(
             x509.SubjectAlternativeName(_names(hostnames)), critical=False
@@ -78,6 +93,20 @@ def issue(
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ),
+    )
+
+
+def _key_usage(is_ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not is_ca,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=is_ca,
+        crl_sign=is_ca,
+        encipher_only=False,
+        decipher_only=False,
     )
 
 

@@ -32,26 +32,35 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
+from smarthost.smtpd.tlsprofile import PROFILES, ProfileOptions
+
 HAPROXY_PREFIX = "haproxy:"
 PROXY_HEADER_TIMEOUT = 30.0
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
 
-def server_tls_options(certificate: Path, key: Path) -> ssl.CertificateOptions:
-    """TLS 1.2+ server options from PEM files (leaf first, then the chain)."""
+def server_tls_options(
+    certificate: Path, key: Path, profile: str = "intermediate"
+) -> ssl.CertificateOptions:
+    """Server options for every TLS listener from PEM files (leaf first, then the chain),
+    offering what the ``[tls] profile`` names (tlsprofile says what each offers)."""
     pem = certificate.read_bytes()
     blocks = _PEM_CERT.findall(pem)
     if not blocks:
         raise ValueError(f"{certificate}: no PEM certificate found")
     leaf = ssl.PrivateCertificate.loadPEM(blocks[0] + b"\n" + key.read_bytes())
     chain = [ssl.Certificate.loadPEM(block).original for block in blocks[1:]]
-    return ssl.CertificateOptions(
+    options = ProfileOptions(
+        PROFILES[profile],
         privateKey=leaf.privateKey.original,
         certificate=leaf.original,
         extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+    # Built now, not at the first handshake: a certificate OpenSSL refuses (an RSA key too
+    # short for its security level) must stop the start-up, not fail every client.
+    options.getContext()
+    return options
 
 
 class _ProxiedConnection(policies.ProtocolWrapper):
