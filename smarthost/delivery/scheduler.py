@@ -32,10 +32,8 @@ from smarthost.core.errors import CorruptEntry
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.courier import AttemptResult
 from smarthost.delivery.hostcache import HostCache
-from smarthost.delivery.recording import EXPIRED_STATUS, conclude
-from smarthost.delivery.recording import RetryPolicy as RetryPolicy  # for app/wiring.py, for now
-from smarthost.delivery.reporting import OwedReports
-from smarthost.delivery.reporting import Reporter as Reporter  # for app/wiring.py, for now
+from smarthost.delivery.recording import EXPIRED_STATUS, RetryPolicy, conclude
+from smarthost.delivery.reporting import OwedReports, Reporter
 
 
 class Attempt(Protocol):
