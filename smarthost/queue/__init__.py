@@ -1,4 +1,5 @@
 """The durable queue, the only bridge between receiving and delivering: the spool's API and
-group commit (spool), the segment format (segment) and the index with recovery and compaction
-(index). README.md states the invariants.
+group commit (spool, incoming, writer), the segment format (segment), the index (index),
+start-up recovery and what it sets aside (recovery, corrupt, directory), and reading damage
+back (salvage, crcfix). README.md states the invariants.
 """

@@ -1,20 +1,10 @@
 """Where every queued message is: the spool's index, read from the segments.
 
 Per queued id the index holds where its body and its entry in force are (a few dozen bytes;
-entries themselves are read from disk when needed). The daemon reads it once, at recovery, and
-keeps it up to date from every batch it writes; the admin tool builds the same index by reading
-the segments while the daemon appends to them, so a segment may vanish under it (compaction).
-
-**Recovery** (:func:`recover_index`) reads every segment, checking every record's checksums.
-A record the crash cut short at the end of the newest segment is dropped: it was never
-acknowledged (a last record damaged after its sync would look the same; that cannot be told
-apart). Damage anywhere else is copied to ``corrupt/`` (once: a later start finds the copy).
-A damaged body is skipped by the length its intact header declares; after a damaged header
-the rest of that segment is copied out and cut off, because where the next record starts is
-unknown (:func:`smarthost.queue.segment.scan` says why it never searches for one).
-
-The queue API, the lock and the batching are in :mod:`smarthost.queue.spool`; the format of a
-segment is in :mod:`smarthost.queue.segment`.
+entries themselves are read from disk when needed). The daemon reads it once, at recovery
+(:mod:`smarthost.queue.recovery`), and keeps it up to date from every batch it writes; the
+admin tool builds the same index by reading the segments while the daemon appends to them, so
+a segment may vanish under it (compaction).
 """
 
 from __future__ import annotations
@@ -26,30 +16,19 @@ import attrs
 
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.errors import CorruptEntry
-from smarthost.core.safeio import fsync_dir
 from smarthost.queue.segment import (
-    COMMIT,
-    CORRUPT,
     LOG,
     MESSAGE,
-    RELOCATE,
-    REMOVE,
     REMOVED,
     STATE,
-    UPDATE,
-    Batch,
-    Damage,
-    Gap,
-    Slot,
+    Record,
+    Scan,
     SpoolPaths,
-    create_exclusive,
     decode_entry,
-    file_name,
-    open_body,
     scan,
     segment_number,
-    write_all,
 )
+from smarthost.queue.writer import COMMIT, RELOCATE, REMOVE, UPDATE, Batch, Slot
 
 
 @attrs.define
@@ -92,15 +71,19 @@ class Index:
             self.segments.append(number)
             self.segments.sort()
 
+    def forget_segment(self, number: int) -> None:
+        if number in self.segments:
+            self.segments.remove(number)
+        self.bodies.pop(number, None)
+        self.sizes.pop(number, None)
+
     def apply(self, batch: Batch) -> None:
         """What a durable batch did, so the daemon never reads its own segments again."""
         if batch.head:
             self.add_segment(batch.head)
             self.sizes[batch.head] = batch.head_size
         for number in batch.deleted:
-            self.segments.remove(number)
-            self.bodies.pop(number, None)
-            self.sizes.pop(number, None)
+            self.forget_segment(number)
         for op in batch.ops:
             if op.error is not None:
                 continue
@@ -111,40 +94,27 @@ class Index:
             elif op.kind == REMOVE:
                 self.drop(op.queue_id)
 
-
-@attrs.frozen
-class Recovered:
-    """What start-up read from the segments, every record checked."""
-
-    index: Index
-    newest: int  # the newest segment's number; 0 when there is none
-    intact: dict[QueueId, QueueEntry]  # every queued message whose entry reads
-    damaged: list[QueueId]  # entries copied aside but still indexed: the spool removes them
-    torn: tuple[Damage, ...]
-    corrupt: tuple[Damage, ...]
-
-
-def recover_index(paths: SpoolPaths) -> Recovered:
-    """The daemon's start: unlike :func:`read_index`, every gap is damage to set aside, and every
-    entry is parsed (the scheduler's start needs them all)."""
-    index = Index()
-    quarantine = Quarantine(paths)
-    numbers = segment_numbers(paths)
-    for number in numbers:
-        last = number == numbers[-1]
-        for gap in replay_segment(paths, index, number):
-            quarantine.gap(number, gap, last)
-
-    intact: dict[QueueId, QueueEntry] = {}
-    damaged: list[QueueId] = []
-    for queue_id, entry, error in read_entries(paths, index, index.slots):
-        if entry is not None:
-            intact[queue_id] = entry
-            continue
-        quarantine.entry(index.slots[queue_id], queue_id, str(error))
-        damaged.append(queue_id)
-    return Recovered(index, (numbers or [0])[-1], intact, damaged, tuple(quarantine.torn),
-                     tuple(quarantine.corrupt))
+    def replay(self, number: int, found: Scan) -> list[Record]:
+        """Apply one segment's records, in file order; returns the ``STATE`` and ``REMOVED``
+        records that named no queued message (recovery asks what they say about damage)."""
+        self.add_segment(number)
+        self.sizes[number] = found.size
+        orphans = []
+        for item in found.items:
+            if not isinstance(item, Record):
+                continue
+            if item.kind == MESSAGE:
+                self.place(item.queue_id, Slot(
+                    number, item.body_offset, item.body_length, item.body_crc,
+                    number, item.entry_offset, item.entry_length,
+                ))
+            elif item.queue_id not in self.slots:
+                orphans.append(item)
+            elif item.kind == STATE:
+                self.restate(item.queue_id, number, item.entry_offset, item.entry_length)
+            elif item.kind == REMOVED:
+                self.drop(item.queue_id)
+        return orphans
 
 
 def segment_numbers(paths: SpoolPaths) -> list[int]:
@@ -157,42 +127,24 @@ def segment_numbers(paths: SpoolPaths) -> list[int]:
 
 
 def read_index(paths: SpoolPaths) -> Index:
+    """The admin tool's index: gaps are a write in progress, or recovery's job."""
     index = Index()
     for number in segment_numbers(paths):
-        for _ in replay_segment(paths, index, number):
-            pass  # a gap seen from outside is a write in progress, or recovery's job
+        try:
+            found = scan(paths.segment(number))
+        except FileNotFoundError:  # deleted by the daemon while the admin tool reads
+            continue
+        index.replay(number, found)
     return index
-
-
-def replay_segment(paths: SpoolPaths, index: Index, number: int) -> Iterator[Gap]:
-    """Apply one segment's records to ``index``; yields the gaps between them."""
-    try:
-        items = list(scan(paths.segment(number)))
-    except FileNotFoundError:  # deleted by the daemon while the admin tool reads
-        return
-    index.add_segment(number)
-    index.sizes[number] = items[-1].end if items else 0
-    for item in items:
-        if isinstance(item, Gap):
-            yield item
-        elif item.kind == MESSAGE:
-            index.place(item.queue_id, Slot(
-                number, item.body_offset, item.body_length, item.body_crc,
-                number, item.entry_offset, item.entry_length,
-            ))
-        elif item.kind == STATE:
-            index.restate(item.queue_id, number, item.entry_offset, item.entry_length)
-        elif item.kind == REMOVED:
-            index.drop(item.queue_id)
 
 
 def read_entry(paths: SpoolPaths, queue_id: QueueId, slot: Slot) -> QueueEntry:
     """``FileNotFoundError`` when compaction deleted the segment meanwhile: the caller looks up
     the message's new place and tries again."""
-    return decode_entry(queue_id, _entry_bytes(paths, slot))
+    return decode_entry(queue_id, entry_bytes(paths, slot))
 
 
-def _entry_bytes(paths: SpoolPaths, slot: Slot) -> bytes:
+def entry_bytes(paths: SpoolPaths, slot: Slot) -> bytes:
     with open(paths.segment(slot.entry_segment), "rb") as f:
         f.seek(slot.entry_offset)
         return f.read(slot.entry_length)
@@ -232,82 +184,3 @@ def read_entries(
                 yield queue_id, entry, None
         finally:
             os.close(fd)
-
-
-class Quarantine:
-    """Recovery's damage: copied to ``corrupt/`` (never deleted: an operator may still deliver
-    it by hand) and listed for the report."""
-
-    def __init__(self, paths: SpoolPaths) -> None:
-        self._paths = paths
-        self.torn: list[Damage] = []
-        self.corrupt: list[Damage] = []
-
-    def gap(self, number: int, gap: Gap, last: bool) -> None:
-        """A tail torn by the crash at the end of the newest segment was never acknowledged:
-        it is only cut off. Any other gap is copied out first (a tail, then cut off too)."""
-        if gap.tail and last:
-            self.torn.append(Damage(self._rel(number), gap.start, gap.end, None,
-                                    "unfinished write at the end of the log"))
-        elif (damage := self._copy_out(number, gap)) is not None:
-            self.corrupt.append(damage)
-        if gap.tail:
-            self._truncate(number, gap.start)
-
-    def entry(self, slot: Slot, queue_id: QueueId, reason: str) -> None:
-        """The entry's JSON, a blank line, then the body: enough to deliver it by hand."""
-        target = self._corrupt_path(file_name(queue_id))
-        raw = _entry_bytes(self._paths, slot)
-        with open_body(self._paths.segment(slot.body_segment), slot.body_offset,
-                       slot.size) as body:
-            self._write_corrupt(target, [raw, b"\n\n", body.read()])
-        self.corrupt.append(Damage(self._rel(slot.entry_segment), slot.entry_offset,
-                                   slot.entry_offset + slot.entry_length,
-                                   os.path.relpath(target, self._paths.root), reason))
-
-    def _rel(self, number: int) -> str:
-        return os.path.relpath(self._paths.segment(number), self._paths.root)
-
-    def _truncate(self, number: int, size: int) -> None:
-        fd = os.open(self._paths.segment(number), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.ftruncate(fd, size)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _corrupt_path(self, name: str) -> str:
-        # ``name`` is built from a segment number or a validated id; never overwrite earlier finds.
-        target, n = name, 0
-        while os.path.lexists(os.path.join(self._paths.dir(CORRUPT), target)):
-            n += 1
-            target = f"{name}.{n}"
-        return os.path.join(self._paths.dir(CORRUPT), target)
-
-    def _copy_out(self, number: int, gap: Gap) -> Damage | None:
-        """None when an earlier start copied exactly these bytes already (damage in the middle
-        of a segment stays there until the segment is deleted)."""
-        name = f"{number:08d}.{gap.start}-{gap.end}"
-        if os.path.lexists(os.path.join(self._paths.dir(CORRUPT), name)):
-            return None
-        target = self._corrupt_path(name)
-        with open(self._paths.segment(number), "rb") as src:
-            src.seek(gap.start)
-            data = src.read(gap.end - gap.start)
-        self._write_corrupt(target, [data])
-        reason = "unreadable bytes at the end" if gap.tail else "unreadable bytes"
-        return Damage(self._rel(number), gap.start, gap.end,
-                      os.path.relpath(target, self._paths.root), reason)
-
-    @staticmethod
-    def _write_corrupt(path: str, parts: list[bytes]) -> None:
-        """Durable, directory entry included, before recovery truncates or removes the
-        original."""
-        fd = create_exclusive(path)
-        try:
-            for part in parts:
-                write_all(fd, part)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(os.path.dirname(path))

@@ -1,17 +1,34 @@
-"""The spool's on-disk format: segment files of checksummed records, how a segment is scanned
-at start-up, and the blocking half of the group commit (:class:`SegmentWriter`, run in a
-thread). The queue API and the batching are in :mod:`smarthost.queue.spool`, the in-memory index in
-:mod:`smarthost.queue.index`.
+"""The spool's on-disk format: segment files of checksummed records, and how a segment is
+read back. The writer is :mod:`smarthost.queue.writer`, the index :mod:`smarthost.queue.index`,
+start-up recovery :mod:`smarthost.queue.recovery`.
 
-A record::
+A segment (format 2) starts with a header holding a random nonce drawn when the segment was
+created; every record repeats it::
 
-    MAGIC (4) | kind (1) | id length (1) | 0 (2) | JSON length (u32) | body length (u64)
-    | CRC-32 of the body (u32) | CRC-32 of everything before it plus id and JSON (u32)
-    | queue id (ASCII) | JSON (the QueueEntry) | body
+    segment header: SEGMENT_MAGIC (4) | format (1) | 0 (3) | nonce (16) | CRC-32 of these (4)
+    record:         MAGIC (4) | nonce (16) | kind (1) | id length (1) | 0 (2)
+                    | JSON length (u32) | body length (u64) | CRC-32 of the body (u32)
+                    | CRC-32 of everything before it plus id and JSON (u32)
+                    | queue id (ASCII) | JSON | body
 
-Kinds: ``MESSAGE`` (an entry and its body: a new message, or one moved forward by
-compaction), ``STATE`` (a newer entry for a message; no body) and ``REMOVED`` (no JSON, no
-body). The id sits outside the JSON so start-up can index a segment without parsing JSON.
+Kinds: ``MESSAGE`` (an entry and its body: a new message, or one moved forward by compaction),
+``STATE`` (a newer entry; no body), ``REMOVED`` (no JSON, no body) and ``BATCH``, the last
+record of every batch: no id, and as JSON the batch's manifest (kind, id and offset of each
+of its records). A batch marker says the batch was written completely; the records a damaged
+stretch held are named by the marker after it.
+
+**Resynchronisation.** After bytes that are not a record, the reader looks for the next
+``MAGIC + nonce`` whose header checks out. Message bodies are bytes a sender chose and can
+hold whole records with valid CRCs (queue ids are in every Received: header), but the nonce
+never leaves the spool directory: a sender cannot write a record this reader accepts.
+
+Format 1 (segments written before the nonce; no segment header, a 28-byte record header
+without the nonce, no markers) is still read, with its old rule: after a bad header nothing
+more of that segment is read, because searching for ``MAGIC`` there would find what senders
+wrote into bodies.
+
+A segment is read into memory (one at a time), never mapped: the daemon may truncate a
+segment under a reader (the admin tool), and a mapped page past the end is SIGBUS.
 """
 
 from __future__ import annotations
@@ -21,16 +38,13 @@ import json
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any, BinaryIO
 
 import attrs
-from twisted.internet.defer import Deferred
 
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.errors import CorruptEntry
-from smarthost.core.safeio import fsync_dir
 
 FILE_MODE = 0o600  # mail is private: only the daemon's user reads the spool
 DIR_MODE = 0o700
@@ -39,44 +53,22 @@ TMP, LOG, CORRUPT = "tmp", "log", "corrupt"
 LOCK_FILE = "lock"
 SEGMENT_SUFFIX = ".seg"
 
-MESSAGE, STATE, REMOVED = 1, 2, 3
-KINDS = frozenset({MESSAGE, STATE, REMOVED})
+MESSAGE, STATE, REMOVED, BATCH = 1, 2, 3, 4
+KIND_NAMES = {MESSAGE: "message", STATE: "state", REMOVED: "removed", BATCH: "batch marker"}
 
 # PNG's trick: a high-bit byte and letters, so a text-mode copy or a shifted offset shows.
 MAGIC = b"\x89SQR"
-PREFIX = struct.Struct(">4sBBxxIQI")  # magic, kind, id length, JSON length, body length, body CRC
+SEGMENT_MAGIC = b"\x89SQS"
+FORMAT = 2
+NONCE_SIZE = 16
+SEGMENT_HEADER = struct.Struct(">4sB3x16s")  # magic, format, nonce; then their CRC-32
+SEGMENT_HEADER_SIZE = SEGMENT_HEADER.size + 4
+PREFIX = struct.Struct(">4s16sBBxxIQI")  # magic, nonce, kind, id length, JSON, body, body CRC
 HEADER_SIZE = PREFIX.size + 4  # then the CRC of prefix + id + JSON
+PREFIX_V1 = struct.Struct(">4sBBxxIQI")  # format 1: the same without the nonce
+HEADER_SIZE_V1 = PREFIX_V1.size + 4
 MAX_JSON = 64 * 1024 * 1024  # far beyond any envelope: a bigger length is damage
 MAX_BODY = 1 << 40
-
-SPILL_THRESHOLD = 1024 * 1024
-SEGMENT_BYTES = 64 * 1024 * 1024  # a segment is sealed once it grows past this
-MAX_BATCH = 256  # operations per blocking job: bounds one batch's latency
-COPY_CHUNK = 1024 * 1024
-
-@attrs.frozen
-class Damage:
-    """Bytes of a segment start-up could not read as records; copied to ``corrupt/``."""
-
-    segment: str  # e.g. "log/00000003.seg"
-    start: int
-    end: int
-    moved_to: str | None  # the copy in corrupt/ (None: a torn tail, nothing worth keeping)
-    reason: str
-
-
-@attrs.frozen
-class RecoveryReport:
-    """What start-up recovery found and did, for the operator log."""
-
-    queued: int  # committed messages found intact
-    removed_tmp: tuple[str, ...] = ()  # names in tmp/: receptions never acknowledged
-    torn: tuple[Damage, ...] = ()  # unfinished writes at a segment's end: never acknowledged
-    corrupt: tuple[Damage, ...] = ()  # damage with intact records after it, or bad entries
-
-    @property
-    def clean(self) -> bool:
-        return not (self.removed_tmp or self.torn or self.corrupt)
 
 
 @attrs.frozen
@@ -161,12 +153,32 @@ def decode_entry(queue_id: QueueId, raw: bytes) -> QueueEntry:
     return entry
 
 
-def encode_header(kind: int, queue_id: QueueId, raw: bytes, body_length: int,
-                  body_crc: int) -> bytes:
-    ident = queue_id.value.encode("ascii")
-    prefix = PREFIX.pack(MAGIC, kind, len(ident), len(raw), body_length, body_crc)
+def encode_segment_header(nonce: bytes) -> bytes:
+    head = SEGMENT_HEADER.pack(SEGMENT_MAGIC, FORMAT, nonce)
+    return head + struct.pack(">I", zlib.crc32(head))
+
+
+def encode_header(kind: int, queue_id: QueueId | None, raw: bytes, body_length: int,
+                  body_crc: int, nonce: bytes) -> bytes:
+    """A record's header, id and JSON (the body follows); ``queue_id`` None for ``BATCH``."""
+    ident = queue_id.value.encode("ascii") if queue_id is not None else b""
+    prefix = PREFIX.pack(MAGIC, nonce, kind, len(ident), len(raw), body_length, body_crc)
     return prefix + struct.pack(">I", zlib.crc32(raw, zlib.crc32(ident, zlib.crc32(prefix)))) \
         + ident + raw
+
+
+Manifest = list[tuple[int, QueueId, int]]  # per record of a batch: kind, id, offset
+Buffer = bytes | bytearray  # salvage repairs a copy in place before reading it
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    return json.dumps([[k, i.value, o] for k, i, o in manifest],
+                      separators=(",", ":")).encode("ascii")
+
+
+def decode_manifest(raw: bytes) -> Manifest:
+    """Only ever called on a marker whose CRC checked out: anything odd is a writer's bug."""
+    return [(int(k), QueueId(str(i)), int(o)) for k, i, o in json.loads(raw)]
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -178,6 +190,7 @@ class Record:
 
     kind: int
     queue_id: QueueId
+    start: int
     entry_offset: int  # the JSON
     entry_length: int
     body_offset: int
@@ -186,31 +199,14 @@ class Record:
     end: int
 
 
-def _header_at(buf: bytes, pos: int, ids: dict[bytes, QueueId]) -> Record | None:
-    """The record whose header starts at ``pos``, if that header checks out (magic, sane
-    lengths, CRC, a valid id). Its body may still be short or damaged: see :func:`scan`."""
-    if pos + HEADER_SIZE > len(buf) or buf[pos : pos + 4] != MAGIC:
-        return None
-    _, kind, id_len, json_len, body_len, body_crc = PREFIX.unpack_from(buf, pos)
-    (header_crc,) = struct.unpack_from(">I", buf, pos + PREFIX.size)
-    if kind not in KINDS or json_len > MAX_JSON or body_len > MAX_BODY:
-        return None
-    entry_offset = pos + HEADER_SIZE + id_len
-    body_offset = entry_offset + json_len
-    if body_offset > len(buf):
-        return None
-    crc = zlib.crc32(buf[pos : pos + PREFIX.size])
-    if zlib.crc32(buf[pos + HEADER_SIZE : body_offset], crc) != header_crc:
-        return None
-    raw_id = buf[pos + HEADER_SIZE : entry_offset]
-    queue_id = ids.get(raw_id)
-    if queue_id is None:  # validated once per id and segment (its state records repeat it)
-        queue_id = parse_id(raw_id.decode("ascii", "replace"))
-        if queue_id is None:
-            return None
-        ids[raw_id] = queue_id
-    end = body_offset + body_len
-    return Record(kind, queue_id, entry_offset, json_len, body_offset, body_len, body_crc, end)
+@attrs.frozen
+class Marker:
+    """A batch marker: the batch before it was written completely."""
+
+    start: int
+    end: int
+    manifest_offset: int
+    manifest_length: int
 
 
 @attrs.frozen
@@ -219,37 +215,143 @@ class Gap:
 
     start: int
     end: int
-    tail: bool  # runs to the end of the segment: nothing after it is read
+    tail: bool  # runs to the end of the segment: nothing after it is a record
 
 
-def scan(path: str) -> Iterator[Record | Gap]:
-    """Every record of one segment in order, and the bytes that are not one.
+@attrs.frozen
+class Scan:
+    """One segment, read: what its records are, and where it is not readable."""
 
-    Records are only ever looked for where the previous one ends. A record whose header
-    checks out but whose body does not (a write the crash cut short may leave the right length
-    with the wrong bytes on file systems that extend the size first) is skipped by its
-    declared length. After a header that does not check out nothing more of the segment is
-    read: where the next record starts is unknown, and searching for one would find the
-    records a sender can write into a message body.
+    format: int  # 2, 1, or 0 when neither a segment header nor a first record checks out
+    nonce: bytes | None  # format 2
+    size: int
+    items: list[Record | Marker | Gap]
 
-    The segment is read into memory (one segment at a time), not mapped: a mapped file that
-    the daemon truncates under a reader (the admin tool) kills that reader with SIGBUS.
-    """
+    def markers(self) -> list[Marker]:
+        return [item for item in self.items if isinstance(item, Marker)]
+
+
+def scan(path: str) -> Scan:
     with open(path, "rb") as f:
-        buf = f.read()
-    size, pos = len(buf), 0
+        return scan_bytes(f.read())
+
+
+def scan_bytes(buf: bytes) -> Scan:
+    """Every record in order, and the bytes that are not one.
+
+    A record whose header checks out but whose body does not (a write the crash cut short may
+    leave the right length with the wrong bytes) is skipped by its declared length. After a
+    header that does not check out, format 2 resynchronises on the next record carrying the
+    segment's nonce; format 1 reads no further.
+    """
+    fmt, nonce, pos = detect(buf)
+    size = len(buf)
+    if nonce is None and fmt != 1:  # unreadable, or a segment header cut short
+        return Scan(fmt, None, size, [Gap(0, size, True)] if size else [])
+    items: list[Record | Marker | Gap] = []
+    if pos == 0 and fmt == FORMAT:  # the segment header itself is damaged
+        pos = SEGMENT_HEADER_SIZE
+        items.append(Gap(0, pos, False))
     ids: dict[bytes, QueueId] = {}
     while pos < size:
-        record = _header_at(buf, pos, ids)
-        if record is None or record.end > size:
-            yield Gap(pos, size, True)
-            return
-        body = memoryview(buf)[record.body_offset : record.end]
-        if record.body_length and zlib.crc32(body) != record.body_crc:
-            yield Gap(pos, record.end, record.end == size)
-        else:
-            yield record
-        pos = record.end
+        item = parse_at(buf, pos, nonce, ids)
+        if item is not None:
+            if isinstance(item, Record) and item.body_length and zlib.crc32(
+                    memoryview(buf)[item.body_offset : item.end]) != item.body_crc:
+                items.append(Gap(pos, item.end, item.end == size))
+            else:
+                items.append(item)
+            pos = item.end
+            continue
+        following = resync(buf, pos + 1, nonce, ids) if nonce is not None else None
+        if following is None:
+            items.append(Gap(pos, size, True))
+            break
+        items.append(Gap(pos, following, False))
+        pos = following
+    return Scan(fmt, nonce, size, items)
+
+
+def detect(buf: bytes) -> tuple[int, bytes | None, int]:
+    """(format, nonce, where the records start). Format 2 with a nonce and a start of 0: the
+    segment header is damaged and the nonce was taken from a record that checks out with it;
+    without a nonce: an empty segment, or a header cut short. Format 0: neither a header nor a
+    first record checks out.
+
+    Only bytes the spool wrote at known places are candidates for the nonce (the header's
+    nonce field, the first record's): never a value found by searching, which a body could
+    have planted.
+    """
+    if not buf or (buf.startswith(SEGMENT_MAGIC[: len(buf)]) and len(buf) < SEGMENT_HEADER_SIZE):
+        return FORMAT, None, 0  # empty, or a header cut short: nothing to read
+    if len(buf) >= SEGMENT_HEADER_SIZE:
+        magic, fmt, nonce = SEGMENT_HEADER.unpack_from(buf)
+        (crc,) = struct.unpack_from(">I", buf, SEGMENT_HEADER.size)
+        if magic == SEGMENT_MAGIC and fmt == FORMAT and zlib.crc32(
+                buf[: SEGMENT_HEADER.size]) == crc:
+            return FORMAT, nonce, SEGMENT_HEADER_SIZE
+    if parse_at(buf, 0, None, {}) is not None:
+        return 1, None, 0
+    first = SEGMENT_HEADER_SIZE + len(MAGIC)
+    for nonce in (buf[8:24], buf[first : first + NONCE_SIZE]):
+        if len(nonce) == NONCE_SIZE and (
+                parse_at(buf, SEGMENT_HEADER_SIZE, nonce, {}) is not None
+                or resync(buf, SEGMENT_HEADER_SIZE, nonce, {}) is not None):
+            return FORMAT, nonce, 0
+    return 0, None, 0
+
+
+def resync(buf: Buffer, pos: int, nonce: bytes, ids: dict[bytes, QueueId]) -> int | None:
+    """Where the next record that checks out starts, at ``pos`` or later."""
+    pattern = MAGIC + nonce
+    at = buf.find(pattern, pos)
+    while at != -1:
+        if parse_at(buf, at, nonce, ids) is not None:
+            return at
+        at = buf.find(pattern, at + 1)
+    return None
+
+
+def parse_at(buf: Buffer, pos: int, nonce: bytes | None,
+             ids: dict[bytes, QueueId]) -> Record | Marker | None:
+    """The record whose header starts at ``pos`` if that header checks out (magic, nonce,
+    sane lengths, CRC, a valid id) and the record ends within ``buf``; its body may still be
+    damaged. ``nonce`` None reads format 1."""
+    if nonce is None:
+        if pos + HEADER_SIZE_V1 > len(buf) or buf[pos : pos + 4] != MAGIC:
+            return None
+        _, kind, id_len, json_len, body_len, body_crc = PREFIX_V1.unpack_from(buf, pos)
+        prefix = PREFIX_V1.size
+    else:
+        if pos + HEADER_SIZE > len(buf) or buf[pos : pos + 20] != MAGIC + nonce:
+            return None
+        _, _, kind, id_len, json_len, body_len, body_crc = PREFIX.unpack_from(buf, pos)
+        prefix = PREFIX.size
+    if kind not in KIND_NAMES or json_len > MAX_JSON or body_len > MAX_BODY:
+        return None
+    if kind == BATCH and (nonce is None or id_len or body_len):
+        return None
+    entry_offset = pos + prefix + 4 + id_len
+    body_offset = entry_offset + json_len
+    end = body_offset + body_len
+    if end > len(buf):
+        return None
+    (header_crc,) = struct.unpack_from(">I", buf, pos + prefix)
+    view = memoryview(buf)
+    if zlib.crc32(view[pos + prefix + 4 : body_offset],
+                  zlib.crc32(view[pos : pos + prefix])) != header_crc:
+        return None
+    if kind == BATCH:
+        return Marker(pos, end, entry_offset, json_len)
+    raw_id = bytes(buf[pos + prefix + 4 : entry_offset])
+    queue_id = ids.get(raw_id)
+    if queue_id is None:  # validated once per id and segment (its state records repeat it)
+        queue_id = parse_id(raw_id.decode("ascii", "replace"))
+        if queue_id is None:
+            return None
+        ids[raw_id] = queue_id
+    return Record(kind, queue_id, pos, entry_offset, json_len, body_offset, body_len, body_crc,
+                  end)
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:
@@ -265,12 +367,19 @@ def read_range(path: str, offset: int, length: int) -> bytes:
 
 class BodyReader(io.RawIOBase):
     """A message body: a byte range of a segment, read with ``pread`` (so a reader in a
-    thread and the writer appending to the same file never share a file position)."""
+    thread and the writer appending to the same file never share a file position).
 
-    def __init__(self, fd: int, start: int, length: int) -> None:
+    Read from the start to the end, the bytes are checked against the body's CRC: the read
+    that would hand out the last bytes of a body that rotted since it was written raises
+    :class:`CorruptEntry` instead, so no consumer ever takes a damaged body for a whole one.
+    """
+
+    def __init__(self, fd: int, start: int, length: int, crc: int) -> None:
         super().__init__()
         self._fd: int | None = fd
         self._start, self._length, self._pos = start, length, 0
+        self._expected = crc
+        self._crc: int | None = 0  # of bytes 0.._pos; None once reading skipped around
 
     def readable(self) -> bool:
         return True
@@ -288,6 +397,10 @@ class BodyReader(io.RawIOBase):
         data = os.pread(self._fd, want, self._start + self._pos)
         if not data:
             raise CorruptEntry("message body ends early: its segment was truncated")
+        if self._crc is not None:
+            self._crc = zlib.crc32(data, self._crc)
+            if self._pos + len(data) == self._length and self._crc != self._expected:
+                raise CorruptEntry("message body does not match its checksum")
         view[: len(data)] = data
         self._pos += len(data)
         return len(data)
@@ -296,6 +409,9 @@ class BodyReader(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
         if base + offset < 0:
             raise ValueError("negative seek position")
+        if base + offset != self._pos:
+            # From the start again the check starts again; anywhere else it cannot.
+            self._crc = 0 if base + offset == 0 else None
         self._pos = base + offset
         return self._pos
 
@@ -309,244 +425,6 @@ class BodyReader(io.RawIOBase):
         super().close()
 
 
-def open_body(path: str, start: int, length: int) -> BinaryIO:
+def open_body(path: str, start: int, length: int, crc: int) -> BinaryIO:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    return io.BufferedReader(BodyReader(fd, start, length), 64 * 1024)
-
-
-# -- writing --------------------------------------------------------------------------------
-
-COMMIT, UPDATE, REMOVE, RELOCATE = "commit", "update", "remove", "relocate"
-
-
-@attrs.define(eq=False)
-class Op:
-    """One change waiting for (or inside) a batch. The thread owns it while the batch runs."""
-
-    kind: str
-    queue_id: QueueId
-    entry: QueueEntry | None = None  # commit, update
-    chunks: list[bytes] = attrs.Factory(list)  # commit: the body, in memory
-    spill: BinaryIO | None = None  # commit: the body, spilled to tmp/<id>
-    source: Slot | None = None  # relocate: where the message is now
-    deferred: Deferred[None] = attrs.Factory(Deferred)
-    # Set by the thread:
-    placed: Slot | None = None  # where the message went (commit, relocate)
-    entry_at: tuple[int, int, int] | None = None  # update: the new entry's segment, offset, length
-    error: BaseException | None = None
-
-
-@attrs.define(slots=True)
-class Slot:
-    """Where a queued message lives: its body, and the entry in force (the newest record)."""
-
-    body_segment: int
-    body_offset: int
-    size: int
-    body_crc: int
-    entry_segment: int
-    entry_offset: int
-    entry_length: int
-
-
-@attrs.define
-class Batch:
-    ops: list[Op]
-    doomed: list[int]  # segments to delete, oldest first, once this batch is durable
-    # Set by the thread:
-    head: int = 0  # the segment written to
-    head_size: int = 0  # its length after the batch
-    error: BaseException | None = None  # the batch failed as a whole
-    deleted: list[int] = attrs.Factory(list)
-    deletion_error: OSError | None = None  # the ops are durable all the same
-
-
-class SegmentWriter:
-    """The blocking half of the group commit: appends one batch's records to the head segment,
-    one ``fdatasync`` for all of them, then deletes segments nothing refers to any more.
-
-    Only one batch runs at a time (the spool sees to that), so the head's descriptor and
-    length belong to whichever thread runs the current batch.
-    """
-
-    def __init__(self, paths: SpoolPaths, next_number: int, segment_bytes: int) -> None:
-        self.paths = paths
-        self.head = next_number
-        self.limit = segment_bytes
-        self._fd: int | None = None
-        self._size = 0
-        self._opened = False  # ``head`` has been created (so a rotation moves on)
-        self._pending = 0  # bytes encoded, not yet written
-
-    def run(self, batch: Batch) -> None:
-        """The blocking job; each operation's failure is kept in ``op.error``."""
-        pending: list[bytes] = []
-        try:
-            if self._fd is None or self._size >= self.limit:
-                self._rotate()
-            assert self._fd is not None
-            batch.head = self.head
-            for op in batch.ops:
-                if op.kind == RELOCATE or op.spill is not None:
-                    self._flush(pending)
-                    self._stream(op)
-                else:
-                    self._encode(op, pending)
-            self._flush(pending)
-            os.fdatasync(self._fd)
-        except BaseException as e:
-            # A failed write or fdatasync leaves the file's contents unknown: nothing of this
-            # batch is acknowledged, and the next batch starts a fresh segment. (Its records
-            # may still have reached the disk: after a restart such a message is delivered
-            # although its client got a 4xx and sends it again; at-least-once, never lost.)
-            for op in batch.ops:
-                op.error = op.error or e
-                op.placed = op.entry_at = None
-            batch.error = e
-            batch.head_size = self._size
-            self._pending = 0
-            self._close()
-            return
-        finally:
-            for op in batch.ops:
-                self._drop_spill(op)
-        batch.head_size = self._size
-        try:
-            for number in batch.doomed:
-                with suppress(FileNotFoundError):
-                    os.unlink(self.paths.segment(number))
-                # Oldest first, each durable before the next: a later segment's REMOVED
-                # record must not vanish while the message it removes is still on disk.
-                fsync_dir(self.paths.dir(LOG))
-                batch.deleted.append(number)
-        except OSError as e:
-            batch.deletion_error = e
-
-    def close(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            with suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-
-    def _rotate(self) -> None:
-        self._close()
-        if self._opened:
-            self.head += 1
-        self._opened = True
-        fd = create_exclusive(self.paths.segment(self.head))
-        try:
-            fsync_dir(self.paths.dir(LOG))
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd, self._size = fd, 0
-
-    def _encode(self, op: Op, pending: list[bytes]) -> None:
-        """A record whose bytes are all in memory, for :meth:`_flush`."""
-        offset = self._size + self._pending
-        if op.kind == REMOVE:
-            self._add(pending, encode_header(REMOVED, op.queue_id, b"", 0, 0))
-            return
-        assert op.entry is not None
-        raw = encode_entry(op.entry)
-        if op.kind == UPDATE:
-            header = encode_header(STATE, op.queue_id, raw, 0, 0)
-            self._add(pending, header)
-            op.entry_at = (self.head, offset + len(header) - len(raw), len(raw))
-            return
-        crc = 0
-        for chunk in op.chunks:
-            crc = zlib.crc32(chunk, crc)
-        header = encode_header(MESSAGE, op.queue_id, raw, op.entry.size, crc)
-        self._add(pending, header, *op.chunks)
-        op.placed = Slot(self.head, offset + len(header), op.entry.size, crc,
-                         self.head, offset + len(header) - len(raw), len(raw))
-
-    def _add(self, pending: list[bytes], *parts: bytes) -> None:
-        pending.extend(parts)
-        self._pending += sum(map(len, parts))
-
-    def _flush(self, pending: list[bytes]) -> None:
-        if not pending:
-            return
-        data = b"".join(pending)
-        pending.clear()
-        self._pending = 0
-        start = self._size
-        try:
-            write_all(self._fd or -1, data)
-        except BaseException:
-            self._truncate(start)
-            raise
-        self._size += len(data)
-
-    def _stream(self, op: Op) -> None:
-        """A record whose body comes from a file (a spilled message, or one moved forward):
-        header with a zero CRC, body copied, then the header rewritten with the real CRC.
-        A failure here fails this operation only: the append is undone, the batch goes on."""
-        fd = self._fd or -1
-        start = self._size
-        try:
-            raw, size, body = self._source(op)
-        except (OSError, CorruptEntry) as e:
-            op.error = e
-            return
-        with body:
-            try:
-                header = encode_header(MESSAGE, op.queue_id, raw, size, 0)
-                write_all(fd, header)
-                crc, copied = 0, 0
-                while chunk := body.read(COPY_CHUNK):
-                    crc = zlib.crc32(chunk, crc)
-                    write_all(fd, chunk)
-                    copied += len(chunk)
-                if copied != size:
-                    raise CorruptEntry(f"{op.queue_id}: body is {copied} bytes, entry says {size}")
-                if op.source is not None and crc != op.source.body_crc:
-                    # Rot since start-up: never copied forward under a fresh, valid checksum.
-                    raise CorruptEntry(f"{op.queue_id}: body no longer matches its checksum")
-                os.pwrite(fd, encode_header(MESSAGE, op.queue_id, raw, size, crc), start)
-            except (OSError, CorruptEntry) as e:
-                self._truncate(start)
-                op.error = e
-                return
-            except BaseException:
-                self._truncate(start)
-                raise
-        self._size = start + len(header) + size
-        op.placed = Slot(self.head, start + len(header), size, crc,
-                         self.head, start + len(header) - len(raw), len(raw))
-
-    def _source(self, op: Op) -> tuple[bytes, int, BinaryIO]:
-        """The entry's JSON, the body's size and the body, for :meth:`_stream`."""
-        if op.kind == RELOCATE:
-            source = op.source
-            assert source is not None
-            raw = read_range(self.paths.segment(source.entry_segment), source.entry_offset,
-                             source.entry_length)
-            body = open_body(self.paths.segment(source.body_segment), source.body_offset,
-                             source.size)
-            return raw, source.size, body
-        assert op.entry is not None and op.spill is not None
-        op.spill.flush()
-        return encode_entry(op.entry), op.entry.size, open(self.paths.spill(op.queue_id), "rb")
-
-    def _truncate(self, size: int) -> None:
-        """Undo a partial append; when even that fails the segment is given up."""
-        try:
-            os.ftruncate(self._fd or -1, size)
-            os.lseek(self._fd or -1, size, os.SEEK_SET)
-        except OSError:
-            self._close()
-            raise
-        self._size = size
-
-    def _drop_spill(self, op: Op) -> None:
-        if op.spill is not None:
-            with suppress(OSError):
-                op.spill.close()
-            op.spill = None
-            unlink_quietly(self.paths.spill(op.queue_id))
+    return io.BufferedReader(BodyReader(fd, start, length, crc), 64 * 1024)

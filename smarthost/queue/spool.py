@@ -27,24 +27,24 @@ The job appends every record of the batch (one ``write`` for those in memory) an
 after DATA means the record is on disk. A failed write or sync fails the whole batch and the
 next one starts a new segment.
 
-**Reading and recovery** (:mod:`smarthost.queue.index`): an index in memory says where each
-message is; start-up checks every record, drops a torn tail and copies damage to ``corrupt/``.
+**Reading and recovery** (:mod:`smarthost.queue.index`, :mod:`smarthost.queue.recovery`): an
+index in memory says where each message is; start-up checks every record, drops the unfinished
+last batch, and copies any other damage to ``corrupt/`` naming every message it held.
 
 **Space.** A segment is sealed once it passes ``segment_bytes`` (64 MiB). The oldest segment
 is deleted once no queued message has its body there. When more than ``COMPACT_AFTER`` sealed
 segments pile up behind a long-deferred message and the segments hold more than twice the
 queued mail, the oldest one's messages are copied forward into the head (entry in force plus
 body), after which it is deleted: the disk holds at most about twice the live mail plus a few
-segments. A relocation that fails (a full disk) is tried again after the next start.
+segments. A relocation that fails (a full disk) is tried again ``COMPACT_RETRY`` seconds later.
+A full disk fails the batch with :class:`~smarthost.core.errors.SpoolFull` (logged once until
+a batch gets through again).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import shutil
 from collections.abc import Iterator
-from contextlib import suppress
 from typing import BinaryIO
 
 import attrs
@@ -54,172 +54,40 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from smarthost.api import IIncomingMessage, ISpool
-from smarthost.core.envelope import Envelope, QueueEntry, QueueId
-from smarthost.core.errors import CorruptEntry
+from smarthost.core.envelope import QueueEntry, QueueId
+from smarthost.core.errors import CorruptEntry, SpoolFull
+from smarthost.core.maillog import MailLog
 from smarthost.core.safeio import fsync_dir
 from smarthost.core.types import RunBlocking
-from smarthost.queue.index import Index, read_entries, read_entry, read_index, recover_index
+from smarthost.queue.directory import clear_tmp, make_directories, take_lock
+from smarthost.queue.incoming import IncomingMessage
+from smarthost.queue.index import Index, read_entries, read_entry, read_index
+from smarthost.queue.recovery import RecoveryReport, recover_index
 from smarthost.queue.segment import (
-    COMMIT,
     CORRUPT,
-    DIR_MODE,
     LOG,
+    TMP,
+    SpoolPaths,
+    file_name,
+    open_body,
+)
+from smarthost.queue.writer import (
+    COMMIT,
     MAX_BATCH,
     RELOCATE,
     REMOVE,
     SEGMENT_BYTES,
     SPILL_THRESHOLD,
-    TMP,
     UPDATE,
     Batch,
     Op,
-    RecoveryReport,
     SegmentWriter,
     Slot,
-    SpoolPaths,
-    create_exclusive,
-    file_name,
-    open_body,
-    unlink_quietly,
 )
 
 # Sealed segments allowed behind the head before the oldest one's messages are copied forward.
 COMPACT_AFTER = 3
-LEGACY = ("data", "state")  # the one-file-per-message layout before the log
-
-
-class SpoolLocked(OSError):
-    """Another process (a running daemon) holds the spool's lock."""
-
-
-_RECEIVING, _COMMITTING, _DONE = "receiving", "committing", "done"
-
-
-@implementer(IIncomingMessage)
-class IncomingMessage:
-    """One message on its way to disk; made by :meth:`Spool.receive`."""
-
-    def __init__(self, queue_id: QueueId, spool: Spool, spill_threshold: int) -> None:
-        self.queue_id = queue_id
-        self._spool = spool
-        self._threshold = spill_threshold
-        self._chunks: list[bytes] = []
-        self._file: BinaryIO | None = None  # once spilled
-        self._size = 0
-        self._state = _RECEIVING
-
-    @property
-    def spilled(self) -> bool:
-        return self._file is not None
-
-    def _check(self, what: str) -> None:
-        if self._state != _RECEIVING:
-            raise RuntimeError(f"{self.queue_id}: {what} after commit or abort")
-
-    def write(self, data: bytes) -> None:
-        """In memory (no system call) until the message passes the spill threshold.
-
-        An ``OSError`` (disk full, when spilling) propagates; the session answers 452.
-        """
-        self._check("write")
-        if self._file is not None:
-            self._file.write(data)
-        else:
-            self._chunks.append(bytes(data))
-            if self._size + len(data) > self._threshold:
-                self._spill()
-        self._size += len(data)
-
-    def _spill(self) -> None:
-        path = self._spool._paths.spill(self.queue_id)
-        fd = create_exclusive(path)
-        try:
-            file = os.fdopen(fd, "wb")
-        except BaseException:
-            os.close(fd)
-            unlink_quietly(path)
-            raise
-        try:
-            file.writelines(self._chunks)
-        except BaseException:
-            with suppress(OSError):
-                file.close()
-            unlink_quietly(path)
-            raise
-        self._file, self._chunks = file, []
-
-    def commit(self, envelope: Envelope) -> Deferred[QueueEntry]:
-        self._check("commit")
-        self._state = _COMMITTING
-        entry = QueueEntry.new(self.queue_id, envelope, self._size)
-        op = Op(COMMIT, self.queue_id, entry, self._chunks, self._file)
-        self._chunks, self._file = [], None  # the batch's thread owns them now
-        d = self._spool._submit(op)
-
-        def committed(_: object) -> QueueEntry:
-            self._state = _DONE
-            self._spool._committed(entry)
-            return entry
-
-        def failed(reason: Failure) -> Failure:
-            self._state = _DONE
-            self._spool._live.discard(self.queue_id)
-            return reason
-
-        return d.addCallbacks(committed, failed)
-
-    def read(self) -> bytes:
-        """Everything written so far; only plugins that must see the whole message (signers,
-        scanners) call this, at the end of DATA."""
-        self._check("read")
-        if self._file is not None:
-            self._file.flush()
-            with open(self._spool._paths.spill(self.queue_id), "rb") as f:
-                return f.read()
-        whole = b"".join(self._chunks)
-        self._chunks = [whole]  # a second reader (or the commit) need not join again
-        return whole
-
-    def prepend(self, data: bytes) -> None:
-        """Put ``data`` first: free in memory; a spilled message is rewritten once."""
-        self._check("prepend")
-        if self._file is None:
-            self._chunks.insert(0, bytes(data))
-            self._size += len(data)
-            return
-        path = self._spool._paths.spill(self.queue_id)
-        self._file.flush()
-        fd = create_exclusive(path + ".new")
-        try:
-            new = os.fdopen(fd, "wb")
-            new.write(data)
-            with open(path, "rb") as old:
-                shutil.copyfileobj(old, new, 1024 * 1024)
-            new.flush()
-        except BaseException:
-            unlink_quietly(path + ".new")
-            raise
-        os.replace(path + ".new", path)
-        self._file.close()
-        self._file = new
-        self._size += len(data)
-
-    def abort(self) -> None:
-        """Idempotent. Once commit has started it cannot be recalled, so abort does nothing:
-        a client that vanishes during the fsync may get the message delivered and resend it
-        (at-least-once, as RFC 5321 6.1 prefers to losing it)."""
-        if self._state != _RECEIVING:
-            return
-        self._state = _DONE
-        self._chunks = []
-        self._spool._live.discard(self.queue_id)
-        if self._file is not None:
-            with suppress(OSError):
-                self._file.close()
-            self._file = None
-            unlink_quietly(self._spool._paths.spill(self.queue_id))
-
-
+COMPACT_RETRY = 60.0  # seconds after a failed relocation before compaction tries again
 @implementer(ISpool)
 class Spool:
     """The spool in one directory.
@@ -237,12 +105,14 @@ class Spool:
         run_blocking: RunBlocking,
         spill_threshold: int = SPILL_THRESHOLD,
         segment_bytes: int = SEGMENT_BYTES,
+        maillog: MailLog | None = None,
     ) -> None:
         self._paths = SpoolPaths(os.path.abspath(os.fspath(directory)))
         self._clock = clock
         self._run_blocking = run_blocking
         self._spill_threshold = spill_threshold
         self._segment_bytes = segment_bytes
+        self._log = maillog  # the daemon's; the admin tool reports on its own
         # update/remove of one message run one at a time, in call order.
         self._locks: dict[QueueId, DeferredLock] = {}
         self._live: set[QueueId] = set()  # ids being received or committed here
@@ -252,6 +122,8 @@ class Spool:
         self._waiting: list[Op] = []  # the next batch
         self._doomed: list[int] = []  # segments the next batch deletes
         self._compacting: set[int] = set()
+        self._compact_from = 0.0  # no compaction before this time (after a failed relocation)
+        self._full = False  # the last batch failed with SpoolFull (logged once)
         self._syncing = False  # a batch's blocking job is running
         self.batches = 0  # blocking jobs started: for tests and the curious
         # What recovery read, served once by entries() (the scheduler's start) so start-up
@@ -262,6 +134,10 @@ class Spool:
     def directory(self) -> str:
         return self._paths.root
 
+    @property
+    def paths(self) -> SpoolPaths:
+        return self._paths
+
     @classmethod
     def open(
         cls,
@@ -271,11 +147,12 @@ class Spool:
         run_blocking: RunBlocking,
         spill_threshold: int = SPILL_THRESHOLD,
         segment_bytes: int = SEGMENT_BYTES,
+        maillog: MailLog | None = None,
     ) -> tuple[Spool, RecoveryReport]:
         """Daemon start-up: create the directories if needed, then recover."""
         spool = cls(
             directory, clock=clock, run_blocking=run_blocking, spill_threshold=spill_threshold,
-            segment_bytes=segment_bytes,
+            segment_bytes=segment_bytes, maillog=maillog,
         )
         return spool, spool.recover()
 
@@ -292,33 +169,31 @@ class Spool:
     # -- start-up -------------------------------------------------------------------------
 
     def recover(self) -> RecoveryReport:
-        """Read every segment, drop a torn tail, copy damage aside, and take the lock.
+        """Read every segment, drop the unfinished last batch, copy damage aside (holding or
+        removing what it says to, see :mod:`smarthost.queue.recovery`), and take the lock.
 
         Synchronous: it runs once before the daemon listens, and nothing can proceed without it.
         """
         self.close()
-        self._make_directories()
+        make_directories(self._paths)
         self._take_lock()
-        tmp = self._paths.dir(TMP)
-        removed_tmp = []
-        for name in sorted(os.listdir(tmp)):
-            path = os.path.join(tmp, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                raise OSError(f"{path}: unexpected directory in the spool")
-            os.unlink(path)
-            removed_tmp.append(name)
-
+        removed_tmp = clear_tmp(self._paths)
         found = recover_index(self._paths)
         self._writer = SegmentWriter(self._paths, found.newest + 1, self._segment_bytes)
-        if found.damaged:  # quarantined: never read again
-            bad = [Op(REMOVE, queue_id) for queue_id in found.damaged]
-            batch = Batch(bad, [])
+        # Quarantined entries are never read again; lost removals are written again; a
+        # message whose newer state was lost waits for the operator.
+        ops = [Op(REMOVE, queue_id) for queue_id in (*found.damaged, *found.dropped)]
+        ops += [Op(UPDATE, queue_id, entry) for queue_id, entry in found.held.items()]
+        if ops:
+            batch = Batch(ops, [])
             self._writer.run(batch)
-            for op in bad:
+            for op in ops:
                 if op.error is not None:
                     raise op.error
-                found.index.drop(op.queue_id)
-            found.index.add_segment(batch.head)
+            found.index.apply(batch)
+            for queue_id in found.dropped:
+                del found.intact[queue_id]
+            found.intact.update(found.held)
         if removed_tmp or found.corrupt or found.torn:
             for name in (TMP, LOG, CORRUPT):
                 fsync_dir(self._paths.dir(name))
@@ -328,42 +203,9 @@ class Spool:
         return RecoveryReport(queued=len(found.intact), removed_tmp=tuple(removed_tmp),
                               torn=found.torn, corrupt=found.corrupt)
 
-    def _make_directories(self) -> None:
-        created = False
-        if not os.path.isdir(self._paths.root):
-            os.makedirs(self._paths.root, mode=DIR_MODE)
-            created = True
-        for name in LEGACY:
-            path = self._paths.dir(name)
-            if os.path.isdir(path) and os.listdir(path):
-                # Never silently ignore mail: the operator decides what happens to it.
-                raise OSError(
-                    f"{path} holds messages in the spool layout before the log, which this "
-                    "version does not read; deliver them with the previous version first"
-                )
-        for name in (TMP, LOG, CORRUPT):
-            path = self._paths.dir(name)
-            if not os.path.isdir(path):
-                os.mkdir(path, DIR_MODE)
-                created = True
-        if created:
-            # The first segment's directory fsync does not cover the directories' own entries.
-            fsync_dir(self._paths.root)
-            fsync_dir(os.path.dirname(self._paths.root))
-
     def _take_lock(self) -> None:
-        """One appender at a time: two daemons on one spool would each lose the other's mail."""
-        if self._lock_fd is not None:
-            return
-        fd = os.open(self._paths.lock(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolLocked(
-                f"another process (a running smarthost?) holds {self._paths.lock()}"
-            ) from None
-        self._lock_fd = fd
+        if self._lock_fd is None:
+            self._lock_fd = take_lock(self._paths)
 
     # -- receiving --------------------------------------------------------------------------
 
@@ -374,7 +216,8 @@ class Spool:
             queue_id = QueueId.new(self._clock.seconds())
             if queue_id not in self._live and queue_id not in self._ensure_index().slots:
                 self._live.add(queue_id)
-                return IncomingMessage(queue_id, self, self._spill_threshold)
+                return IncomingMessage(queue_id, self._paths, self._spill_threshold,
+                                       self._submit, self._committed, self._live.discard)
         raise RuntimeError("could not allocate a unique queue id")
 
     def _committed(self, entry: QueueEntry) -> None:
@@ -452,7 +295,7 @@ class Spool:
         for _attempt in range(3):
             try:
                 return open_body(self._paths.segment(slot.body_segment), slot.body_offset,
-                                 slot.size)
+                                 slot.size, slot.body_crc)
             except FileNotFoundError:
                 slot = self._moved(queue_id)
         raise CorruptEntry(f"{queue_id}: its segment keeps vanishing")
@@ -468,6 +311,29 @@ class Spool:
         """Fails with KeyError when the message is not queued."""
         file_name(queue_id)  # a wrong type is a bug in the caller: raise now, not in a thread
         return self._exclusive(Op(REMOVE, queue_id))
+
+    def restore(self, entry: QueueEntry, body: bytes) -> Deferred[None]:
+        """Put a message back under its own id and entry (``smarthost queue salvage``). Fails
+        with ``ValueError`` when that id is queued already, or on its way in."""
+        queue_id = entry.queue_id
+        file_name(queue_id)
+        try:
+            self._ensure_writer()  # the admin tool reads the index afresh under the lock
+        except OSError as e:
+            return fail(e)
+        if len(body) != entry.size:
+            return fail(ValueError(f"{queue_id}: body is {len(body)} bytes, entry says "
+                                   f"{entry.size}"))
+        if queue_id in self._live or queue_id in self._ensure_index().slots:
+            return fail(ValueError(f"{queue_id} is queued already"))
+        self._live.add(queue_id)
+
+        def failed(reason: Failure) -> Failure:
+            self._live.discard(queue_id)
+            return reason
+
+        d = self._submit(Op(COMMIT, queue_id, entry, [body]))
+        return d.addCallbacks(lambda _: self._committed(entry), failed)
 
     def _exclusive(self, op: Op) -> Deferred[None]:
         queue_id = op.queue_id
@@ -502,7 +368,7 @@ class Spool:
     def _ensure_writer(self) -> SegmentWriter:
         """The admin tool changes the spool itself only when no daemon runs: the lock says."""
         if self._writer is None:
-            self._make_directories()
+            make_directories(self._paths)
             self._take_lock()
             self._index = None  # with the lock held nobody else appends: read it afresh
             index = self._ensure_index()
@@ -541,6 +407,7 @@ class Spool:
         if not isinstance(result, Failure):
             index.apply(batch)
             self._compacting.difference_update(batch.deleted)
+            self._note_space(batch)
             self._tidy()
         # _tidy may have started a batch already. A deletion that failed (or that a failed
         # batch never reached) is retried with the next change, not in a loop.
@@ -554,6 +421,22 @@ class Spool:
                 op.deferred.errback(op.error)
             else:
                 op.deferred.callback(None)
+
+    def _note_space(self, batch: Batch) -> None:
+        """One line when the disk fills up (not one traceback per message), one when a batch
+        gets through again."""
+        full = next((e for e in (batch.error, *(op.error for op in batch.ops))
+                     if isinstance(e, SpoolFull)), None)
+        if full is not None and not self._full:
+            self._full = True
+            if self._log is not None:
+                self._log.warning(
+                    "spool {directory}: no space left ({error}): new mail is answered 452 "
+                    "until there is space again", directory=self.directory, error=str(full))
+        elif full is None and self._full and batch.ops and batch.error is None:
+            self._full = False
+            if self._log is not None:
+                self._log.notice("spool {directory}: writing again", directory=self.directory)
 
     def _tidy(self) -> None:
         """Delete the oldest segments nothing needs; copy forward what pins too many."""
@@ -572,12 +455,22 @@ class Spool:
         # Copy forward only when it frees space: with more live mail than COMPACT_AFTER
         # segments hold, a rule on the count alone would rewrite the spool for ever.
         if (len(sealed) > COMPACT_AFTER and on_disk > 2 * index.live_bytes
-                and sealed[0] not in self._compacting):
+                and sealed[0] not in self._compacting
+                and self._clock.seconds() >= self._compact_from):
             oldest = sealed[0]
             self._compacting.add(oldest)
             for queue_id in sorted(index.bodies.get(oldest, ()), key=lambda i: i.value):
-                # Failures (the message went meanwhile, a full disk) leave it where it is.
-                self._exclusive(Op(RELOCATE, queue_id)).addErrback(lambda _: None)
+                # A failure leaves the message where it is.
+                d = self._exclusive(Op(RELOCATE, queue_id))
+                d.addErrback(self._relocation_failed, oldest)
+
+    def _relocation_failed(self, reason: Failure, segment: int) -> None:
+        """The message went meanwhile: nothing to do. Anything else (a full disk, a body that
+        rotted): that segment is tried again, ``COMPACT_RETRY`` seconds from now, not never
+        (the rule only looks at the oldest sealed segment) and not in a loop."""
+        if not isinstance(reason.value, KeyError):
+            self._compacting.discard(segment)
+            self._compact_from = self._clock.seconds() + COMPACT_RETRY
 
 
 async def release_held(spool: ISpool, name: str) -> list[QueueEntry]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 import zlib
 from collections.abc import Callable
@@ -29,18 +30,20 @@ from smarthost.core.envelope import (
     Recipient,
     RecipientState,
 )
-from smarthost.core.errors import CorruptEntry
+from smarthost.core.errors import CorruptEntry, SpoolFull
+from smarthost.queue import incoming as incoming_module
 from smarthost.queue import index as spoolindex
 from smarthost.queue import segment as spoolfile
-from smarthost.queue import spool as spool_module
+from smarthost.queue import writer as spoolwriter
+from smarthost.queue.recovery import RecoveryReport
 from smarthost.queue.segment import (
-    HEADER_SIZE,
+    MAGIC,
     MESSAGE,
+    PREFIX_V1,
     STATE,
     Gap,
+    Marker,
     Record,
-    RecoveryReport,
-    encode_header,
     scan,
 )
 from smarthost.queue.spool import IncomingMessage, Spool
@@ -66,7 +69,7 @@ class Jobs:
 
 
 class FaultyOS:
-    """Stands in for ``os`` inside :mod:`smarthost.queue.segment` only, replacing a few calls."""
+    """Stands in for ``os`` inside :mod:`smarthost.queue.writer` only, replacing a few calls."""
 
     def __init__(self, **replace: Callable[..., Any]) -> None:
         self._replace = replace
@@ -90,7 +93,17 @@ def spilled(message: IIncomingMessage) -> bool:
 
 
 def record_start(record: Record) -> int:
-    return record.entry_offset - HEADER_SIZE - len(record.queue_id.value)
+    return record.start
+
+
+def encode_v1_header(kind: int, queue_id: QueueId, raw: bytes, body_length: int,
+                     body_crc: int) -> bytes:
+    """A record as the spool wrote it before segment headers and nonces (format 1), which it
+    still reads."""
+    ident = queue_id.value.encode("ascii")
+    prefix = PREFIX_V1.pack(MAGIC, kind, len(ident), len(raw), body_length, body_crc)
+    return prefix + struct.pack(">I", zlib.crc32(raw, zlib.crc32(ident, zlib.crc32(prefix)))) \
+        + ident + raw
 
 
 class SpoolTestCase(SynchronousTestCase):
@@ -131,7 +144,11 @@ class SpoolTestCase(SynchronousTestCase):
         return self.listing("log")
 
     def records(self, segment: str) -> list[Record | Gap]:
-        return list(scan(self.path("log", segment)))
+        """Records and gaps; the batch markers between them are left out."""
+        return [i for i in scan(self.path("log", segment)).items if not isinstance(i, Marker)]
+
+    def markers(self, segment: str) -> list[Marker]:
+        return scan(self.path("log", segment)).markers()
 
     def message_record(self, queue_id: QueueId) -> tuple[str, Record]:
         for name in self.segments():
@@ -191,7 +208,7 @@ class CommitTests(SpoolTestCase):
         (record,) = self.records(segment)
         assert isinstance(record, Record)
         self.assertEqual((record.kind, record.queue_id), (MESSAGE, entry.queue_id))
-        self.assertEqual(self.read(f"log/{segment}")[record.body_offset :], BODY)
+        self.assertEqual(self.read(f"log/{segment}")[record.body_offset : record.end], BODY)
         self.assertEqual(record.body_crc, zlib.crc32(BODY))
 
     def test_large_body_spills_and_round_trips(self) -> None:
@@ -234,10 +251,10 @@ class CommitTests(SpoolTestCase):
         def full(path: str) -> int:
             raise OSError(28, "No space left on device")
 
-        self.patch(spool_module, "create_exclusive", full)
+        self.patch(incoming_module, "create_exclusive", full)
         message = spool.receive()
         message.write(b"short")
-        self.assertRaises(OSError, message.write, b"pushes it over the threshold")
+        self.assertRaises(SpoolFull, message.write, b"pushes it over the threshold")
         message.abort()
         self.assertEqual(self.listing("tmp"), [])
 
@@ -350,8 +367,8 @@ class ReadTests(SpoolTestCase):
         self.spool.close()
         # Records whose checksums are right but whose entry is not one (a writer's bug).
         with open(self.path("log", "00000009.seg"), "wb") as f:
-            f.write(encode_header(STATE, bad.queue_id, b'{"id": "truncated', 0, 0))
-            f.write(encode_header(STATE, partial.queue_id, b'{"id": "%s"}' % str(
+            f.write(encode_v1_header(STATE, bad.queue_id, b'{"id": "truncated', 0, 0))
+            f.write(encode_v1_header(STATE, partial.queue_id, b'{"id": "%s"}' % str(
                 partial.queue_id).encode(), 0, 0))
         reader = self.admin()
         self.assertEqual(list(reader.entries()), [good])
@@ -503,7 +520,7 @@ class GroupCommitTests(SpoolTestCase):
             real(fd)
             self.events.append("fdatasync")
 
-        self.patch(spoolfile, "os", FaultyOS(fdatasync=fdatasync))
+        self.patch(spoolwriter, "os", FaultyOS(fdatasync=fdatasync))
         self.jobs = Jobs()
 
     def test_commits_fire_only_after_their_batch_fdatasync(self) -> None:
@@ -573,7 +590,8 @@ class GroupCommitTests(SpoolTestCase):
         blocker_entry = self.successResultOf(blocker)
         (segment,) = self.segments()
         size = os.path.getsize(self.path("log", segment))
-        self.patch(spoolfile, "os", FaultyOS(**replace))
+        self.patch(spoolwriter, "os", FaultyOS(**replace))
+        self.patch(spoolfile, "os", FaultyOS(**replace))  # write_all lives there
         self.jobs.run_next()
         for d in ds:
             self.failureResultOf(d, OSError)
@@ -581,6 +599,7 @@ class GroupCommitTests(SpoolTestCase):
         self.assertEqual(spool.load(entry.queue_id), entry)
         self.assertEqual(spool._live, set())
         self.assertEqual(self.listing("tmp"), [])
+        self.patch(spoolwriter, "os", os)
         self.patch(spoolfile, "os", os)
         if "write" in replace:  # the partial append was cut off again
             self.assertEqual(os.path.getsize(self.path("log", segment)), size)
@@ -635,7 +654,7 @@ class GroupCommitTests(SpoolTestCase):
         def broken(fd: int) -> None:
             raise OSError(5, "Input/output error")
 
-        self.patch(spoolfile, "os", FaultyOS(fdatasync=broken))
+        self.patch(spoolwriter, "os", FaultyOS(fdatasync=broken))
         for _ in range(3):
             if self.jobs.pending:
                 self.jobs.run_next()

@@ -1,6 +1,7 @@
-"""The spool's log on disk: records survive a reopen, torn tails and damage found at start-up,
-bad entries quarantined, the lock, the previous layout refused, segment rotation and
-compaction, and the admin tool changing a spool no daemon runs on."""
+"""The spool's log on disk: records survive a reopen, torn tails dropped at start-up, bad
+entries quarantined, the lock, the previous layout refused, segment rotation and compaction,
+and the admin tool changing a spool no daemon runs on. Damage to synced records is in
+test_spool_recovery.py."""
 # trial's assertion methods carry no annotations.
 # mypy: disable-error-code="no-untyped-call"
 
@@ -10,7 +11,6 @@ import os
 import shutil
 import stat
 import zlib
-from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import attrs
@@ -19,6 +19,7 @@ from test_spool import (
     FILLER,
     Jobs,
     SpoolTestCase,
+    encode_v1_header,
     envelope,
     record_start,
 )
@@ -27,19 +28,17 @@ from twisted.internet.defer import Deferred
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.queue import segment as spoolfile
 from smarthost.queue import spool as spool_module
+from smarthost.queue.directory import SpoolLocked
 from smarthost.queue.index import Index
+from smarthost.queue.recovery import Affected, Damage, Fate, RecoveryReport
 from smarthost.queue.segment import (
     MESSAGE,
     REMOVED,
-    Damage,
-    Gap,
     Record,
-    RecoveryReport,
-    Slot,
     encode_entry,
-    encode_header,
 )
-from smarthost.queue.spool import COMPACT_AFTER, SpoolLocked
+from smarthost.queue.spool import COMPACT_AFTER
+from smarthost.queue.writer import Slot
 
 
 class RecoveryTests(SpoolTestCase):
@@ -109,7 +108,8 @@ class RecoveryTests(SpoolTestCase):
         self.assertEqual(self.last_report.queued, 2)
         self.assertEqual(self.last_report.torn, (
             Damage(f"log/{segment}", start, last.body_offset + 4, None,
-                   "unfinished write at the end of the log"),
+                   "unfinished write at the end of the log",
+                   (Affected(entries[2].queue_id, "message", start, Fate.UNFINISHED),)),
         ))
         self.assertEqual(self.last_report.corrupt, ())
         self.assertEqual(os.path.getsize(self.path("log", segment)), start)
@@ -136,93 +136,6 @@ class RecoveryTests(SpoolTestCase):
         self.reopen()
         self.assertEqual(self.last_report, RecoveryReport(queued=3))
 
-    def damage_middle(self, where: Callable[[Record], int], *, header: bool = False) -> None:
-        """a, b, c in segment 1 and d in segment 2 (with an update of b): one byte of b's
-        record, at ``where``, flipped, and the bytes kept aside.
-
-        A damaged body is skipped by the length its header declares: b is gone, c found. A
-        damaged header (or entry, which its checksum covers) ends the segment: where c starts
-        is unknown, and searching for it would accept records a sender wrote into a body; b
-        and c are gone from the queue, their bytes copied out and the segment cut there.
-        """
-        a, b, c = self.commit(b"a" * 50), self.commit(b"b" * 50), self.commit(b"c" * 50)
-        self.reopen()  # from now on segment 2 is the head
-        d = self.commit(b"d")
-        self.successResultOf(self.spool.update(attrs.evolve(b, attempts=1)))
-        segment, record = self.message_record(b.queue_id)
-        self.assertEqual(segment, "00000001.seg")
-        start = record_start(record)
-        end = os.path.getsize(self.path("log", segment)) if header else record.end
-        raw = self.read(f"log/{segment}")[start:end]
-        self.flip(segment, where(record))
-        damaged = self.read(f"log/{segment}")[start:end]
-        self.assertNotEqual(damaged, raw)
-        left = [a, d] if header else [a, c, d]
-        spool = self.reopen()
-        self.assertEqual(self.last_report.queued, len(left))
-        self.assertEqual(self.last_report.torn, ())
-        (damage,) = self.last_report.corrupt
-        self.assertEqual((damage.segment, damage.start, damage.end),
-                         (f"log/{segment}", start, end))
-        self.assertEqual(damage.moved_to, f"corrupt/00000001.{start}-{end}")
-        self.assertEqual(self.read(f"corrupt/00000001.{start}-{end}"), damaged)
-        self.assertEqual(list(spool.entries()), left)  # b's STATE record resurrects nothing
-        if not header:
-            self.assertEqual(self.body(c.queue_id), b"c" * 50)
-        # Reported once: a damaged body stays in its segment and the next start finds its
-        # copy; a damaged header's segment was cut where the damage began.
-        spool = self.reopen()
-        self.assertEqual(self.last_report.corrupt, ())
-        self.assertEqual(os.listdir(self.path("corrupt")), [f"00000001.{start}-{end}"])
-        self.assertEqual(list(spool.entries()), left)
-        if header:
-            self.assertEqual(os.path.getsize(self.path("log", segment)), start)
-
-    def test_damaged_body_in_an_old_segment_is_copied_aside(self) -> None:
-        self.damage_middle(lambda r: r.body_offset + 10)
-
-    def test_damaged_header_in_an_old_segment_ends_it(self) -> None:
-        self.damage_middle(lambda r: record_start(r) + 5, header=True)  # the id length
-
-    def test_damaged_entry_json_in_an_old_segment_ends_it(self) -> None:
-        self.damage_middle(lambda r: r.entry_offset + 3, header=True)
-
-    def test_records_inside_a_torn_body_are_never_read(self) -> None:
-        """A sender can put valid-looking records in a message body (ids are in every
-        Received: header): a REMOVED for a queued message, and a MESSAGE with an envelope of
-        its own. A write the crash cut short must not turn them into real ones, neither at
-        the next start nor for the admin tool reading while the write is in flight."""
-        victim = self.commit(b"Subject: important\r\n\r\nanswered 250\r\n")
-        forged_id = QueueId.new(1_700_000_002)
-        forged_body = b"forged\r\n"
-        forged = encode_entry(QueueEntry.new(forged_id, envelope(), len(forged_body)))
-        carrier = (b"Subject: x\r\n\r\n" + encode_header(REMOVED, victim.queue_id, b"", 0, 0)
-                   + encode_header(MESSAGE, forged_id, forged, len(forged_body),
-                                   zlib.crc32(forged_body)) + forged_body + b"y" * 5000)
-        carrier_id = QueueId.new(1_700_000_001)
-        raw = encode_entry(QueueEntry.new(carrier_id, envelope(), len(carrier)))
-        with open(self.path("log", "00000001.seg"), "ab") as f:  # the write, cut short
-            f.write(encode_header(MESSAGE, carrier_id, raw, len(carrier), zlib.crc32(carrier))
-                    + carrier[:2000])
-        self.assertEqual(self.admin().queue_ids(), [victim.queue_id])
-        spool = self.reopen()
-        self.assertEqual(spool.queue_ids(), [victim.queue_id])
-        self.assertEqual(len(self.last_report.torn), 1)
-        self.assertEqual(self.body(victim.queue_id),
-                         b"Subject: important\r\n\r\nanswered 250\r\n")
-
-    def test_body_crc_mismatch_found_with_the_right_length(self) -> None:
-        entry = self.commit(b"0123456789")
-        segment, record = self.message_record(entry.queue_id)
-        with open(self.path("log", segment), "r+b") as f:
-            f.seek(record.body_offset)
-            f.write(b"9876543210")  # same length, other bytes
-        self.assertEqual([type(r) for r in self.records(segment)], [Gap])
-        self.assertEqual(self.admin().queue_ids(), [])
-        self.reopen()
-        self.assertEqual(self.last_report.queued, 0)
-        self.assertEqual(len(self.last_report.torn), 1)
-
     def test_unreadable_entry_is_quarantined(self) -> None:
         good = self.commit()
         self.spool.close()
@@ -236,7 +149,7 @@ class RecoveryTests(SpoolTestCase):
                 (other_id, encode_entry(attrs.evolve(other, queue_id=bad_id))),
                 (short_id, encode_entry(attrs.evolve(other, queue_id=short_id, size=3))),
             ):
-                f.write(encode_header(MESSAGE, queue_id, raw, len(body), crc) + body)
+                f.write(encode_v1_header(MESSAGE, queue_id, raw, len(body), crc) + body)
         spool = self.reopen()
         self.assertEqual(self.last_report.queued, 1)
         reasons = {d.moved_to: d.reason for d in self.last_report.corrupt}
@@ -372,11 +285,11 @@ class RotationTests(SpoolTestCase):
         real = spoolfile.open_body
         moved: list[str] = []
 
-        def racing(path: str, start: int, length: int) -> BinaryIO:
+        def racing(path: str, start: int, length: int, crc: int) -> BinaryIO:
             if not moved:  # the slot was read; now the reactor compacts before the open
                 moved.append(path)
                 self.churn(40)
-            return real(path, start, length)
+            return real(path, start, length, crc)
 
         self.patch(spool_module, "open_body", racing)
         self.assertEqual(self.body(kept.queue_id), BODY)
