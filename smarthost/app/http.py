@@ -1,0 +1,279 @@
+"""The ``[http]`` listener: ``/metrics`` for Prometheus, ``/healthz`` for load balancers and
+orchestrators, and ``/``, the status page (SPEC "Watching it").
+
+The numbers come from the live objects and the operator log's events (the :class:`Watch`,
+built once per process), never from log files. ``/healthz`` answers ``200 ok`` only while
+the daemon is ready; it answers ``503`` while the daemon starts and from the moment it begins
+to stop: the port stays open through the stop of the other services (it closes in the
+reactor's "during shutdown" phase), so a load balancer sees the 503 rather than a refused
+connection while mail is still being handed over.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+from cryptography import x509
+from prometheus_client.twisted import MetricsResource
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import blockingCallFromThread, deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Site
+
+from smarthost.app.metrics import State
+from smarthost.app.queueview import QueueReader, QueueSnapshot, QueueView
+from smarthost.app.statuspage import CertificateInfo, StatusView, render
+from smarthost.app.watch import Watch
+from smarthost.core.maillog import MailLog
+
+STEP = "http"  # the start-up step this listener reports (smarthost.app.startup)
+# No script may run, whatever a bug let into the page; images only from the page itself.
+_PAGE_POLICY = b"default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"
+
+
+class _Request(Protocol):
+    """The slice of ``twisted.web.server.Request`` the pages use, typed."""
+
+    def setHeader(self, name: bytes, value: bytes) -> None: ...
+
+    def setResponseCode(self, code: int) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def notifyFinish(self) -> Deferred[None]: ...
+
+
+class StartupSteps(Protocol):
+    """The slice of :class:`~smarthost.app.startup.Startup` the listener reports to."""
+
+    def done(self, step: str) -> None: ...
+
+    def fail(self, key: str, problem: str) -> None: ...
+
+
+@attrs.frozen
+class StatusSources:
+    """The live objects the HTTP side reads."""
+
+    watch: Watch
+    spool: QueueReader
+    maillog: MailLog
+    startup: StartupSteps
+    ready: Callable[[], bool]  # True once the daemon is ready (all or nothing, SPEC)
+    hostname: Callable[[], str]  # the current generation's
+    certificate: Callable[[], x509.Certificate | None]  # the one served now
+
+
+def leaf_of(options: Any) -> x509.Certificate | None:
+    """The certificate a Twisted ``CertificateOptions`` serves."""
+    certificate = getattr(options, "certificate", None)
+    return None if certificate is None else certificate.to_cryptography()
+
+
+def make_http_service(reactor: Any, listen: Sequence[str], sources: StatusSources) -> Service:
+    """The service of the ``[http] listen`` endpoints (none: nothing listens, nothing is
+    observed). Add it to the daemon before the other services: it stops after them."""
+    return HTTPService(reactor, listen, sources)
+
+
+class HTTPService(Service):
+    def __init__(self, reactor: Any, listen: Sequence[str], sources: StatusSources) -> None:
+        self._reactor = reactor
+        self._listen = list(listen)
+        self._sources = sources
+        self._ports: list[IListeningPort] = []
+        self._triggers: list[Any] = []
+        self.stopping = False
+        self._shutting_down = False
+        view = QueueView(sources.spool, reactor, deferToThread)
+        self.status = _Status(reactor, sources, view, self._health)
+        sources.watch.metrics.watch(self._state_from_thread)
+        metrics = MetricsResource(sources.watch.metrics.registry)  # type: ignore[no-untyped-call]
+        root = _root(self.status, metrics, sources.maillog)
+        self.site = Site(root)  # type: ignore[no-untyped-call]
+        self.site.noisy = False  # no "Starting factory" lines in the operator log
+
+    def _health(self) -> str:
+        if self.stopping:
+            return "stopping"
+        return "ready" if self._sources.ready() else "starting"
+
+    def _state_from_thread(self) -> State:
+        """prometheus_client collects in the thread pool; the live objects are read on the
+        reactor thread."""
+        read: Callable[[], Deferred[State]] = self.status.state
+        state: State = blockingCallFromThread(self._reactor, read)  # type: ignore[arg-type]
+        return state
+
+    def privilegedStartService(self) -> None:
+        # Before twistd drops to --uid/--gid, like the SMTP listeners.
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
+        if not self._listen:
+            return
+        self._triggers = [
+            self._reactor.addSystemEventTrigger("before", "shutdown", self._begin_stop),
+            self._reactor.addSystemEventTrigger("during", "shutdown", self._close),
+        ]
+        Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        for i, description in enumerate(self._listen):
+            try:
+                endpoint = serverFromString(  # type: ignore[no-untyped-call]
+                    self._reactor, description)
+                port = await endpoint.listen(self.site)
+            except Exception as e:
+                self._sources.startup.fail(f"http.listen[{i}]",
+                                           f"cannot listen on {description!r}: {e}")
+                return
+            self._ports.append(port)
+            host = port.getHost()
+            self._sources.maillog.notice(
+                "{role} listening on {address} ({description})", role="http",
+                address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}",
+                description=description,
+            )
+        self._sources.startup.done(STEP)
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._listen:
+            globalLogPublisher.addObserver(self._sources.watch.activity)
+
+    def _begin_stop(self) -> None:
+        self._shutting_down = True
+        self.stopping = True
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()  # type: ignore[no-untyped-call]
+        self.stopping = True
+        globalLogPublisher.removeObserver(self._sources.watch.activity)
+        if self._shutting_down:
+            return None  # the port answers 503 until the reactor's "during shutdown"
+        for trigger in self._triggers:
+            self._reactor.removeSystemEventTrigger(trigger)
+        self._triggers = []
+        return self._close()
+
+    def _close(self) -> Deferred[Any]:
+        ports, self._ports = self._ports, []
+        return DeferredList([Deferred.fromCoroutine(_stop(port)) for port in ports])
+
+
+async def _stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+class _Status:
+    """Reads the live objects, on the reactor thread."""
+
+    def __init__(self, clock: Any, sources: StatusSources, view: QueueView,
+                 health: Callable[[], str]) -> None:
+        self._clock = clock
+        self._sources = sources
+        self._view = view
+        self.health = health
+
+    def state(self) -> Deferred[State]:
+        return self._view.snapshot().addCallback(self._state)
+
+    def _state(self, queue: QueueSnapshot) -> State:
+        certificate = self._sources.certificate()
+        return State(
+            queue=queue.counts,
+            oldest_age=queue.oldest_age,
+            connections=self._sources.watch.connections.by_listener(),
+            certificate_expiry=(None if certificate is None
+                                else certificate.not_valid_after_utc.timestamp()),
+        )
+
+    def page(self) -> Deferred[str]:
+        return self._view.snapshot().addCallback(self._page)
+
+    def _page(self, queue: QueueSnapshot) -> str:
+        sources, activity = self._sources, self._sources.watch.activity
+        certificate = sources.certificate()
+        return render(StatusView(
+            hostname=sources.hostname(),
+            now=self._clock.seconds(),
+            health=self.health(),
+            queue=queue,
+            history=activity.history(),
+            failures=activity.auth_failures(),
+            deferrals=activity.deferrals(),
+            listeners=sources.watch.connections.listeners(),
+            certificate=None if certificate is None else CertificateInfo(
+                certificate.subject.rfc4514_string(),
+                certificate.not_valid_after_utc.timestamp(),
+            ),
+        ))
+
+
+def _root(status: _Status, metrics: IResource, maillog: MailLog) -> Resource:
+    root = Resource()  # type: ignore[no-untyped-call]
+    root.putChild(b"", _StatusPage(status, maillog))
+    root.putChild(b"healthz", _Health(status.health))
+    root.putChild(b"metrics", metrics)
+    return root
+
+
+class _Health(Resource):
+    isLeaf = True
+
+    def __init__(self, health: Callable[[], str]) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._health = health
+
+    def render_GET(self, request: _Request) -> bytes:
+        state = self._health()
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        if state == "ready":
+            return b"ok\n"
+        request.setResponseCode(503)
+        return f"{state}\n".encode()
+
+
+class _StatusPage(Resource):
+    isLeaf = True
+
+    def __init__(self, status: _Status, maillog: MailLog) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._status = status
+        self._log = maillog
+
+    def render_GET(self, request: _Request) -> int:
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def send(page: str) -> None:
+            if gone:
+                return  # the browser went away meanwhile
+            request.setHeader(b"content-type", b"text/html; charset=utf-8")
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"content-security-policy", _PAGE_POLICY)
+            request.setHeader(b"x-content-type-options", b"nosniff")
+            request.write(page.encode("utf-8"))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("the status page could not read the queue", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+                request.write(b"the queue could not be read; see the daemon's log\n")
+                request.finish()
+
+        self._status.page().addCallbacks(send, failed)
+        return NOT_DONE_YET
