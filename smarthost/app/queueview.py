@@ -19,7 +19,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
-from smarthost.app.queueadmin import status
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.errors import CorruptEntry
 from smarthost.core.types import RunBlocking
@@ -56,6 +55,14 @@ class QueueSnapshot:
     @property
     def oldest_age(self) -> float:
         return 0.0 if self.oldest is None else max(0.0, self.taken_at - self.oldest)
+
+
+def status(entry: QueueEntry) -> str:
+    """As ``smarthost queue list`` says it: held (by the operator or the brake), deferred
+    (tried before), or queued (not yet)."""
+    if entry.envelope.held:
+        return "held"
+    return "deferred" if entry.attempts else "queued"
 
 
 def summarize(entries: Iterable[QueueEntry], now: float) -> QueueSnapshot:
