@@ -3,6 +3,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
+SSLYZE  := .venv-sslyze/bin/sslyze
 
 
 .PHONY: run test install install-test test-deps lint typecheck bench clean
@@ -14,8 +15,14 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
-install-test: $(BIN)/python test-deps
+install-test: $(BIN)/python test-deps $(SSLYZE)
 	$(BIN)/pip install -q -e '.[test]'
+
+# sslyze checks our TLS listeners against Mozilla's profile in the tests. It pins an older
+# cryptography than smarthost runs on, so it lives in a venv of its own.
+$(SSLYZE):
+	$(PY) -m venv .venv-sslyze
+	.venv-sslyze/bin/pip install -q sslyze
 
 # Real third-party clients for the end-to-end tests (Debian packages).
 test-deps:
@@ -39,11 +46,11 @@ test: install-test
 	$(BIN)/ruff check --no-cache smarthost tests twisted scripts bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	SSLYZE=$(SSLYZE) $(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The benchmark against Postfix (installs Postfix from Debian; needs root). Not run by CI.
 bench: install
 	bench/run
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) .venv-sslyze var build *.egg-info
