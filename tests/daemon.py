@@ -39,26 +39,48 @@ class Daemon:
         self.config_path.write_text(BASE_CONFIG + config)
         self.ports: dict[str, int] = {}
         self.extra_args: list[str] = []  # twistd options, e.g. --uid/--gid
+        self.env: dict[str, str] = {}  # added to the daemon's environment, e.g. NOTIFY_SOCKET
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[str] = []  # this run's log lines
         self.history: list[str] = []  # earlier runs' (after a stop or kill9 and start)
         self._pending = b""
 
     def start(self, timeout: float = 30.0) -> Daemon:
+        self.launch()
+        self.wait_for("ready", timeout)
+        return self
+
+    def launch(self) -> Daemon:
+        """Start the process without waiting for ``ready`` (for a start that must fail)."""
         # A restart waits for *this* run's lines: the previous run's go to history.
         self.history += self.log
         self.log = []
         self.ports = {}
+        self._pending = b""
         self.proc = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "--logfile=-", *self.extra_args, "smarthost",
              "--config", str(self.config_path)],
             cwd=self.directory,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
         )
-        self.wait_for("ready", timeout)
         return self
+
+    def wait_exit(self, timeout: float = 30.0) -> int:
+        """Wait for the daemon to end by itself; its exit status (its log is then complete)."""
+        assert self.proc is not None
+        try:
+            self.wait_for(re.compile(r"(?!)"), timeout)  # matches nothing: reads to the end
+        except RuntimeError:
+            pass  # the end of its output: it exited
+        status = self.proc.wait(timeout)
+        self._drain()
+        return status
+
+    def send_signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
 
     def wait_for(
         self, text: str | re.Pattern[str], timeout: float = 30.0, count: int = 1

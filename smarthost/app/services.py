@@ -1,7 +1,10 @@
-"""The two twistd services of a running smart host: the listeners, and the queue (spool
-recovery, the scheduler and the control socket). twistd starts them in order; the ports open
-in ``privilegedStartService`` (before ``--uid``/``--gid`` drops root), the spool is recovered
-in ``startService`` (after it, so the spool belongs to the user that runs the daemon).
+"""The twistd services of a running smart host: the checks of what the daemon's user must
+read, the queue (spool recovery, the scheduler and the control socket), the listeners, and
+the signal handlers, under one :class:`DaemonService`. twistd starts them in order; the ports
+open in ``privilegedStartService`` (before ``--uid``/``--gid`` drops root), everything else in
+``startService`` (after it, so the spool belongs to the user that runs the daemon and the
+checks read files as that user). Each reports to the :class:`~smarthost.app.startup.Startup`,
+which says ``ready`` after the last or stops the whole start at the first that fails.
 """
 
 from __future__ import annotations
@@ -10,62 +13,143 @@ import gc
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import Service
+import attrs
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
 
-from smarthost.app import control
+from smarthost.app import control, startup
+from smarthost.app.live import Live
+from smarthost.app.startup import Startup, running_as
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.scheduler import Scheduler
 from smarthost.queue.spool import Spool
 from smarthost.smtpd import listen
 
 
+class DaemonService(MultiService):
+    """The whole daemon. When twistd adds it to its application, it also hands twistd the
+    log observer to use (the application's ``ILogObserver`` component, which twistd prefers
+    to its own), so that the daemon holds the log file and can reopen it on SIGUSR1."""
+
+    def __init__(self, log_observer: ILogObserver | None = None) -> None:
+        super().__init__()
+        self._log_observer = log_observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        if (self._log_observer is not None and isinstance(parent, Componentized)
+                and parent.getComponent(ILogObserver) is None):
+            parent.setComponent(ILogObserver, self._log_observer)
+        super().setServiceParent(parent)
+
+
+@attrs.frozen
+class Listener:
+    key: str  # the config key, e.g. "listen.smtp[0]"
+    role: str
+    description: str  # the endpoint string
+    factory: Factory
+    tls: Any  # the connection creator for implicit TLS, or None
+
+
 class ListenerService(Service):
-    """Opens every configured listener on start and closes them on stop."""
+    """Opens every configured listener on start (all of them, or the start fails) and closes
+    them on stop."""
 
     def __init__(
-        self, reactor: Any, maillog: MailLog, listeners: list[tuple[str, str, Factory, Any]]
+        self, reactor: Any, maillog: MailLog, listeners: list[Listener], starting: Startup
     ) -> None:
         self._reactor = reactor
         self._log = maillog
         self._listeners = listeners
+        self._startup = starting
         self._ports: list[IListeningPort] = []
+        self._stopped = False
 
     def privilegedStartService(self) -> None:
         # Before twistd drops to --uid/--gid: ports below 1024 (25, 465, 587) need root.
         super().privilegedStartService()
-        Deferred.fromCoroutine(self._start()).addErrback(self._failed)
+        # Most endpoints listen at once, so a failure is known before the drop; others (a
+        # plugin's endpoint) answer later, and the start waits for them.
+        Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
-        for role, description, factory, tls in self._listeners:
-            port = await listen.start_listener(
-                self._reactor, description, factory, implicit_tls=tls, clock=self._reactor
-            )
+        for listener in self._listeners:
+            try:
+                port = await listen.start_listener(
+                    self._reactor, listener.description, listener.factory,
+                    implicit_tls=listener.tls, clock=self._reactor,
+                )
+            except Exception as e:
+                self._startup.fail(listener.key, _cannot_listen(listener.description, e))
+                return
+            if self._stopped:  # the start failed elsewhere while this port was opening
+                await _stop(port)
+                return
             self._ports.append(port)
             host = port.getHost()
             self._log.notice(
                 "{role} listening on {address} ({description})",
-                role=role,
+                role=listener.role,
                 address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}",
-                description=description,
+                description=listener.description,
             )
-        # "ready" once everything has started: the spool is recovered in startService, after
-        # the listeners (opened before twistd drops privileges) but before any connection.
-        self._reactor.callWhenRunning(self._log.notice, "ready")
-
-    def _failed(self, failure: Any) -> None:
-        # A port that cannot be opened is fatal: an MTA silently missing a listener is worse.
-        self._log.failure("cannot open a listener", failure=failure)
-        if self._reactor.running:
-            self._reactor.stop()
+        self._startup.done(startup.LISTENERS)
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        self._stopped = True
         ports, self._ports = self._ports, []
         return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+def _cannot_listen(description: str, error: Exception) -> str:
+    if isinstance(error, CannotListenError):
+        return f"cannot listen on {description!r}: {error}"
+    # serverFromString's complaints: an unknown endpoint type, a port that is not a number.
+    return f"{description!r} is not an endpoint Twisted can listen on: {error}"
+
+
+class AccessCheck(Service):
+    """Reads, as the user the daemon runs as (twistd has dropped to ``--uid`` by
+    ``startService``), the files it will need while it runs: a users file only root can read
+    would otherwise fail every login with 454 and nothing said at start."""
+
+    def __init__(self, live: Live, maillog: MailLog, starting: Startup) -> None:
+        self._live = live
+        self._log = maillog
+        self._startup = starting
+
+    def startService(self) -> None:
+        super().startService()
+        if self._startup.failed:
+            return
+        current = self._live.current
+        try:
+            current.users.reload()
+        except OSError as e:
+            self._startup.fail(
+                "auth.users",
+                f"cannot read {current.users.path}: {e.strerror or e} ({running_as()})",
+            )
+            return
+        tls = current.config.tls
+        for key, path in (("tls.certificate", tls.certificate), ("tls.key", tls.key)):
+            try:
+                path.open("rb").close()
+            except OSError as e:
+                # Loaded as root before the drop, so the daemon runs; only a reload cannot.
+                self._log.warning(
+                    "{key}: {path}: {error} ({user}): a reload (SIGHUP) cannot load a "
+                    "renewed one",
+                    key=key, path=str(path), error=e.strerror or str(e), user=running_as(),
+                )
 
 
 async def _stop(port: IListeningPort) -> None:
@@ -85,16 +169,20 @@ class QueueService(Service):
         scheduler: Scheduler,
         maillog: MailLog,
         commands: control.ControlCommands,
+        starting: Startup,
     ) -> None:
         self._reactor = reactor
         self._spool = spool
         self._scheduler = scheduler
         self._log = maillog
         self._commands = commands
+        self._startup = starting
         self._port: IListeningPort | None = None
 
     def startService(self) -> None:
         super().startService()
+        if self._startup.failed:
+            return  # never take the spool's lock for a start that is already over
         # Start-up reads every queued entry and schedules each: with 100,000 deferred messages
         # that is as many long-lived objects, and with the collector on every generation-2
         # pass walks all of them again (a fifth of recovery and half of scheduling, measured).
@@ -106,6 +194,7 @@ class QueueService(Service):
             if collecting:
                 gc.enable()
         if started:
+            self._startup.done(startup.QUEUE)
             self._listen_control()
 
     def _start_queue(self) -> bool:
@@ -114,11 +203,10 @@ class QueueService(Service):
             report = self._spool.recover()
         except OSError as e:
             # No spool, no mail: refusing to run beats accepting what cannot be kept.
-            self._log.error(
-                "cannot use the spool {directory}: {error}; stopping",
-                directory=self._spool.directory, error=str(e),
-            )
-            self._reactor.callWhenRunning(self._reactor.stop)
+            problem = f"cannot use the spool {self._spool.directory}: {e}"
+            if isinstance(e, PermissionError):
+                problem += f" ({running_as()})"
+            self._startup.fail("queue.directory", problem)
             return False
         self._log.notice(
             "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
@@ -143,12 +231,17 @@ class QueueService(Service):
         path = Path(self._spool.directory) / control.SOCKET_NAME
         endpoint = UNIXServerEndpoint(self._reactor, str(path), mode=0o600, wantPID=True)
         factory = control.ControlFactory(self._commands.handlers())
-        endpoint.listen(factory).addCallbacks(
-            self._listening, lambda f: self._log.failure("control socket", failure=f)
-        )
+        endpoint.listen(factory).addCallbacks(self._listening, self._control_failed)
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
+        self._startup.done(startup.CONTROL)
+
+    def _control_failed(self, failure: Failure) -> None:
+        # Without it `smarthost queue flush|delete` cannot reach this daemon: not a full start.
+        path = Path(self._spool.directory) / control.SOCKET_NAME
+        problem = failure.getErrorMessage().removeprefix("queue.directory: ")
+        self._startup.fail("queue.directory", f"cannot make the control socket {path}: {problem}")
 
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()

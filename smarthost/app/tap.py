@@ -14,7 +14,8 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
 from twisted.python import usage
 
-from smarthost.app.config import ConfigError, load_config
+from smarthost.app.config import Config, ConfigError, load_config
+from smarthost.app.logfiles import twistd_log_file
 from smarthost.app.wiring import make_service
 from smarthost.auth import sasl
 
@@ -28,19 +29,29 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     ]
 
     def postOptions(self) -> None:
-        path = self["config"]
         try:
-            self.config = load_config(
-                Path(path) if path else None, validate_mechanism=_validate_mechanism
-            )
+            self.config = self.load()
         except ConfigError as e:
             raise usage.UsageError(f"configuration error: {e}") from None
+
+    def load(self) -> Config:
+        """Read the config file (again, for a reload); raises ConfigError naming the key."""
+        path = self["config"]
+        return load_config(Path(path) if path else None, validate_mechanism=_validate_mechanism)
 
 
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
-    return make_service(options.config, reactor, options.get("credCheckers", []))
+    return make_service(
+        options.config,
+        reactor,
+        options.get("credCheckers", []),
+        load=options.load,
+        # twistd's own options (--logfile, --nodaemon, ...): the daemon opens twistd's log
+        # file itself, to reopen it on SIGUSR1.
+        log_file=twistd_log_file(options.parent),
+    )
 
 
 def _validate_mechanism(name: str) -> None:

@@ -4,40 +4,62 @@ resolver, ``run_blocking``); only this room knows the global reactor and the con
 
     listeners -> Session (smtpd) -> Spool (queue) -> Scheduler -> Courier -> routing
                                                                  -> SMTP agent / maildir
+
+What a reload (SIGHUP) replaces is one :class:`~smarthost.app.live.Generation`, built by
+:func:`build_generation` from each loaded config; the listeners and the courier reach the
+current one through :class:`~smarthost.app.live.Live`. The spool, the scheduler, the
+failed-host memory and the log are built once, by :func:`make_service`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 from OpenSSL import SSL
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import ssl
 from twisted.internet.protocol import Factory
-from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
-from smarthost.app import control, credfactory, tlscert
+from smarthost.app import control, credfactory, servertls, tlscert
 from smarthost.app.config import Config, ConfigError
+from smarthost.app.live import Generation, Live, LiveServerTLS, LiveSessionFactory
+from smarthost.app.logfiles import LogReopener, observer_for
+from smarthost.app.notify import SystemdNotify
 from smarthost.app.pluginload import PluginError, build_plugins
-from smarthost.app.services import ListenerService, QueueService
+from smarthost.app.reload import Reloader
+from smarthost.app.services import (
+    AccessCheck,
+    DaemonService,
+    Listener,
+    ListenerService,
+    QueueService,
+)
+from smarthost.app.signals import SignalService
+from smarthost.app.startup import ExitStatus, Startup
 from smarthost.auth import oauth, sasl
 from smarthost.auth.cred import PortalLogin, build_portal
 from smarthost.auth.decoys import decoy_key
 from smarthost.auth.users import UsersFile, users_file_is_insecure
 from smarthost.core.enums import Role
+from smarthost.core.envelope import Outcome, QueueEntry
 from smarthost.core.maillog import EventFile, MailLog
-from smarthost.delivery.courier import Courier
+from smarthost.delivery.courier import Courier, Resolve
 from smarthost.delivery.dns import DNSLookups, make_resolver
 from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.maildir import LocalRecipients, MaildirDelivery
+from smarthost.delivery.recording import RetryPolicy
+from smarthost.delivery.reporting import Reporter
 from smarthost.delivery.routing import Credentials, NextHopResolver
-from smarthost.delivery.scheduler import Reporter, RetryPolicy, Scheduler
+from smarthost.delivery.scheduler import Scheduler
 from smarthost.delivery.smtpagent import SMTPDelivery
 from smarthost.queue.spool import Spool
 from smarthost.smtpd import listen
@@ -49,7 +71,8 @@ from smarthost.smtpd.session import Session, SessionSettings
 
 @attrs.frozen
 class Parts:
-    """The long-lived objects of one running smart host, built from its config."""
+    """What the sessions of one generation share: the long-lived spool, log and scheduler,
+    and the parts built from that generation's config."""
 
     config: Config
     spool: Spool
@@ -63,43 +86,157 @@ class Parts:
     users: UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
 
 
+@attrs.frozen
+class Durable:
+    """What lives as long as the process, whatever a reload changes."""
+
+    spool: Spool
+    maillog: MailLog
+    scheduler: Scheduler
+    hosts: HostCache
+
+
 def make_service(
-    config: Config, reactor: Any, checkers: Sequence[ICredentialsChecker] = ()
+    config: Config,
+    reactor: Any,
+    checkers: Sequence[ICredentialsChecker] = (),
+    *,
+    load: Callable[[], Config] | None = None,
+    environ: Mapping[str, str] = os.environ,
+    log_file: LogFile | None = None,
 ) -> MultiService:
-    """The whole daemon as one twistd service: the queue first, then the listeners."""
-    parts = build_parts(config, reactor, checkers)
-    top = MultiService()
-    listeners: list[tuple[str, str, Factory, Any]] = []
+    """The whole daemon as one twistd service. ``load`` reads the config again for a reload
+    (by default the same config: only the files it names are read again); ``log_file`` is
+    twistd's log, which SIGUSR1 reopens."""
+    events = EventFile(str(config.log.events)) if config.log.events else None
+    maillog = MailLog(reactor, events)
+    notify = SystemdNotify.from_environment(
+        environ, lambda text: maillog.warning("{detail}", detail=text)
+    )
+    starting = Startup(reactor, maillog, notify, ExitStatus())
+    top = DaemonService(observer_for(log_file))
+    live = Live()
+    durable = _durable(config, reactor, maillog, live)
+
+    def build(new: Config, previous: Generation | None) -> Generation:
+        return build_generation(new, reactor, checkers, durable, previous)
+
+    try:
+        live.swap(build(config, None))
+    except ConfigError as e:
+        _FailedStart(starting, e).setServiceParent(top)
+        return top
+    commands = control.ControlCommands(durable.spool, durable.scheduler, maillog)
+    for service in (
+        AccessCheck(live, maillog, starting),
+        QueueService(reactor, durable.spool, durable.scheduler, maillog, commands, starting),
+        ListenerService(reactor, maillog, _listeners(config, live), starting),
+    ):
+        service.setServiceParent(top)
+    reloader = Reloader(load or (lambda: config), build, live, maillog, notify)
+
+    def hangup() -> None:
+        if not starting.ready:
+            maillog.warning("SIGHUP ignored: the daemon is still starting")
+            return
+        reloader.reload()
+
+    reopener = LogReopener(log_file, maillog)
+    SignalService(
+        reactor, {signal.SIGHUP: hangup, signal.SIGUSR1: reopener.reopen}
+    ).setServiceParent(top)
+    return top
+
+
+class _FailedStart(Service):
+    """What twistd runs when the config's files do not load: the failure, at start."""
+
+    def __init__(self, starting: Startup, error: ConfigError) -> None:
+        self._startup, self._error = starting, error
+
+    def startService(self) -> None:
+        super().startService()
+        key = self._error.key or "config"
+        self._startup.fail(key, str(self._error).removeprefix(f"{key}: "))
+
+
+def _listeners(config: Config, live: Live) -> list[Listener]:
+    found = []
     for role, descriptions in (
         (Role.SUBMISSION, config.listen.submission),
         (Role.SUBMISSIONS, config.listen.submissions),
         (Role.SMTP, config.listen.smtp),
     ):
-        factory = session_factory(parts, role, reactor)
-        tls = parts.server_tls if role == Role.SUBMISSIONS else None
-        listeners += [(role, description, factory, tls) for description in descriptions]
-    commands = control.ControlCommands(parts.spool, parts.scheduler, parts.maillog)
-    QueueService(reactor, parts.spool, parts.scheduler, parts.maillog, commands).setServiceParent(
-        top
-    )
-    ListenerService(reactor, parts.maillog, listeners).setServiceParent(top)
-    return top
+        # Implicit TLS asks the current generation for its certificate at each handshake.
+        tls = LiveServerTLS(live) if role == Role.SUBMISSIONS else None
+        found += [
+            Listener(f"listen.{role}[{i}]", role, description, LiveSessionFactory(live, role), tls)
+            for i, description in enumerate(descriptions)
+        ]
+    return found
 
 
-def build_parts(
-    config: Config, reactor: Any, checkers: Sequence[ICredentialsChecker] = ()
-) -> Parts:
+def _durable(config: Config, reactor: Any, maillog: MailLog, live: Live) -> Durable:
     from twisted.internet.threads import deferToThread
 
-    events = EventFile(str(config.log.events)) if config.log.events else None
-    maillog = MailLog(reactor, events)
-    server_tls = _server_tls(config, maillog)
     # Recovery (which creates the directories) waits for startService, after twistd has
     # dropped to --uid/--gid, so the spool belongs to the user that runs the daemon.
     spool = Spool(config.queue.directory, clock=reactor, run_blocking=deferToThread)
+    policy = retry_policy(config)
+    # The one memory of failed hosts, held no longer than the first retry interval: routing
+    # orders by it, the courier defers suspended routes by it, the scheduler records each
+    # attempt's unreachable hosts in it and empties it on a flush.
+    hosts = HostCache(reactor, first_retry=policy.delay(1))
+    scheduler = build_scheduler(
+        config, reactor, spool, maillog, hosts, policy, resolve=live.resolve,
+        observe=live.observe,
+    )
+    return Durable(spool, maillog, scheduler, hosts)
+
+
+def build_generation(
+    config: Config,
+    reactor: Any,
+    checkers: Sequence[ICredentialsChecker],
+    durable: Durable,
+    previous: Generation | None = None,
+) -> Generation:
+    """Everything a reload replaces, built from ``config``; raises :class:`ConfigError` naming
+    the key when a file it names does not load (nothing is changed then)."""
+    maillog = durable.maillog
+    server_tls, certificate = _server_tls(config, maillog)
     users = _users(config, maillog)
-    resolver = make_resolver(list(config.delivery.nameservers), reactor)
-    hooks = _hooks(config, reactor, resolver, maillog)
+    dns = previous.dns if previous is not None and (
+        previous.config.delivery.nameservers == config.delivery.nameservers
+    ) else make_resolver(list(config.delivery.nameservers), reactor)
+    parts = build_parts(config, reactor, checkers, durable, server_tls, users, dns, previous)
+    routing = _routing(config, dns, durable.hosts)
+    return Generation(
+        config=config,
+        factories={role: session_factory(parts, role, reactor) for role in Role},
+        server_tls=server_tls,
+        certificate=certificate,
+        users=users,
+        limits=parts.limits,
+        resolve=routing.resolve,
+        observe=parts.hooks.observe,
+        dns=dns,
+    )
+
+
+def build_parts(
+    config: Config,
+    reactor: Any,
+    checkers: Sequence[ICredentialsChecker],
+    durable: Durable,
+    server_tls: ssl.CertificateOptions,
+    users: UsersFile,
+    dns: DNSLookups,
+    previous: Generation | None = None,
+) -> Parts:
+    from twisted.internet.threads import deferToThread
+
+    hooks = _hooks(config, reactor, dns, durable.maillog)
     # OAUTHBEARER and XOAUTH2: the token verifier plugins say whose a token is.
     token_checkers = [oauth.BearerTokenChecker(hooks.verifiers, reactor)] if hooks.verifiers else []
     portal = credfactory.with_checkers(
@@ -107,36 +244,59 @@ def build_parts(
     )
     return Parts(
         config=config,
-        spool=spool,
-        maillog=maillog,
+        spool=durable.spool,
+        maillog=durable.maillog,
         policy=_relay_policy(config),
         portal=portal,
         server_tls=server_tls,
-        scheduler=build_scheduler(config, reactor, spool, maillog, resolver, hooks),
-        limits=Limits(reactor, limit_settings(config)),
+        scheduler=durable.scheduler,
+        limits=_limits(config, reactor, previous),
         hooks=hooks,
         users=users,
     )
 
 
-def _server_tls(config: Config, maillog: MailLog) -> ssl.CertificateOptions:
-    if tlscert.ensure_self_signed(config.hostname, config.tls.certificate, config.tls.key):
+def _limits(config: Config, reactor: Any, previous: Generation | None) -> Limits:
+    """The counters carry over a reload that leaves ``[limits]`` alone. New numbers mean new
+    counters (the connections already open count against the old ones until they close)."""
+    settings = limit_settings(config)
+    if previous is not None and previous.limits.settings == settings:
+        return previous.limits
+    return Limits(reactor, settings)
+
+
+def _server_tls(config: Config, maillog: MailLog) -> tuple[ssl.CertificateOptions, str]:
+    """The server's TLS options and a description of its certificate."""
+    try:
+        made = tlscert.ensure_self_signed(config.hostname, config.tls.certificate, config.tls.key)
+    except OSError as e:
+        raise ConfigError(
+            "tls.certificate", f"cannot write a self-signed certificate: {e}"
+        ) from None
+    if made:
         maillog.notice(
             "generated a self-signed certificate for {hostname} in {path}",
             hostname=config.hostname,
             path=str(config.tls.certificate),
         )
+    certificate = servertls.check_pair(config.tls.certificate, config.tls.key)
     try:
-        return listen.server_tls_options(config.tls.certificate, config.tls.key)
+        return listen.server_tls_options(config.tls.certificate, config.tls.key), certificate
     except (OSError, ValueError, SSL.Error) as e:
-        raise usage.UsageError(f"tls: cannot load certificate/key: {e}") from None
+        raise ConfigError("tls.certificate", f"cannot load the certificate and key: {e}") from None
 
 
 def _users(config: Config, maillog: MailLog) -> UsersFile:
     # The decoy secrets for unknown names are keyed from the TLS private key (auth.decoys
     # says why); the key was made or loaded just before.
     users = UsersFile(config.auth.users, decoy_key=decoy_key(config.tls.key.read_bytes()))
-    for problem in users.reload().problems:
+    try:
+        problems = users.reload().problems
+    except OSError as e:
+        raise ConfigError(
+            "auth.users", f"cannot read {users.path}: {e.strerror or e}"
+        ) from None
+    for problem in problems:
         maillog.warning("users file {path}: {problem}", path=str(users.path), problem=problem)
     if users_file_is_insecure(config.auth.users):
         maillog.warning(
@@ -162,8 +322,8 @@ def _hooks(config: Config, reactor: Any, resolver: DNSLookups, maillog: MailLog)
     try:
         plugins = build_plugins(config.plugins.enabled, config.plugins.settings, context)
         oauth.require_verifier(config.auth.mechanisms, plugins)
-    except (PluginError, ConfigError) as e:
-        raise usage.UsageError(f"configuration error: {e}") from None
+    except PluginError as e:
+        raise ConfigError(e.key, str(e).removeprefix(f"{e.key}: ")) from None
     for name, _ in plugins:
         maillog.notice("plugin {name} enabled", name=name)
     return Hooks(plugins, reactor)
@@ -187,30 +347,24 @@ def _upstream(config: Config) -> Credentials | None:
     try:
         password = upstream.password_file.read_text(encoding="utf-8").strip("\r\n")
     except (OSError, UnicodeDecodeError) as e:
-        raise usage.UsageError(
-            f"delivery.upstream.password_file: cannot read {upstream.password_file}: {e}"
+        raise ConfigError(
+            "delivery.upstream.password_file", f"cannot read {upstream.password_file}: {e}"
         ) from None
     return Credentials(upstream.username, password)
 
 
-def build_scheduler(
-    config: Config, reactor: Any, spool: Spool, maillog: MailLog, dns: DNSLookups, hooks: Hooks
-) -> Scheduler:
-    from twisted.internet.threads import deferToThread
-
-    # Forward only: each object is built from those before it, none calls back into a later one.
+def retry_policy(config: Config) -> RetryPolicy:
     queue = config.queue
-    policy = RetryPolicy(
+    return RetryPolicy(
         delays=tuple(float(d) for d in queue.retry),
         lifetime=queue.lifetime,
         delay_warning=queue.delay_warning,
     )
-    # The one memory of failed hosts, held no longer than the first retry interval: routing
-    # orders by it, the courier defers suspended routes by it, the scheduler records each
-    # attempt's unreachable hosts in it and empties it on a flush.
-    hosts = HostCache(reactor, first_retry=policy.delay(1))
+
+
+def _routing(config: Config, dns: DNSLookups, hosts: HostCache) -> NextHopResolver:
     delivery = config.delivery
-    resolver = NextHopResolver(
+    return NextHopResolver(
         dns,
         hosts=hosts,
         local_domains=config.relay.local_domains,
@@ -221,17 +375,32 @@ def build_scheduler(
         credentials=_upstream(config),
     )
 
+
+def build_scheduler(
+    config: Config,
+    reactor: Any,
+    spool: Spool,
+    maillog: MailLog,
+    hosts: HostCache,
+    policy: RetryPolicy,
+    *,
+    resolve: Resolve,
+    observe: Callable[[QueueEntry, Outcome], None],
+) -> Scheduler:
+    """Forward only: each object is built from those before it, none calls back into a later
+    one. ``resolve`` (routing) and ``observe`` (the plugins) are the current generation's."""
+    from twisted.internet.threads import deferToThread
+
     def maildir(root: Path) -> MaildirDelivery:
         return MaildirDelivery(root, deferToThread, reactor, config.hostname)
 
     smtp = SMTPDelivery(reactor, config.hostname)
     # Connections parked for reuse get a polite QUIT when the daemon stops.
     reactor.addSystemEventTrigger("before", "shutdown", smtp.close_all)
-    courier = Courier(resolver.resolve, smtp, maildir, hosts)
+    courier = Courier(resolve, smtp, maildir, hosts)
     reporter = Reporter(spool, config.hostname, reactor, maillog)
-    return Scheduler(
-        reactor, spool, courier.attempt, reporter, policy, maillog, hosts, observe=hooks.observe
-    )
+    return Scheduler(reactor, spool, courier.attempt, reporter, policy, maillog, hosts,
+                     observe=observe)
 
 
 class SessionFactory(Factory):
