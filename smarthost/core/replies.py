@@ -72,6 +72,8 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 # Fatal: the session answers this and closes (as Postfix smtpd_forbid_bare_newline).
 BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF in message data; lines must end with CRLF")
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message line longer than 1000 octets")
+# NUL is allowed in neither 7bit nor 8bit data (RFC 2045 2.7-2.8; RFC 6152 8BITMIME is 8bit).
+NUL_IN_DATA = Reply(554, "5.6.0", "NUL octets are not allowed in message data")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")

@@ -7,8 +7,10 @@ message ends let a sender hide a second, forged transaction inside the first. So
 * the only end of data is ``<CRLF>.<CRLF>`` (RFC 5321 4.1.1.4);
 * the first bare CR or LF stops everything at once: nothing after it can ever be read as a
   command, and the session closes the connection (as Postfix ``smtpd_forbid_bare_newline``);
-* a line over 1000 octets (RFC 5321 4.5.3.1.6) or a message over the size limit is refused
-  only at the real end, so the client stays in sync and can go on with its next command.
+* a line over 1000 octets (RFC 5321 4.5.3.1.6), a NUL octet (RFC 2045 2.7-2.8, which RFC 6152
+  8BITMIME builds on; the smtpsmug scanner's NUL probes) or a message over the size limit is
+  refused only at the real end, so the client stays in sync and can go on with its next
+  command. A NUL never ends a message: ``<CRLF>.<NUL><CRLF>`` is content, and refused.
 
 The work is done with ``bytes.find``/``count``/``replace`` on whole feeds, never per byte: only
 the incomplete last line is kept between feeds, and not even that while a too-long line is
@@ -45,8 +47,8 @@ class DataReader:
     """Reads one message's data; feed it every received chunk until it returns a result.
 
     ``write`` gets the dot-unstuffed bytes, CRLF kept, at most once per :meth:`feed`. Once the
-    message is known to be refused (too long a line, too big) nothing more is written; the
-    caller discards what it got. ``max_size`` 0 means no limit.
+    message is known to be refused (too long a line, a NUL, too big) nothing more is written;
+    the caller discards what it got. ``max_size`` 0 means no limit.
     """
 
     def __init__(self, write: Callable[[bytes], None], max_size: int) -> None:
@@ -55,6 +57,7 @@ class DataReader:
         self._tail = b""  # the incomplete last line, or just its CR while skipping a long line
         self._skipping = False  # inside a line already known to be too long
         self._too_long = False
+        self._nul = False
         self._size = 0
         self._done = False
 
@@ -106,8 +109,8 @@ class DataReader:
         # RFC 5321 4.5.2: the sender doubled every leading dot; the stuffed ones do not count.
         lead = body.startswith(b".")
         self._size += len(body) - body.count(b"\r\n.") - lead
-        if self._refused or not body:
-            return True
+        if self._too_long or self._over_size or not body:
+            return True  # the verdict is made: NUL (the weakest) could not change it
         unstuffed = body.replace(b"\r\n.", b"\r\n")
         if lead:
             unstuffed = unstuffed[1:]
@@ -115,6 +118,8 @@ class DataReader:
         # batch no longer than one maximal line cannot hold a too-long one.
         if len(unstuffed) > MAX_LINE + 2 and max(map(len, unstuffed.split(b"\r\n"))) > MAX_LINE:
             self._too_long = True
+        elif self._nul or b"\0" in unstuffed:
+            self._nul = True  # nothing more is written; lines are still measured
         else:
             self._write(unstuffed)
         return True
@@ -123,20 +128,19 @@ class DataReader:
     def _over_size(self) -> bool:
         return 0 < self._max_size < self._size
 
-    @property
-    def _refused(self) -> bool:
-        return self._too_long or self._over_size
-
     def _finish(self, body: bytes, leftover: bytes) -> DataResult:
         if not self._take(body):
             return self._fatal()
         self._done = True
-        # Size wins over line length so the verdict does not depend on how bytes were chunked.
+        # Size wins over line length, and line length over NUL, so the verdict does not depend
+        # on how bytes were chunked (the first part of a too-long line may never be looked at).
         error = None
         if self._over_size:
             error = reply.TOO_BIG
         elif self._too_long:
             error = reply.DATA_LINE_TOO_LONG
+        elif self._nul:
+            error = reply.NUL_IN_DATA
         return DataResult(error, fatal=False, leftover=leftover, size=self._size)
 
     def _fatal(self) -> DataResult:

@@ -39,7 +39,7 @@ def split_at(data: bytes, points: Iterable[int]) -> list[bytes]:
 
 def reference(data: bytes, max_size: int) -> tuple[DataResult, bytes] | None:
     """A slow, obviously-correct model: byte by byte, line by line."""
-    pos, size, too_long, out = 0, 0, False, bytearray()
+    pos, size, too_long, nul, out = 0, 0, False, False, bytearray()
     while True:
         i = pos
         while i < len(data) and data[i] not in b"\r\n":
@@ -55,10 +55,13 @@ def reference(data: bytes, max_size: int) -> tuple[DataResult, bytes] | None:
                 error = reply.TOO_BIG
             elif too_long:
                 error = reply.DATA_LINE_TOO_LONG
+            elif nul:
+                error = reply.NUL_IN_DATA
             return DataResult(error, False, data[pos:], size), bytes(out)
         if line.startswith(b"."):
             line = line[1:]
         too_long = too_long or len(line) > MAX_LINE
+        nul = nul or b"\0" in line
         size += len(line) + 2
         out += line + b"\r\n"
 
@@ -135,14 +138,30 @@ def test_smuggling_bare_endings_are_fatal(fake_end: bytes) -> None:
 
 
 @pytest.mark.parametrize("fake_end", NUL_ENDINGS)
-def test_smuggling_nul_endings_are_message_content(fake_end: bytes) -> None:
+def test_smuggling_nul_endings_are_message_content_and_refused(fake_end: bytes) -> None:
+    """A NUL never ends the message early, and a message with one is refused at its real end
+    (RFC 2045 2.7-2.8, RFC 6152): the client stays in sync, nothing is kept."""
     wire = b"hi" + fake_end + COMMANDS
     result, written, _ = run([wire])
     assert result is None
-    result, written, rest = run([wire, b".\r\nQUIT\r\n"])
-    assert result is not None and result.error is None
-    assert COMMANDS in written
-    assert rest == b"QUIT\r\n"
+    for chunks in ([wire, b".\r\nQUIT\r\n"], [wire[i : i + 1] for i in range(len(wire))]
+                   + [b".\r\nQUIT\r\n"]):
+        result, written, rest = run(chunks)
+        assert result is not None
+        assert (result.error, result.fatal) == (reply.NUL_IN_DATA, False)
+        assert b"\0" not in written and COMMANDS not in written
+        assert rest == b"QUIT\r\n"
+
+
+def test_nul_is_refused_anywhere_and_weaker_than_the_other_verdicts() -> None:
+    for wire in (b"a\0b\r\n.\r\n", b"Subject: \0\r\n\r\nx\r\n.\r\n", b"\0\r\n.\r\n"):
+        result, _, _ = run([wire])
+        assert result is not None and result.error == reply.NUL_IN_DATA, wire
+    long_line = b"y" * (MAX_LINE + 1) + b"\r\n"
+    result, _, _ = run([b"\0\r\n" + long_line + b".\r\n"])
+    assert result is not None and result.error == reply.DATA_LINE_TOO_LONG
+    result, _, _ = run([b"\0\r\n" + b"x" * 50 + b"\r\n.\r\n"], max_size=20)
+    assert result is not None and result.error == reply.TOO_BIG
 
 
 def test_bare_line_ending_is_fatal_at_once() -> None:
@@ -284,8 +303,10 @@ def test_size_wins_over_line_length() -> None:
 
 LINES = st.lists(
     st.one_of(
-        st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
-        st.sampled_from([b"", b".", b"..", b".x", b"\x00.", b"." * 5]),
+        st.binary(max_size=80).map(
+            lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\0", b"")
+        ),
+        st.sampled_from([b"", b".", b"..", b".x", b"\x01.", b"." * 5]),
     ),
     max_size=30,
 )
