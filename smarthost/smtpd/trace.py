@@ -1,10 +1,18 @@
-"""The ``Received:`` trace header we put on every accepted message (RFC 5321 4.4)."""
+"""The ``Received:`` trace header we put on every accepted message (RFC 5321 4.4).
+
+Every line of it stays within 998 octets (RFC 5322 2.1.1) whatever the client sent: the EHLO
+name is the only free text in it, and it is cut to :data:`MAX_HELO` octets; the recipient is
+a path of at most 256 octets (RFC 5321 4.5.3.1.3, enforced by the parser) on its own folded
+line. Otherwise our own DATA reader, and any strict next hop, would refuse the message.
+"""
 
 from __future__ import annotations
 
 import email.utils
 
 import attrs
+
+MAX_HELO = 255  # octets of the EHLO name kept in the header
 
 
 @attrs.frozen
@@ -31,7 +39,7 @@ def received_header(hop: Hop, by: str, queue_id: str, recipients: list[str], whe
     rcpt = f"\r\n\tfor <{recipients[0]}>" if len(recipients) == 1 else ""
     date = email.utils.formatdate(when, localtime=True)
     return (
-        f"Received: from {_comment_safe(hop.helo)} ([{hop.address}])\r\n"
+        f"Received: from {_helo_text(hop.helo, hop.smtputf8)} ([{hop.address}])\r\n"
         f"\tby {by} (smarthost) with {protocol} id {queue_id}{tls}{rcpt};\r\n\t{date}\r\n"
     ).encode()
 
@@ -45,6 +53,19 @@ def tls_details(transport: object) -> tuple[str, str]:
         return "TLS", "unknown"
 
 
-def _comment_safe(text: str) -> str:
-    """The client's HELO as header text: printable, no parentheses to break the syntax."""
-    return "".join(c if c.isprintable() and c not in "()" else "?" for c in text) or "unknown"
+def _helo_text(helo: str, utf8: bool) -> str:
+    """The client's EHLO name as header text: visible characters only (US-ASCII unless the
+    message is SMTPUTF8, RFC 6532), no space, parenthesis or backslash to break the syntax,
+    anything else as "?"; at most MAX_HELO octets (RFC 1035 2.3.4: no domain name is longer,
+    and an address literal is shorter), cut with "..." to show it was cut."""
+    text = "".join(c if _visible(c, utf8) else "?" for c in helo) or "unknown"
+    if len(text.encode("utf-8")) <= MAX_HELO:
+        return text
+    cut = text.encode("utf-8")[: MAX_HELO - 3].decode("utf-8", "ignore")
+    return cut + "..."
+
+
+def _visible(c: str, utf8: bool) -> bool:
+    if c in "()\\":
+        return False
+    return "!" <= c <= "~" or (utf8 and c > "\x7f" and c.isprintable())
