@@ -39,7 +39,7 @@ from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits
 from smarthost.smtpd.params import mail_params, rcpt_params, split_path
 from smarthost.smtpd.policy import RelayPolicy
-from smarthost.smtpd.reception import Intake, Reception
+from smarthost.smtpd.reception import Intake, Reception, storage_error
 from smarthost.smtpd.trace import Hop, received_header
 from smarthost.smtpd.transaction import Transaction
 
@@ -221,13 +221,18 @@ class Commands:
 
     def _rate_key(self) -> str | None:
         """Whose hourly sending rate a message counts against: the user, or a trusted
-        address relaying without AUTH; anonymous mail (to local domains only) counts for
-        nobody."""
+        address (IPv6: its prefix) relaying without AUTH; None for anonymous mail (to local
+        domains only), which counts against the client's address apart."""
         if self._peer.user is not None:
             return self._peer.user
         if self._policy.is_trusted(self._peer.address):
-            return self._peer.address
+            return self._limits.address_key(self._peer.address)
         return None
+
+    def _rate_allowed(self, rate_key: str | None) -> bool:
+        if rate_key is None:
+            return self._limits.anonymous.allowed(self._peer.address)
+        return self._limits.rate.allowed(rate_key)
 
     # -- EHLO, HELO, STARTTLS, AUTH: the connection ----------------------------------------
 
@@ -343,8 +348,7 @@ class Commands:
             self._channel.send(_address_error(path, txn.smtputf8, reply.BAD_SENDER))
             return
         client, subject = self._client(), str(sender or "")
-        rate_key = self._rate_key()
-        if rate_key is not None and not self._limits.rate.allowed(rate_key):
+        if not self._rate_allowed(self._rate_key()):
             self._log.refused(self._peer.address, "MAIL", subject, "rate limit")
             self._channel.send(reply.RATE_LIMITED)
             return
@@ -418,8 +422,9 @@ class Commands:
         incoming = self._spool.receive()
         try:
             incoming.write(self._received_header(incoming.queue_id.value))
-        except OSError:
+        except OSError as e:
             incoming.abort()
+            storage_error(self._log, incoming.queue_id.value, e)
             self._channel.send(reply.NO_STORAGE)
             return
         reception = Reception(

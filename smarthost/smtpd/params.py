@@ -13,6 +13,10 @@ from smarthost.core.envelope import NOTIFY_KEYWORDS
 from smarthost.core.replies import Reply
 
 MAX_ENVID = 100  # RFC 3461 4.4
+MAX_ORCPT = 500  # RFC 3461 4.2: octets of the whole parameter value
+# RFC 5321 4.1.2 Atom: the characters of RFC 5322 atext.
+_ATEXT = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                   "!#$%&'*+-/=?^_`{|}~")
 
 
 @attrs.frozen
@@ -47,7 +51,7 @@ def mail_params(text: str, max_size: int) -> MailParams | Reply:
             params = attrs.evolve(params, ret=value.upper())
         elif key == "ENVID":
             decoded = xtext_decode(value)
-            if decoded is None or len(decoded) > MAX_ENVID:
+            if decoded is None or len(decoded) > MAX_ENVID or not _printable(decoded):
                 return reply.PARAM_SYNTAX
             params = attrs.evolve(params, envid=decoded)
         elif key == "AUTH":
@@ -91,14 +95,31 @@ def rcpt_params(text: str) -> tuple[tuple[str, ...], str | None]:
                 raise ValueError(value)
             notify = words
         elif key == "ORCPT" and value:
-            addr_type, semi, xtext = value.partition(";")
-            decoded = xtext_decode(xtext)
-            if not semi or not addr_type or decoded is None:
-                raise ValueError(value)
-            orcpt = f"{addr_type};{decoded}"
+            orcpt = parse_orcpt(value)
         else:
             raise ValueError(key)
     return notify, orcpt
+
+
+def parse_orcpt(value: str) -> str:
+    """RFC 3461 4.2: ``addr-type ";" xtext``, at most 500 octets, the address type an atom
+    and the decoded address printable US-ASCII; it comes back with the address decoded.
+    Anything else is a ValueError (``501 5.5.4``): it would reach the next hop and our own
+    reports (RFC 3464 Original-Recipient) as it was sent."""
+    if len(value.encode("utf-8")) > MAX_ORCPT:
+        raise ValueError("ORCPT too long")
+    addr_type, semi, xtext = value.partition(";")
+    if not semi or not addr_type or not _ATEXT.issuperset(addr_type):
+        raise ValueError("ORCPT address type")
+    decoded = xtext_decode(xtext)
+    if decoded is None or not _printable(decoded):
+        raise ValueError("ORCPT address")
+    return f"{addr_type};{decoded}"
+
+
+def _printable(text: str) -> bool:
+    """RFC 3461 4.2 and 4.4: graphic and space characters of US-ASCII only."""
+    return all(" " <= c <= "~" for c in text)
 
 
 def xtext_decode(text: str | None) -> str | None:

@@ -1,11 +1,13 @@
 """One message arriving in DATA: its bytes streamed into the spool through the DATA reader,
-its header section kept for plugins, and a full disk turned into ``452`` at the end of DATA
-instead of a dead session (RFC 5321 4.2.5: the client must learn the message was not taken);
-then, for a complete message, the last checks and the spool's commit point.
+its header section kept for plugins, and a full disk (while writing or at the commit) turned
+into ``452 4.3.1`` at the end of DATA instead of a dead session or a ``451`` with a traceback
+(RFC 5321 4.2.5: the client must learn the message was not taken); then, for a complete
+message, the last checks and the spool's commit point.
 """
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 
 import attrs
@@ -63,10 +65,25 @@ class Reception:
             self._headers.feed(data)
         try:
             self.incoming.write(data)
-        except OSError:
-            self._log.failure("{queue_id}: cannot write to the spool",
-                              queue_id=str(self.incoming.queue_id))
+        except OSError as e:
             self._write_failed = True
+            storage_error(self._log, str(self.incoming.queue_id), e)
+
+
+def disk_full(error: OSError) -> bool:
+    """The spool's disk or the daemon's quota is full (the spool's SpoolFull is one): the
+    client is told ``452 4.3.1`` and tries again later (RFC 3463 4.3.1)."""
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_error(log: MailLog, queue_id: str, error: OSError) -> None:
+    """Log a message the spool could not take: a full disk is expected now and then and gets
+    one line; anything else is a fault, logged with its traceback (call from the handler)."""
+    if disk_full(error):
+        log.warning("{queue_id}: not queued, the spool is full: {error}",
+                    queue_id=queue_id, error=str(error))
+    else:
+        log.failure("{queue_id}: cannot write to the spool", queue_id=queue_id)
 
 
 class Intake:
@@ -100,7 +117,15 @@ class Intake:
                 self._log.refused(client.address, "DATA", envelope.sender, str(refusal))
                 return refusal
         held = rate_key is not None and self._limits.rate.accepted(rate_key)
-        entry = await reception.incoming.commit(attrs.evolve(envelope, held=held))
+        try:
+            entry = await reception.incoming.commit(attrs.evolve(envelope, held=held))
+        except OSError as e:
+            if not disk_full(e):
+                raise  # anything else is a local error (451), logged with its traceback
+            storage_error(self._log, str(reception.incoming.queue_id), e)
+            return NO_STORAGE
+        if rate_key is None:
+            self._limits.anonymous.accepted(client.address)
         self._log.accepted(entry, self._policy.describe(client))
         if held:
             self._log.held(entry, rate_key or "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Coroutine
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,8 @@ class Rig:
 
 
 def rig(tmp: Path, *, role: str = "submission", channel: FakeChannel | None = None,
-        connections_per_ip: int = 50, limits: Limits | None = None) -> Rig:
+        connections_per_ip: int = 50, limits: Limits | None = None,
+        trusted: tuple[str, ...] = ()) -> Rig:
     clock = Clock()
     clock.advance(1_700_000_000)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -108,7 +110,8 @@ def rig(tmp: Path, *, role: str = "submission", channel: FakeChannel | None = No
     accepted: list[QueueEntry] = []
     channel = channel or FakeChannel()
     commands = Commands(
-        channel, settings, RelayPolicy(frozenset({"example.test"}), (), {}),
+        channel, settings,
+        RelayPolicy(frozenset({"example.test"}), tuple(map(ip_network, trusted)), {}),
         PortalLogin(portal), spool, MailLog(clock), clock,
         limits or Limits(clock, LimitSettings(connections_per_ip=connections_per_ip)),
         Hooks((), clock),
@@ -230,3 +233,114 @@ def test_the_connection_slot_is_released_once(tmp_path: Path) -> None:
     first.commands.connection_lost()
     assert not rig(tmp_path / "3", limits=limits).channel.closed
     assert rig(tmp_path / "4", limits=limits).channel.closed
+
+
+def send_message(r: Rig, sender: str = "a@x.test") -> list[Reply]:
+    """MAIL, RCPT to a local domain, DATA and a short message; every reply (only MAIL's when
+    it is refused)."""
+    replies = r.line(f"MAIL FROM:<{sender}>")
+    if replies != [reply.SENDER_OK]:
+        return replies
+    replies += [x for line in ("RCPT TO:<b@example.test>", "DATA") for x in r.line(line)]
+    if r.channel.data is not None:
+        sink, done = r.channel.data
+        r.channel.data = None
+        result = sink.feed(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        assert result is not None
+        done(result)
+    return replies + r.channel.take()
+
+
+# -- anonymous mail per address and hour (issue 18, findings 7 and 13) ---------------------------
+
+
+def test_anonymous_mail_is_limited_per_client_address(tmp_path: Path) -> None:
+    limits = Limits(Clock(), LimitSettings(messages_per_ip_per_hour=2))
+    first = rig(tmp_path / "1", role="smtp", limits=limits,
+                channel=FakeChannel(peer_address="2001:db8:0:7::1"))
+    first.channel.take()
+    first.line("EHLO c")
+    assert [x.code for x in send_message(first)][-1] == 250
+    assert [x.code for x in send_message(first)][-1] == 250
+    assert send_message(first) == [reply.RATE_LIMITED]  # at MAIL, nothing more
+    # Another address of the same /64 is the same client; another /64 is not.
+    same = rig(tmp_path / "2", role="smtp", limits=limits,
+               channel=FakeChannel(peer_address="2001:db8:0:7::2"))
+    same.channel.take()
+    same.line("EHLO c")
+    assert send_message(same) == [reply.RATE_LIMITED]
+    other = rig(tmp_path / "3", role="smtp", limits=limits,
+                channel=FakeChannel(peer_address="2001:db8:0:8::1"))
+    other.channel.take()
+    other.line("EHLO c")
+    assert [x.code for x in send_message(other)][-1] == 250
+
+
+def test_authenticated_and_trusted_mail_is_not_counted_as_anonymous(tmp_path: Path) -> None:
+    limits = Limits(Clock(), LimitSettings(messages_per_ip_per_hour=1,
+                                           messages_per_user_per_hour=2))
+    r = rig(tmp_path / "1", limits=limits, channel=FakeChannel(encrypted=True))
+    r.channel.take()
+    assert r.codes("EHLO c", "AUTH PLAIN " + PLAIN) == [250, 235]
+    for _ in range(2):
+        assert [x.code for x in send_message(r, "alice@example.test")][-1] == 250
+    assert send_message(r, "alice@example.test") == [reply.RATE_LIMITED]  # the user's rate
+    # A trusted IPv6 client's hourly rate is counted per /64 too.
+    for n in (1, 2, 3):
+        t = rig(tmp_path / f"t{n}", limits=limits, trusted=("2001:db8::/32",),
+                channel=FakeChannel(peer_address=f"2001:db8:0:9::{n}"))
+        t.channel.take()
+        t.line("EHLO c")
+        codes = [x.code for x in send_message(t)]
+        assert codes[-1] == (250 if n < 3 else 451), n
+
+
+# -- ORCPT (finding 10) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orcpt", [
+    "rfc822;b+40example.test", "utf-8;b@example.test", "x-type;a", "rfc822;",
+    "rfc822;" + "a" * 493,
+])
+def test_valid_orcpt_is_accepted(tmp_path: Path, orcpt: str) -> None:
+    r = rig(tmp_path)
+    r.channel.take()
+    assert r.codes("EHLO c", "MAIL FROM:<a@x.test>", f"RCPT TO:<b@example.test> ORCPT={orcpt}"
+                   ) == [250, 250, 250]
+
+
+@pytest.mark.parametrize("orcpt", [
+    "rfc\x01822;a", "rfc 822;a", "rfc822", ";a", "rfc822;a+00b", "rfc822;a+0Ab",
+    "rfc822;a+zz", "rfc822;" + "a" * 494, "rfc822;" + "a" * 15000, "rfc(822);a",
+    "rfc822;caf\u00e9", "r\u00e9c;a",
+])
+def test_invalid_orcpt_is_501(tmp_path: Path, orcpt: str) -> None:
+    r = rig(tmp_path)
+    r.channel.take()
+    assert r.codes("EHLO c", "MAIL FROM:<a@x.test>") == [250, 250]
+    assert r.line(f"RCPT TO:<b@example.test> ORCPT={orcpt}") == [reply.PARAM_SYNTAX]
+
+
+def test_orcpt_is_stored_decoded(tmp_path: Path) -> None:
+    r = rig(tmp_path)
+    r.channel.take()
+    r.line("EHLO c")
+    r.line("MAIL FROM:<a@x.test>")
+    assert r.line("RCPT TO:<b@example.test> ORCPT=rfc822;b+40example.test") == [
+        reply.RECIPIENT_OK]
+    assert r.codes("DATA") == [354]
+    assert r.channel.data is not None
+    sink, done = r.channel.data
+    result = sink.feed(b"x\r\n.\r\n")
+    assert result is not None
+    done(result)
+    [entry] = r.accepted
+    assert entry.envelope.recipients[0].orcpt == "rfc822;b@example.test"
+
+
+def test_envid_must_be_printable(tmp_path: Path) -> None:
+    r = rig(tmp_path)
+    r.channel.take()
+    r.line("EHLO c")
+    assert r.line("MAIL FROM:<a@x.test> ENVID=a+0Db") == [reply.PARAM_SYNTAX]
+    assert r.line("MAIL FROM:<a@x.test> ENVID=a+20b") == [reply.SENDER_OK]
