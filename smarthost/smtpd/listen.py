@@ -17,6 +17,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHandshakeListener,
     IListeningPort,
     IProtocol,
     IReactorTime,
@@ -30,7 +31,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from smarthost.smtpd.tlsprofile import PROFILES, ProfileOptions
 
@@ -63,9 +64,11 @@ def server_tls_options(
     return options
 
 
+@implementer(IHandshakeListener)
 class _ProxiedConnection(policies.ProtocolWrapper):
     """Reads the PROXY v1/v2 header, then starts the wrapped protocol with the proxied
-    addresses already in place."""
+    addresses already in place. A STARTTLS under it reports the end of the handshake to this
+    wrapper, which passes it on (the session's handshake deadline waits for it)."""
 
     factory: ProxyFactory
 
@@ -123,6 +126,10 @@ class _ProxiedConnection(policies.ProtocolWrapper):
         self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
         if remaining:
             self.wrappedProtocol.dataReceived(remaining)
+
+    def handshakeCompleted(self) -> None:
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self._deadline is not None and self._deadline.active():

@@ -51,5 +51,7 @@ class Session(SMTPTransport):
             hard_errors=limits.settings.hard_errors,
             tls=settings.tls,
             implicit_tls=settings.role == Role.SUBMISSIONS,
+            tls_handshake_timeout=limits.settings.tls_handshake_timeout,
+            min_data_rate=limits.settings.min_data_rate,
         )
         super().__init__(transport, clock, maillog, commands)

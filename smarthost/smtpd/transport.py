@@ -5,17 +5,33 @@ commands one at a time: while one command is being answered asynchronously (a po
 a password check, the spool commit), later pipelined commands wait in the buffer, so replies
 always go out in command order. It also owns the STARTTLS switch (anything pipelined behind
 STARTTLS is discarded: RFC 3207 4.2, CVE-2011-0411), the DATA phase's raw byte stream, the
-command timeout, the stalls and the close after too many errors, pausing a client that
-pipelines more than we hold, and closing with a final reply.
+deadlines, the stalls and the close after too many errors, flow control in both directions,
+and closing with a final reply.
 
 Written on ``Protocol`` rather than ``twisted.mail.smtp.ESMTP`` because that one executes
 commands pipelined behind STARTTLS after the handshake, accepts bare LF/CR and over-long lines
 in DATA, and offers AUTH before TLS (measured on Twisted 26.10).
 
-Every deadline and every byte count of a connection lives here, so later limits have one
-home: a TLS handshake deadline in :meth:`SMTPTransport.start_tls`, a per-line deadline and a
-minimum DATA rate in :meth:`SMTPTransport.dataReceived` / :meth:`SMTPTransport._process`, and
-output flow control in :meth:`SMTPTransport._write`.
+Deadlines, none of which a client can push back by trickling bytes:
+
+* a TLS handshake (STARTTLS or implicit TLS) gets ``tls_handshake_timeout`` seconds, then the
+  connection is *aborted*: mid-handshake ``loseConnection`` waits for the peer forever, and a
+  reply could not reach it anyway;
+* each command line gets ``command_timeout`` seconds from the moment we wait for it (RFC 5321
+  4.5.3.2; Postfix's ``smtpd_per_record_deadline``); bytes of an unfinished line do not count;
+* DATA starts with ``command_timeout`` seconds of credit, and every byte received earns
+  ``1/min_data_rate`` seconds more, never beyond ``command_timeout`` ahead (Postfix's
+  ``smtpd_min_data_rate``): a client slower than the rate runs out.
+
+Time we spend answering (a plugin, a password check, the spool commit, an error stall) is never
+counted against the client. A client that does not read its replies is: once the transport's
+write buffer is full we stop handling its commands (we are the transport's push producer), and
+once :data:`MAX_BUFFER` of its input waits we stop reading, so it can make us hold only a
+bounded amount (about MAX_BUFFER plus the transport's 64 KiB of output), and its deadline runs
+on.
+
+Every close sends the last reply and then gives the client :data:`CLOSE_FLUSH` seconds to take
+it before the connection is aborted, so no closing connection holds a file descriptor longer.
 """
 
 from __future__ import annotations
@@ -25,9 +41,16 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITLSTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from smarthost.core import replies as reply
 from smarthost.core.maillog import MailLog
@@ -37,23 +60,32 @@ from smarthost.smtpd.dotreader import DataResult
 from smarthost.smtpd.trace import tls_details
 
 MAX_COMMAND_LINE = 16384  # RFC 5321 says 512; AUTH responses and long parameters need more
-MAX_BUFFER = 1 << 20  # pipelined bytes held while a reply is pending, before we stop reading
+MAX_BUFFER = 1 << 16  # input held while commands wait (answer pending, output full)
+CLOSE_FLUSH = 5.0  # seconds a closing connection has to take its last reply, then abort
 
 
 @attrs.frozen
 class TransportSettings:
-    command_timeout: float  # seconds of client silence before 421 (RFC 5321 4.5.3.2)
+    command_timeout: float  # seconds for one command line (RFC 5321 4.5.3.2)
     soft_errors: int  # from here, each error reply is delayed a little longer
     hard_errors: int  # then 421 and close
     tls: Any = None  # server TLS options for STARTTLS; None: STARTTLS is not offered
     implicit_tls: bool = False  # the listener wraps the connection in TLS already (port 465)
+    tls_handshake_timeout: float = 30.0  # seconds for a TLS handshake; then abort
+    min_data_rate: float = 500.0  # bytes/s in DATA once its first command_timeout is used
     max_line: int = MAX_COMMAND_LINE
     max_buffer: int = MAX_BUFFER
 
 
+@implementer(IPushProducer, IHandshakeListener)
 class SMTPTransport(Protocol):
     """One connection's bytes; implements :class:`~smarthost.smtpd.channel.Channel` for the
-    handler that ``handler`` builds."""
+    handler that ``handler`` builds.
+
+    It registers itself with its transport as a streaming producer: the transport calls
+    :meth:`pauseProducing` when its write buffer (for TLS: the TLS layer's too) is full and
+    :meth:`resumeProducing` when it has drained.
+    """
 
     def __init__(
         self,
@@ -68,16 +100,23 @@ class SMTPTransport(Protocol):
         self._handler = handler(self)
         self._peer = ""
         self._encrypted = settings.implicit_tls
-        self._buffer = b""
+        self._buffer = bytearray()  # deleting from the front is cheap for a bytearray
         self._first_data = True
         self._discarding = False  # skipping the rest of an over-long command line
         self._data: tuple[DataSink, Callable[[DataResult], None]] | None = None  # in DATA
         self._pending = False  # a reply is being worked out; later commands wait
+        self._processing = False  # inside _process (it is not re-entered)
         self._closed = False
-        self._paused = False
+        self._producer = False  # registered with the transport as its producer
+        self._output_full = False  # the transport asked us to pause: the client is not reading
+        self._reading_paused = False
+        self._handshaking = False
         self._errors = 0
-        self._timeout: IDelayedCall | None = None
+        self._deadline_at = 0.0  # when the client's time for the current line/DATA runs out
+        self._deadline: IDelayedCall | None = None  # fires at or before _deadline_at
+        self._handshake: IDelayedCall | None = None
         self._stalled: IDelayedCall | None = None
+        self._abort_call: IDelayedCall | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -87,12 +126,49 @@ class SMTPTransport(Protocol):
         if host.startswith("::ffff:") and "." in host:
             host = host[7:]
         self._peer = host
-        self._reset_timeout()
+        self.transport.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._producer = True
+        if self._settings.implicit_tls:
+            self._begin_handshake()
+        else:
+            self._restart_deadline()
         self._handler.connected()
 
     def connectionLost(self, reason: Failure = Protocol.connectionLost.__defaults__[0]) -> None:  # type: ignore[index]
         self._stop()
+        self._producer = False
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         self._handler.connection_lost()
+
+    # -- IHandshakeListener, IPushProducer (what the transport tells us) --------------------
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: the handshake deadline gives way to the command deadline."""
+        if not self._handshaking:
+            return
+        self._handshaking = False
+        if self._handshake is not None and self._handshake.active():
+            self._handshake.cancel()
+        self._handshake = None
+        if not self._closed:
+            self._restart_deadline()
+
+    def pauseProducing(self) -> None:
+        """The write buffer is full: the client is not reading. Stop handling its commands,
+        which would only add replies, until it drains. Reading goes on until the input
+        buffer is full too (:meth:`_flow_control`): a TLS layer must read to write (it pauses
+        us during its handshake, which needs the client's next flight)."""
+        self._output_full = True
+        self._flow_control()
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost follows and cleans up."""
 
     # -- Channel ---------------------------------------------------------------------------
 
@@ -125,68 +201,99 @@ class SMTPTransport(Protocol):
 
     def answer_later(self, work: Coroutine[Any, Any, Reply | None]) -> None:
         self._pending = True
-        outer = True  # still inside the _process loop that called us
 
         def done(result: Reply | None) -> None:
             self._pending = False
             if result is not None:
                 self.send(result)
-            if not outer:
-                self._process()
+            self._restart_deadline()  # the time we took was ours, not the client's
+            self._process()
 
         def failed(failure: Failure) -> None:
             self._log.failure("session error", failure=failure)
             done(reply.LOCAL_ERROR)
 
         Deferred.fromCoroutine(work).addCallbacks(done, failed)
-        outer = False
 
     def close(self, r: Reply | None = None) -> None:
         if self._closed:
             return
+        if self._handshaking:
+            # Nothing reaches the client before its TLS handshake, and a TLS close would wait
+            # for that handshake: abort (a refused client on port 465 sees the connection
+            # reset, which it retries like the 421 it cannot be sent).
+            self._abort()
+            return
         if r is not None:
             self._write(r)
         self._stop()
-        if self.transport is not None:
-            self.transport.loseConnection()
+        if self.transport is None:
+            return
+        if self._producer:
+            # A TLS layer with a producer registered never starts its close.
+            self._producer = False
+            self.transport.unregisterProducer()  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+        # A client that does not read could hold the connection open for ever.
+        self._abort_call = self._clock.callLater(CLOSE_FLUSH, self._abort_now)
 
     def start_tls(self) -> None:
         # RFC 3207 4.2 and CVE-2011-0411: nothing sent before the handshake may be acted on.
-        self._buffer = b""
+        self._buffer.clear()
         self._encrypted = True
+        self._begin_handshake()
         self.transport.startTLS(self._settings.tls)  # type: ignore[union-attr]
 
     def read_data(self, sink: DataSink, done: Callable[[DataResult], None]) -> None:
         self._data = (sink, done)
+        self._restart_deadline()  # the first command_timeout of DATA is free of the rate
 
     # -- input -----------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        if self._handshaking:
+            # Decrypted data comes only after the handshake, even through a wrapper (PROXY)
+            # that does not pass handshakeCompleted on.
+            self.handshakeCompleted()
         if self._first_data:
             self._first_data = False
             if data[:2] == b"\x16\x03":  # a TLS ClientHello on a plaintext port
                 self.close(reply.PROTOCOL_PROBE)
                 return
-        self._reset_timeout()
+        if self._data is not None:
+            self._earn(len(data))
         self._buffer += data
         self._process()
 
     def _ready(self) -> bool:
         """Whether the next command (or DATA bytes) may be handled now."""
-        return not (self._pending or self._stalled is not None or self._closed)
+        return not (self._busy() or self._closed or self._output_full)
+
+    def _busy(self) -> bool:
+        """We are working out a reply or holding the client back: its clock stops."""
+        return self._pending or self._stalled is not None
 
     def _process(self) -> None:
-        """Handle buffered input until it runs out or a reply is pending."""
-        while self._ready() and self._buffer:
-            if self._data is not None:
-                self._feed_data(*self._data)
-                continue
-            line = self._next_line()
-            if line is None:
-                break
-            self._handler.line_received(line)
+        """Handle buffered input until it runs out, a reply is pending or the client stops
+        reading. Never re-entered: a call from inside (a reply that drained the write buffer
+        at once) leaves the work to the loop already running."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._ready() and self._buffer:
+                if self._data is not None:
+                    self._feed_data(*self._data)
+                    continue
+                line = self._next_line()
+                if line is None:
+                    break
+                self._restart_deadline()  # the next line's time starts now
+                self._handler.line_received(line)
+        finally:
+            self._processing = False
         self._flow_control()
 
     def _next_line(self) -> bytes | None:
@@ -197,12 +304,13 @@ class SMTPTransport(Protocol):
             end = self._buffer.find(b"\n")
             if end < 0:
                 if len(self._buffer) > limit:
-                    self._buffer = b""
+                    self._buffer.clear()
                     if not self._discarding:
                         self._discarding = True
                         self.send(reply.LINE_TOO_LONG)
                 return None
-            line, self._buffer = self._buffer[:end], self._buffer[end + 1 :]
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
             if self._discarding:
                 self._discarding = False
             elif len(line) > limit:
@@ -212,26 +320,30 @@ class SMTPTransport(Protocol):
         return None
 
     def _feed_data(self, sink: DataSink, done: Callable[[DataResult], None]) -> None:
-        data, self._buffer = self._buffer, b""
+        data = bytes(self._buffer)
+        self._buffer.clear()
         result = sink.feed(data)
         if result is not None:
             self._data = None
-            self._buffer = result.leftover + self._buffer  # pipelined commands after DATA
+            self._buffer += result.leftover  # pipelined commands after DATA
+            self._restart_deadline()
             done(result)
 
     def _flow_control(self) -> None:
-        """Stop reading from a client that pipelines more than we hold while busy."""
-        if self.transport is None:
+        """Stop reading from a client that pipelines more than we hold while its commands
+        wait (for our answer, or for it to read the replies it has); read again once they
+        can go on."""
+        if self.transport is None or self._closed:
             return
         want_pause = not self._ready() and len(self._buffer) > self._settings.max_buffer
-        if want_pause and not self._paused:
-            self._paused = True
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
             self.transport.pauseProducing()  # type: ignore[attr-defined]
-        elif self._paused and not want_pause:
-            self._paused = False
+        elif self._reading_paused and not want_pause:
+            self._reading_paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
 
-    # -- output, errors, timers ------------------------------------------------------------
+    # -- output, errors --------------------------------------------------------------------
 
     def _write(self, r: Reply) -> None:
         if self.transport is not None:
@@ -251,30 +363,77 @@ class SMTPTransport(Protocol):
 
         def resume() -> None:
             self._stalled = None
+            self._restart_deadline()
             self._process()
 
         self._stalled = self._clock.callLater(seconds, resume)
 
-    def _reset_timeout(self) -> None:
-        if self._timeout is not None and self._timeout.active():
-            self._timeout.cancel()
-        self._timeout = self._clock.callLater(self._settings.command_timeout, self._timed_out)
+    # -- deadlines -------------------------------------------------------------------------
 
-    def _timed_out(self) -> None:
-        self._timeout = None
-        if not self._ready():  # we are the slow one (spool, password check): not the client's
-            self._reset_timeout()
+    def _restart_deadline(self) -> None:
+        """The client has ``command_timeout`` seconds from now (for its next line, or the
+        first part of DATA)."""
+        if self._closed or self._handshaking:
+            return
+        timeout = self._settings.command_timeout
+        self._deadline_at = self._clock.seconds() + timeout
+        if self._deadline is None or not self._deadline.active():
+            self._deadline = self._clock.callLater(timeout, self._check_deadline)
+
+    def _earn(self, size: int) -> None:
+        """DATA bytes arrived: ``size / min_data_rate`` more seconds, at most
+        ``command_timeout`` ahead of now. Without a rate, any byte restarts the time."""
+        limit = self._clock.seconds() + self._settings.command_timeout
+        rate = self._settings.min_data_rate
+        if rate > 0:
+            self._deadline_at = min(limit, self._deadline_at + size / rate)
+        else:
+            self._deadline_at = limit
+
+    def _check_deadline(self) -> None:
+        """The timer is only ever early (the deadline moves later without moving it)."""
+        self._deadline = None
+        if self._closed or self._handshaking:
+            return
+        if self._busy():  # we are the slow one; the answer restarts the client's time
+            self._restart_deadline()
+            return
+        remaining = self._deadline_at - self._clock.seconds()
+        if remaining > 0:
+            self._deadline = self._clock.callLater(remaining, self._check_deadline)
             return
         self.close(reply.TIMEOUT)
+
+    def _begin_handshake(self) -> None:
+        self._handshaking = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._handshake = self._clock.callLater(
+            self._settings.tls_handshake_timeout, self._abort
+        )
+
+    # -- the end ---------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """Drop the connection now, without a reply or a TLS close."""
+        self._stop()
+        self._abort_now()
+
+    def _abort_now(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _stop(self) -> None:
         """No more input, replies or timers; a half-received message is never kept."""
         self._closed = True
-        self._buffer = b""
-        for call in (self._timeout, self._stalled):
+        self._handshaking = False
+        self._buffer.clear()
+        for call in (self._deadline, self._stalled, self._handshake):
             if call is not None and call.active():
                 call.cancel()
-        self._timeout = self._stalled = None
+        self._deadline = self._stalled = self._handshake = None
         if self._data is not None:
             sink, self._data = self._data[0], None
             sink.abort()

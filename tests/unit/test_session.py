@@ -1,19 +1,28 @@
 """Session behaviour that transcripts cannot show: timeouts in virtual time, the JSON events
-log, and flow control for clients that pipeline without reading."""
+log, flow control and the memory a client that pipelines without reading can cost us, and a
+full disk."""
 
 from __future__ import annotations
 
+import errno
 import json
-from collections.abc import Sequence
+import os
+import tracemalloc
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import ILogObserver, globalLogPublisher
 from zope.interface import implementer
 
 from fakes import SessionHarness
-from smarthost.api import IRcptCheck
+from smarthost.api import IIncomingMessage, IRcptCheck
 from smarthost.core.envelope import Client
 from smarthost.core.maillog import EventFile
 from smarthost.smtpd.session import Session
@@ -101,3 +110,114 @@ def test_anonymous_dsn_requests_are_limited_to_failure_with_headers(tmp_path: Pa
     notify = [r.notify for r in entry.envelope.recipients]
     assert notify == [("NEVER",), ("FAILURE",), ("NEVER",), ("FAILURE",)]
     assert entry.envelope.ret == "HDRS"
+
+
+# -- a full disk (issue 18, finding 12) -------------------------------------------------------
+
+
+class FullDisk:
+    """Wraps a spool's incoming message: ``write`` (after ``writes`` of them) or ``commit``
+    fails as a full disk does (SpoolFull is an OSError with errno ENOSPC)."""
+
+    def __init__(self, incoming: Any, *, writes: int | None = None, errno_: int = errno.ENOSPC):
+        self._incoming, self._writes, self._errno = incoming, writes, errno_
+        self.queue_id = incoming.queue_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._incoming, name)
+
+    def write(self, data: bytes) -> None:
+        if self._writes is not None:
+            self._writes -= 1
+            if self._writes < 0:
+                raise OSError(self._errno, os.strerror(self._errno))
+        self._incoming.write(data)
+
+    def commit(self, envelope: Any) -> Deferred[Any]:
+        self._incoming.abort()
+        return fail(OSError(self._errno, os.strerror(self._errno)))
+
+
+def full_disk_session(tmp: Path, **full: Any) -> SessionHarness:
+    h = harness(tmp)
+    receive = h.spool.receive
+    h.spool.receive = lambda: cast(IIncomingMessage, FullDisk(receive(), **full))  # type: ignore[method-assign]
+    assert h.send("HELO c")[-1].startswith("250")
+    return h
+
+
+@contextmanager
+def logged() -> Iterator[list[dict[str, Any]]]:
+    """Every log event while inside."""
+    events: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+@pytest.mark.parametrize(("where", "code"), [
+    ("commit", errno.ENOSPC), ("commit", errno.EDQUOT), ("body", errno.ENOSPC),
+    ("trace header", errno.ENOSPC),
+])
+def test_a_full_disk_answers_452_with_one_line_and_no_traceback(
+    tmp_path: Path, where: str, code: int
+) -> None:
+    writes = {"commit": None, "body": 1, "trace header": 0}[where]
+    h = full_disk_session(tmp_path, writes=writes, errno_=code)
+    with logged() as events:
+        if where == "trace header":  # at DATA, before the 354
+            replies = h.send("MAIL FROM:<a@x.test>", "RCPT TO:<b@example.test>", "DATA")
+        else:
+            replies = h.message("a@x.test", ["b@example.test"], "Subject: x\n\nbody")
+    assert replies[-1].startswith("452 4.3.1"), replies
+    assert h.spool.queue_ids() == []
+    failures = [e for e in events if "log_failure" in e]
+    full = [e for e in events if "spool is full" in str(e.get("log_format", ""))]
+    assert failures == [] and len(full) == 1, events
+    assert h.send("NOOP") == ["250 2.0.0 OK"]  # the session goes on
+
+
+def test_another_commit_error_is_still_a_local_error(tmp_path: Path) -> None:
+    h = full_disk_session(tmp_path, errno_=errno.EIO)
+    with logged() as events:
+        replies = h.message("a@x.test", ["b@example.test"], "Subject: x\n\nbody")
+    assert replies[-1].startswith("451 4.3.0")
+    assert any("log_failure" in e for e in events)
+
+
+# -- memory per connection, measured (finding 3) ----------------------------------------------
+
+
+class TCPLikeTransport(StringTransport):
+    """Pauses its producer while more than 64 KiB are unsent, as Twisted's TCP transport does
+    (FileDescriptor.bufferSize); nothing is ever sent: the client does not read."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > 65536 and self.producer is not None:
+            self.producer.pauseProducing()
+
+
+def test_a_client_that_never_reads_costs_a_bounded_amount_of_memory(tmp_path: Path) -> None:
+    """60 MB of pipelined HELP (the issue's attack) from a client that reads nothing: measured
+    with tracemalloc, the session holds about 250 KB (measured: 258 KB), whatever the client
+    sends."""
+    h = harness(tmp_path)
+    session = h.session
+    transport = TCPLikeTransport(peerAddress=IPv4Address("TCP", "192.0.2.9", 1234))
+    chunk, fed = b"HELP\r\n" * 10922, 0  # 64 KiB reads, as the reactor makes them
+    tracemalloc.start()
+    try:
+        session.makeConnection(transport)
+        while fed < 60_000_000 and transport.producerState == "producing":
+            session.dataReceived(chunk)
+            fed += len(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert transport.producerState == "paused"
+    assert fed < 300_000
+    assert peak < 400_000, peak  # replies (64 KiB) + pipelined input (64 KiB) + a read

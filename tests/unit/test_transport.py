@@ -1,6 +1,6 @@
 """The transport alone, driving a scripted handler instead of the SMTP commands: reply order
 under pipelining, the STARTTLS buffer discard, line limits, the DATA byte stream, error stalls,
-timeouts and closing."""
+deadlines (per line, DATA rate, TLS handshake), closing, and output flow control."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from smarthost.core.maillog import MailLog
 from smarthost.core.replies import Reply
 from smarthost.smtpd.channel import Channel, Handler
 from smarthost.smtpd.dotreader import DataResult
-from smarthost.smtpd.transport import SMTPTransport, TransportSettings
+from smarthost.smtpd.transport import CLOSE_FLUSH, SMTPTransport, TransportSettings
 
 ANSWER = Reply(250, "2.0.0", "answer")
 REFUSED = Reply(550, "5.0.0", "no")
@@ -253,3 +253,233 @@ def test_tls_clienthello_on_a_plaintext_port() -> None:
     assert codes(r.feed(b"\x16\x03\x01\x00")) == ["500"]
     assert r.transport.disconnecting and r.script.lines == []
 
+
+
+# -- deadlines a trickle cannot reset (issue 18, finding 8) ---------------------------------------
+
+
+def drip(r: Rig, data: bytes, every: float) -> list[str]:
+    """One byte per ``every`` seconds of virtual time, until the connection closes or the
+    bytes run out; every reply that came back."""
+    out: list[str] = []
+    for i in range(len(data)):
+        if r.transport.disconnecting:
+            break
+        r.protocol.dataReceived(data[i : i + 1])
+        r.clock.advance(every)
+        out += r.replies()
+    return out
+
+
+def test_a_command_line_has_one_deadline_however_it_trickles() -> None:
+    r = rig(command_timeout=10)
+    assert codes(drip(r, b"NOOP NOOP NOOP NOOP\r\n", every=3)) == ["421"]
+    assert r.clock.seconds() == 12  # closed at the 10 s mark, not pushed back by the bytes
+    assert r.script.lines == []
+
+
+def test_each_complete_line_starts_a_new_deadline() -> None:
+    r = rig(command_timeout=10)
+    for _ in range(5):
+        r.clock.advance(9)
+        assert codes(r.feed(b"NOOP\r\n")) == ["250"]
+    r.clock.advance(9.5)
+    assert not r.transport.disconnecting
+    r.clock.advance(0.5)
+    assert codes(r.replies()) == ["421"] and r.transport.disconnecting
+
+
+def test_data_must_keep_up_the_minimum_rate_after_its_first_timeout() -> None:
+    """Postfix's smtpd_min_data_rate: DATA starts with command_timeout seconds of credit;
+    each byte adds 1/rate seconds, never more than command_timeout ahead."""
+    r = rig(command_timeout=10, min_data_rate=100)
+    r.feed(b"DATA\r\n")
+    # 50 bytes/s, half the rate: each second earns 0.5 s (the first earns nothing, as the
+    # credit is full), so it runs out at 10 + 0.5 * 18 = 19 s.
+    for _ in range(18):
+        r.protocol.dataReceived(b"x" * 50)
+        r.clock.advance(1)
+    assert not r.transport.disconnecting
+    r.protocol.dataReceived(b"x" * 50)
+    r.clock.advance(1)
+    assert codes(r.replies()) == ["421"] and r.transport.disconnecting
+    assert r.script.sink.aborted
+
+
+def test_data_at_the_rate_goes_on_and_then_has_command_timeout() -> None:
+    r = rig(command_timeout=10, min_data_rate=100)
+    r.feed(b"DATA\r\n")
+    for _ in range(120):  # two minutes at twice the rate
+        r.protocol.dataReceived(b"x" * 200)
+        r.clock.advance(1)
+    assert not r.transport.disconnecting
+    r.clock.advance(8.9)  # the credit never grows beyond command_timeout
+    assert not r.transport.disconnecting
+    r.clock.advance(0.2)
+    assert codes(r.replies()) == ["421"]
+
+
+def test_the_deadline_restarts_after_data() -> None:
+    r = rig(command_timeout=10, min_data_rate=100)
+    r.feed(b"DATA\r\n")
+    r.clock.advance(9)
+    assert codes(r.feed(b"END")) == []  # the sink ended it; its answer is the handler's
+    r.clock.advance(9)
+    assert not r.transport.disconnecting
+    r.clock.advance(1)
+    assert r.transport.disconnecting
+
+
+def test_a_stall_is_not_the_clients_time() -> None:
+    r = rig(command_timeout=10, soft_errors=0, hard_errors=100)
+    r.feed(b"BAD\r\n")  # one error: the next reply is held back for 1 s
+    r.clock.advance(0.5)
+    r.feed(b"NEXT\r\n")
+    r.clock.advance(0.5)
+    assert codes(r.replies()) == ["250"]
+    r.clock.advance(9.9)
+    assert not r.transport.disconnecting
+
+
+# -- TLS handshakes are aborted, not waited for (finding 1) ---------------------------------------
+
+
+def test_a_stalled_starttls_handshake_is_aborted() -> None:
+    r = rig(command_timeout=300, tls_handshake_timeout=30)
+    assert codes(r.feed(b"TLS\r\n")) == ["220"]
+    r.clock.advance(29)
+    assert not r.transport.disconnecting
+    r.clock.advance(1)
+    assert r.transport.disconnected  # abortConnection: no reply, no TLS close to wait for
+    assert r.replies() == []
+
+
+def test_a_completed_handshake_gives_way_to_the_command_deadline() -> None:
+    r = rig(command_timeout=100, tls_handshake_timeout=30)
+    r.feed(b"TLS\r\n")
+    r.clock.advance(10)
+    r.protocol.handshakeCompleted()
+    r.clock.advance(99)
+    assert not r.transport.disconnecting
+    r.clock.advance(1)
+    assert codes(r.replies()) == ["421"] and not r.transport.disconnected
+
+
+def test_implicit_tls_handshake_deadline_and_data_as_proof_of_handshake() -> None:
+    r = rig(implicit_tls=True, command_timeout=5, tls_handshake_timeout=30)
+    r.clock.advance(29)  # the command deadline does not run during the handshake
+    assert not r.transport.disconnecting
+    assert codes(r.feed(b"NOOP\r\n")) == ["250"]  # decrypted data: the handshake is done
+    r.clock.advance(30)
+    assert codes(r.replies()) == ["421"] and not r.transport.disconnected
+
+    silent = rig(implicit_tls=True, tls_handshake_timeout=30)
+    silent.clock.advance(30)
+    assert silent.transport.disconnected
+
+
+def test_closing_during_a_handshake_aborts_at_once() -> None:
+    """A client refused on port 465 cannot be sent its 421 before the handshake."""
+    r = rig(implicit_tls=True)
+    r.protocol.close(reply.TOO_MANY_CONNECTIONS)
+    assert r.transport.disconnected and r.replies() == []
+    r.protocol.connectionLost()
+    assert r.script.lost
+
+
+# -- closing is bounded (finding 2) --------------------------------------------------------------
+
+
+def test_a_close_gives_the_last_reply_a_bounded_time() -> None:
+    r = rig()
+    assert codes(r.feed(b"BYE\r\n")) == ["221"]
+    assert r.transport.disconnecting and not r.transport.disconnected
+    assert r.transport.producer is None  # unregistered, or a TLS close would never start
+    r.clock.advance(CLOSE_FLUSH)
+    assert r.transport.disconnected  # the client did not take it: aborted
+
+
+def test_a_close_that_completes_cancels_the_abort() -> None:
+    r = rig()
+    r.feed(b"BYE\r\n")
+    r.protocol.connectionLost()
+    r.clock.advance(CLOSE_FLUSH)
+    assert not r.transport.disconnected
+    assert r.clock.getDelayedCalls() == []
+
+
+# -- output flow control (finding 3) ---------------------------------------------------------------
+
+
+class BoundedTransport(TLSStringTransport):
+    """Like a TCP transport: pauses its producer while more than ``limit`` bytes are unsent
+    (``value()``); :meth:`drain` sends them and resumes it."""
+
+    limit = 65536
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if len(self.value()) > self.limit and self.producer is not None:
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        sent: bytes = self.value()
+        self.clear()
+        if self.producer is not None:
+            self.producer.resumeProducing()
+        return sent
+
+
+def bounded_rig(**settings: Any) -> tuple[SMTPTransport, BoundedTransport, Clock]:
+    clock = Clock()
+    options = {"command_timeout": 300, "soft_errors": 10, "hard_errors": 20}
+    protocol = SMTPTransport(
+        TransportSettings(**{**options, **settings}), clock, MailLog(clock), Script
+    )
+    transport = BoundedTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 1234))
+    protocol.makeConnection(transport)
+    return protocol, transport, clock
+
+
+def flood(protocol: SMTPTransport, transport: BoundedTransport, total: int) -> int:
+    """Feed pipelined commands in 64 KiB reads, as a reactor would: only while the transport
+    is reading. Returns the bytes the client got in."""
+    chunk, fed = b"HELP\r\n" * 10922, 0
+    while fed < total and transport.producerState == "producing":
+        protocol.dataReceived(chunk)
+        fed += len(chunk)
+    return fed
+
+
+def test_a_client_that_does_not_read_makes_us_hold_a_bounded_amount() -> None:
+    """Ten megabytes of pipelined commands, replies never read: the output stops at the
+    transport's bound, the input at max_buffer; draining lets it all go on in order."""
+    protocol, transport, _ = bounded_rig()
+    fed = flood(protocol, transport, 10_000_000)
+    assert fed < 200_000  # we stopped reading
+    assert transport.producerState == "paused"
+    assert len(transport.value()) < 65536 + 200
+    handled = len(protocol._handler.lines)  # type: ignore[attr-defined]
+    assert handled * 6 < 65536  # commands wait while their replies cannot go out
+    sent = transport.drain()
+    sent += transport.drain()
+    assert len(protocol._handler.lines) > handled  # type: ignore[attr-defined]
+    assert sent.count(b"\r\n") == len(sent) // len(ANSWER.to_bytes())
+
+
+def test_output_full_stops_the_commands_and_the_deadline_still_runs() -> None:
+    protocol, transport, clock = bounded_rig(command_timeout=10)
+    transport.clear()
+    transport.producer.pauseProducing()  # type: ignore[union-attr]
+    protocol.dataReceived(b"ONE\r\nTWO\r\n")
+    assert protocol._handler.lines == []  # type: ignore[attr-defined]
+    assert transport.producerState == "producing"  # small input: still reading (TLS needs it)
+    clock.advance(10)  # not reading its replies is the client's time
+    assert transport.value().startswith(b"421 4.4.2")
+    clock.advance(CLOSE_FLUSH)
+    assert transport.disconnected
+
+
+def test_the_session_registers_as_a_streaming_producer() -> None:
+    protocol, transport, _ = bounded_rig()
+    assert transport.producer is protocol and transport.streaming
