@@ -337,6 +337,10 @@ def limit_settings(config: Config) -> LimitSettings:
         auth_failures_per_ip=limits.auth_failures_per_ip,
         messages_per_user_per_hour=limits.messages_per_user_per_hour,
         hold_user_after_per_hour=limits.hold_user_after_per_hour,
+        messages_per_ip_per_hour=limits.messages_per_ip_per_hour,
+        ipv6_prefix=limits.ipv6_prefix,
+        tls_handshake_timeout=limits.tls_handshake_timeout,
+        min_data_rate=limits.min_data_rate,
     )
 
 
