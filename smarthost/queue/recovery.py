@@ -46,8 +46,10 @@ from smarthost.queue.segment import (
     SpoolPaths,
     decode_entry,
     decode_manifest,
+    parse_at,
     parse_id,
     read_range,
+    repair_header,
     scan_bytes,
 )
 
@@ -215,9 +217,26 @@ def _names(buf: bytes, found: Scan, gap: Gap) -> Iterator[_Named]:
         for kind, queue_id, offset in decode_manifest(raw):
             if gap.start <= offset < gap.end:
                 named[offset] = _Named(offset, kind, queue_id, SURE)
+    repaired = _repaired(buf, found, gap)
+    if repaired is not None:
+        named.setdefault(repaired.offset, repaired)
     for named_here in _headers(buf, found, gap):
         named.setdefault(named_here.offset, named_here)
     return iter(sorted(named.values()))
+
+
+def _repaired(buf: bytes, found: Scan, gap: Gap) -> _Named | None:
+    """The record due at the gap's start, read as it is (a damaged body) or once one flipped
+    bit of its header is undone: its kind and id are then certain."""
+    if found.format == 0 or (found.format == FORMAT and gap.start < SEGMENT_HEADER_SIZE):
+        return None
+    nonce = found.nonce if found.format == FORMAT else None
+    data = bytearray(buf[gap.start : gap.end])
+    item = parse_at(data, 0, nonce, {})
+    if item is None and repair_header(data, 0, nonce) is not None:
+        item = parse_at(data, 0, nonce, {})
+    return _Named(gap.start, item.kind, item.queue_id, ANCHORED) if isinstance(
+        item, Record) else None
 
 
 def _headers(buf: bytes, found: Scan, gap: Gap) -> Iterator[_Named]:

@@ -27,15 +27,11 @@ from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.errors import CorruptEntry
 from smarthost.core.types import RunBlocking
 from smarthost.queue.corrupt import GAP_COPY, LEDGER, Ledger
-from smarthost.queue.crcfix import single_bit, stored_bit
+from smarthost.queue.crcfix import single_bit
 from smarthost.queue.segment import (
     CORRUPT,
     FORMAT,
-    HEADER_SIZE,
-    HEADER_SIZE_V1,
     MESSAGE,
-    PREFIX,
-    PREFIX_V1,
     REMOVED,
     SEGMENT_HEADER_SIZE,
     STATE,
@@ -46,6 +42,7 @@ from smarthost.queue.segment import (
     detect,
     parse_at,
     parse_id,
+    repair_header,
     resync,
 )
 from smarthost.queue.spool import Spool
@@ -180,7 +177,7 @@ def _records(data: bytearray, nonce: bytes | None, pos: int, copy: str,
         item = parse_at(data, pos, nonce, ids)
         repair = ""
         if item is None:
-            repair = _repair_header(data, pos, nonce) or ""
+            repair = repair_header(data, pos, nonce) or ""
             item = parse_at(data, pos, nonce, ids) if repair else None
         if item is None:
             following = resync(data, pos + 1, nonce, ids) if nonce is not None else None
@@ -208,53 +205,3 @@ def _records(data: bytearray, nonce: bytes | None, pos: int, copy: str,
             data[item.body_offset + byte] ^= 1 << bit
             repair = ", ".join(filter(None, [repair, f"body byte {byte} bit {bit} undone"]))
         yield item, repair
-
-
-def _repair_header(data: bytearray, pos: int, nonce: bytes | None) -> str | None:
-    """Undo the one flipped bit that makes the header at ``pos`` check out, when exactly one
-    does (the data is changed in place); says which it was."""
-    prefix = PREFIX.size if nonce is not None else PREFIX_V1.size
-    size = HEADER_SIZE if nonce is not None else HEADER_SIZE_V1
-    candidates: set[tuple[int, int]] = set()
-    # A flipped length moves the end of what the CRC covers: each such bit is tried alone.
-    lengths = range(prefix - 19, prefix - 4) if nonce is not None else range(5, prefix - 4)
-    for byte in lengths:
-        candidates.update((pos + byte, bit) for bit in range(8))
-    # Otherwise the CRC itself says where the bit is (or that it was the CRC's own).
-    end = _covered_end(data, pos, nonce)
-    if end is not None:
-        covered = bytes(data[pos : pos + prefix]) + bytes(data[pos + size : end])
-        stored = int.from_bytes(data[pos + prefix : pos + size], "big")
-        crc_bit = stored_bit(covered, stored)
-        if crc_bit is not None:
-            candidates.add((pos + prefix + 3 - crc_bit // 8, crc_bit % 8))
-        for byte, bit in single_bit(covered, stored):
-            candidates.add((pos + byte if byte < prefix else pos + byte + 4, bit))
-    good = [c for c in candidates if c[0] < len(data) and _checks_with(data, pos, nonce, c)]
-    if len(good) != 1:
-        return None
-    byte, bit = good[0]
-    data[byte] ^= 1 << bit
-    return f"header byte {byte - pos} bit {bit} undone"
-
-
-def _covered_end(data: bytearray, pos: int, nonce: bytes | None) -> int | None:
-    """Where the header's CRC coverage ends (after id and JSON), as the lengths say."""
-    if nonce is not None and pos + HEADER_SIZE <= len(data):
-        id_len, json_len = data[pos + 21], int.from_bytes(data[pos + 24 : pos + 28], "big")
-        end = pos + HEADER_SIZE + id_len + json_len
-    elif nonce is None and pos + HEADER_SIZE_V1 <= len(data):
-        id_len, json_len = data[pos + 5], int.from_bytes(data[pos + 8 : pos + 12], "big")
-        end = pos + HEADER_SIZE_V1 + id_len + json_len
-    else:
-        return None
-    return end if end <= len(data) else None
-
-
-def _checks_with(data: bytearray, pos: int, nonce: bytes | None, flip: tuple[int, int]) -> bool:
-    byte, bit = flip
-    data[byte] ^= 1 << bit
-    try:
-        return parse_at(data, pos, nonce, {}) is not None
-    finally:
-        data[byte] ^= 1 << bit

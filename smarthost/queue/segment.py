@@ -25,7 +25,8 @@ never leaves the spool directory: a sender cannot write a record this reader acc
 Format 1 (segments written before the nonce; no segment header, a 28-byte record header
 without the nonce, no markers) is still read, with its old rule: after a bad header nothing
 more of that segment is read, because searching for ``MAGIC`` there would find what senders
-wrote into bodies.
+wrote into bodies; unless one flipped bit explains that header (:func:`repair_header`), which
+gives back its length and so where the next record starts, without any search.
 
 A segment is read into memory (one at a time), never mapped: the daemon may truncate a
 segment under a reader (the admin tool), and a mapped page past the end is SIGBUS.
@@ -45,6 +46,7 @@ import attrs
 
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.errors import CorruptEntry
+from smarthost.queue.crcfix import single_bit, stored_bit
 
 FILE_MODE = 0o600  # mail is private: only the daemon's user reads the spool
 DIR_MODE = 0o700
@@ -242,7 +244,8 @@ def scan_bytes(buf: bytes) -> Scan:
     A record whose header checks out but whose body does not (a write the crash cut short may
     leave the right length with the wrong bytes) is skipped by its declared length. After a
     header that does not check out, format 2 resynchronises on the next record carrying the
-    segment's nonce; format 1 reads no further.
+    segment's nonce; format 1 goes on only when one flipped bit explains the header (its
+    length is then known), and otherwise reads no further.
     """
     fmt, nonce, pos = detect(buf)
     size = len(buf)
@@ -263,13 +266,24 @@ def scan_bytes(buf: bytes) -> Scan:
                 items.append(item)
             pos = item.end
             continue
-        following = resync(buf, pos + 1, nonce, ids) if nonce is not None else None
+        following = (resync(buf, pos + 1, nonce, ids) if nonce is not None
+                     else _past_one_bit(buf, pos))
         if following is None:
             items.append(Gap(pos, size, True))
             break
         items.append(Gap(pos, following, False))
         pos = following
     return Scan(fmt, nonce, size, items)
+
+
+def _past_one_bit(buf: bytes, pos: int) -> int | None:
+    """Format 1: where the damaged record at ``pos`` ends, when one flipped bit explains its
+    header (so its length is known again); None otherwise."""
+    data = bytearray(buf[pos:])
+    if repair_header(data, 0, None) is None:
+        return None
+    item = parse_at(data, 0, None, {})
+    return pos + item.end if item is not None else None
 
 
 def detect(buf: bytes) -> tuple[int, bytes | None, int]:
@@ -298,6 +312,8 @@ def detect(buf: bytes) -> tuple[int, bytes | None, int]:
                 parse_at(buf, SEGMENT_HEADER_SIZE, nonce, {}) is not None
                 or resync(buf, SEGMENT_HEADER_SIZE, nonce, {}) is not None):
             return FORMAT, nonce, 0
+    if _past_one_bit(buf, 0) is not None:  # format 1, its first header one bit off
+        return 1, None, 0
     return 0, None, 0
 
 
@@ -352,6 +368,56 @@ def parse_at(buf: Buffer, pos: int, nonce: bytes | None,
         ids[raw_id] = queue_id
     return Record(kind, queue_id, pos, entry_offset, json_len, body_offset, body_len, body_crc,
                   end)
+
+
+def repair_header(data: bytearray, pos: int, nonce: bytes | None) -> str | None:
+    """Undo the one flipped bit that makes the header at ``pos`` check out, when exactly one
+    does (the data is changed in place); says which it was."""
+    prefix = PREFIX.size if nonce is not None else PREFIX_V1.size
+    size = HEADER_SIZE if nonce is not None else HEADER_SIZE_V1
+    candidates: set[tuple[int, int]] = set()
+    # A flipped length moves the end of what the CRC covers: each such bit is tried alone.
+    lengths = range(prefix - 19, prefix - 4) if nonce is not None else range(5, prefix - 4)
+    for byte in lengths:
+        candidates.update((pos + byte, bit) for bit in range(8))
+    # Otherwise the CRC itself says where the bit is (or that it was the CRC's own).
+    end = _covered_end(data, pos, nonce)
+    if end is not None:
+        covered = bytes(data[pos : pos + prefix]) + bytes(data[pos + size : end])
+        stored = int.from_bytes(data[pos + prefix : pos + size], "big")
+        crc_bit = stored_bit(covered, stored)
+        if crc_bit is not None:
+            candidates.add((pos + prefix + 3 - crc_bit // 8, crc_bit % 8))
+        for byte, bit in single_bit(covered, stored):
+            candidates.add((pos + byte if byte < prefix else pos + byte + 4, bit))
+    good = [c for c in candidates if c[0] < len(data) and _checks_with(data, pos, nonce, c)]
+    if len(good) != 1:
+        return None
+    byte, bit = good[0]
+    data[byte] ^= 1 << bit
+    return f"header byte {byte - pos} bit {bit} undone"
+
+
+def _covered_end(data: bytearray, pos: int, nonce: bytes | None) -> int | None:
+    """Where the header's CRC coverage ends (after id and JSON), as the lengths say."""
+    if nonce is not None and pos + HEADER_SIZE <= len(data):
+        id_len, json_len = data[pos + 21], int.from_bytes(data[pos + 24 : pos + 28], "big")
+        end = pos + HEADER_SIZE + id_len + json_len
+    elif nonce is None and pos + HEADER_SIZE_V1 <= len(data):
+        id_len, json_len = data[pos + 5], int.from_bytes(data[pos + 8 : pos + 12], "big")
+        end = pos + HEADER_SIZE_V1 + id_len + json_len
+    else:
+        return None
+    return end if end <= len(data) else None
+
+
+def _checks_with(data: bytearray, pos: int, nonce: bytes | None, flip: tuple[int, int]) -> bool:
+    byte, bit = flip
+    data[byte] ^= 1 << bit
+    try:
+        return parse_at(data, pos, nonce, {}) is not None
+    finally:
+        data[byte] ^= 1 << bit
 
 
 def read_range(path: str, offset: int, length: int) -> bytes:
