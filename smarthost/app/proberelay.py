@@ -52,6 +52,10 @@ async def relay_session(reactor: Any, address: str, options: ProbeOptions, check
                         tls: bool) -> None:
     local, _, domain = options.recipient.rpartition("@")
     host = _host_part(options.host)
+    # Over loopback the probe is a local client, which servers often trust to relay
+    # (smarthost's default trusted_networks does): say so next to a failure.
+    hint = (" (over loopback: a trusted network? probe from another machine to see what "
+            "the Internet sees)" if ipaddress.ip_address(address).is_loopback else "")
     try:
         dialog, _ = await greeted(reactor, address, options, None)
     except ProbeError as e:
@@ -63,7 +67,7 @@ async def relay_session(reactor: Any, address: str, options: ProbeOptions, check
             await starttls(dialog, options)
         for check, template in TRICKS:
             recipient = template.format(local=local, domain=domain, host=host)
-            await _relay_attempt(dialog, options, check, recipient, checks)
+            await _relay_attempt(dialog, options, check, recipient, checks, hint)
         await quit_politely(dialog)
     except ProbeError as e:
         checks.add(check, FAIL, f"could not be tested: {e}")
@@ -72,7 +76,7 @@ async def relay_session(reactor: Any, address: str, options: ProbeOptions, check
 
 
 async def _relay_attempt(dialog: SMTPDialog, options: ProbeOptions, check: str,
-                         recipient: str, checks: Checklist) -> None:
+                         recipient: str, checks: Checklist, hint: str) -> None:
     mail = await dialog.command(f"MAIL FROM:<{options.sender}>")
     if mail.code >= 400:
         checks.add(check, PASS, f"MAIL FROM:<{options.sender}> refused: {mail.first}")
@@ -82,7 +86,7 @@ async def _relay_attempt(dialog: SMTPDialog, options: ProbeOptions, check: str,
             checks.add(check, PASS, f"RCPT TO:{recipient} refused: {rcpt.first}")
         else:
             checks.add(check, FAIL,
-                       f"RCPT TO:{recipient} accepted without AUTH: {rcpt.first}")
+                       f"RCPT TO:{recipient} accepted without AUTH: {rcpt.first}{hint}")
     await dialog.command("RSET")
 
 
