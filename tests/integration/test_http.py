@@ -7,11 +7,14 @@ commits, deliveries and AUTH failures, and / is an HTML page with every outside 
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from email.message import Message
+from pathlib import Path
 from typing import Any, cast
 
 import attrs
@@ -38,6 +41,14 @@ from smarthost.core.maillog import MailLog
 from smarthost.queue.spool import Spool
 
 EVIL = '<img src=x onerror="alert(1)">'
+
+
+def scratch(test: Any) -> Path:
+    """A temporary directory removed after ``test`` (trial's mktemp writes into the working
+    directory under pytest)."""
+    directory = Path(tempfile.mkdtemp(prefix="smarthost-watch-"))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 class Steps:
@@ -75,7 +86,7 @@ class HTTPTests(TestCase):
     timeout = 30
 
     def setUp(self) -> None:
-        self.spool, _ = Spool.open(self.mktemp(), clock=reactor, run_blocking=deferToThread)
+        self.spool, _ = Spool.open(scratch(self), clock=reactor, run_blocking=deferToThread)
         self.addCleanup(self.spool.close)
         self.watch = Watch(reactor)
         self.maillog = MailLog(reactor)

@@ -9,7 +9,9 @@ The matching checks FAIL, the exit status is 1, and nothing crashes; DATA is nev
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,6 +29,14 @@ from smarthost.app.probecheck import FAIL, PASS, WARN, ProbeOptions, Result
 from smarthost.app.tlscert import issue
 
 HOST = "mx.probe.test"
+
+
+def scratch(test: Any) -> Path:
+    """A temporary directory removed after ``test`` (trial's mktemp writes into the working
+    directory under pytest)."""
+    directory = Path(tempfile.mkdtemp(prefix="smarthost-watch-"))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 class Silent(Protocol):
@@ -117,12 +127,10 @@ class ProbeTests(TestCase):
 
     async def test_a_well_run_server_passes_and_its_logins_are_tried(self) -> None:
         ca = issue(("Probe Test CA",), is_ca=True)
-        cafile = Path(self.mktemp())
+        cafile = scratch(self) / "ca.pem"
         cafile.write_bytes(ca.cert_pem)
         peer = self.peer(starttls=True, certificate=issue((HOST, "127.0.0.1"), ca=ca),
                          users={"alice": "secret"}, auth_mechanisms=("PLAIN", "LOGIN"))
-        password = Path(self.mktemp())
-        password.write_text("secret\n")
         found = await self.probe(self.options(peer.port, cafile=cafile, user="alice",
                                             password="secret", dnsbl=("clean.test",)))
         self.assertResults(found, PASS, "dns-address", "dns-ptr", "dnsbl:clean.test", "connect",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import html
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +49,14 @@ from smarthost.core.maillog import MailLog
 from smarthost.queue.spool import Spool
 
 START = 1_700_000_000.0  # a round minute boundary is not assumed anywhere
+
+
+def scratch(test: Any) -> Path:
+    """A temporary directory removed after ``test`` (trial's mktemp writes into the working
+    directory under pytest)."""
+    directory = Path(tempfile.mkdtemp(prefix="smarthost-watch-"))
+    test.addCleanup(shutil.rmtree, directory, True)
+    return directory
 
 
 def samples(watch: Watch) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -229,7 +239,7 @@ class MetersTests(SynchronousTestCase):
         self.watch = Watch(self.clock)
 
     def test_the_wrappers_provide_the_interfaces(self) -> None:
-        spool = Spooled(Path(self.mktemp()), self.clock).spool
+        spool = Spooled(scratch(self), self.clock).spool
         receiving = self.watch.receiving("submission", spool)
         verifyObject(ISpool, receiving)
         message = receiving.receive()
@@ -318,7 +328,7 @@ class QueueViewTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(START)
-        self.spooled = Spooled(Path(self.mktemp()), self.clock)
+        self.spooled = Spooled(scratch(self), self.clock)
 
     def test_counts_by_status_oldest_and_backlog(self) -> None:
         held = self.spooled.add("h@held.test", held=True)
