@@ -29,8 +29,10 @@ def twistd_log_file(twistd_options: Mapping[str, Any] | None) -> LogFile | None:
     name = twistd_options.get("logfile") or ""
     if name == "-" or (not name and twistd_options.get("nodaemon")):
         return None
+    # No rotation of our own (twistd's default rotates at 1 MB into numbered files): that is
+    # logrotate's job, and SIGUSR1 reopens the file after it.
     log_file: LogFile = LogFile.fromFullPath(  # type: ignore[no-untyped-call]
-        name or "twistd.log"
+        name or "twistd.log", rotateLength=None
     )
     return log_file
 

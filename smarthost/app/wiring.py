@@ -17,7 +17,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from OpenSSL import SSL
@@ -26,6 +26,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import Portal
 from twisted.internet import ssl
 from twisted.internet.protocol import Factory
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
@@ -110,6 +111,8 @@ def make_service(
     twistd's log, which SIGUSR1 reopens."""
     events = EventFile(str(config.log.events)) if config.log.events else None
     maillog = MailLog(reactor, events)
+    # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
+    globalLogPublisher.addObserver(cast(ILogObserver, maillog.forward))
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
@@ -281,7 +284,8 @@ def _server_tls(config: Config, maillog: MailLog) -> tuple[ssl.CertificateOption
         )
     certificate = servertls.check_pair(config.tls.certificate, config.tls.key)
     try:
-        return listen.server_tls_options(config.tls.certificate, config.tls.key), certificate
+        tls = config.tls
+        return listen.server_tls_options(tls.certificate, tls.key, tls.profile), certificate
     except (OSError, ValueError, SSL.Error) as e:
         raise ConfigError("tls.certificate", f"cannot load the certificate and key: {e}") from None
 

@@ -149,11 +149,6 @@ def test_sslyze_finds_mozilla_intermediate(daemon: Daemon, listener: str) -> Non
     assert "OK - Compliant" in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app/wiring.py does not pass [tls] profile to listen.server_tls_options yet; "
-    "remove this marker with that one-line change",
-)
 def test_old_profile_lets_tls_1_0_clients_in(tmp_path: Path) -> None:
     d = Daemon(tmp_path, '[tls]\nprofile = "old"\n').start()
     try:
