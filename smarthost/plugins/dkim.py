@@ -2,10 +2,15 @@
 
 Settings (``[plugins.dkim]``)::
 
-    # One key per signing domain: the PEM RSA private key (PKCS#1 or PKCS#8, at least 1024
-    # bits, 2048 recommended by RFC 8301) and the selector its public key is published under,
-    # as a TXT record at <selector>._domainkey.<domain>.
+    # Per signing domain, one key or a list of keys, each with the selector its public key is
+    # published under (a TXT record at <selector>._domainkey.<domain>). A key is an RSA
+    # private key in PEM (PKCS#1 or PKCS#8, at least 1024 bits, 2048 recommended by RFC 8301)
+    # or an Ed25519 key (RFC 8463): PEM as `openssl genpkey -algorithm ed25519` writes it, or
+    # dknewkey --ktype ed25519's base64 seed. Every key of the domain signs, so a domain can
+    # send both an RSA and an Ed25519 signature while verifiers learn Ed25519 (RFC 8463 5).
     keys = { "example.test" = { selector = "s1", key = "dkim/example.test.key" } }
+    keys."example.test" = [{ selector = "rsa", key = "rsa.key" },
+                           { selector = "ed", key = "ed.key" }]
     headers = ["From", "To", "Subject", ...]  # optional: the fields to sign (see DEFAULT_HEADERS)
 
 Relative ``key`` paths are resolved against the directory of the config file
@@ -29,6 +34,7 @@ Signing is CPU work (RSA in pure Python) and reads the message from disk: it run
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +42,9 @@ from typing import Any
 
 import attrs
 import dkim
-from dkim.crypto import UnparsableKeyError, parse_pem_private_key
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet.defer import Deferred
 from twisted.plugin import IPlugin
 from zope.interface import implementer
@@ -60,16 +68,20 @@ _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\Z")
 _FIELD_NAME = re.compile(r"[!-9;-~]+\Z")  # RFC 5322 2.2: printable US-ASCII except ":"
 
 
+RSA, ED25519 = b"rsa-sha256", b"ed25519-sha256"
+
+
 @attrs.frozen
 class SigningKey:
     domain: str
     selector: str
-    pem: bytes = attrs.field(repr=False)
+    pem: bytes = attrs.field(repr=False)  # RSA: the PEM; Ed25519: the base64 seed dkimpy takes
+    algorithm: bytes = RSA
 
 
 @attrs.frozen
 class Settings:
-    keys: Mapping[str, SigningKey]  # by lower-case domain
+    keys: Mapping[str, tuple[SigningKey, ...]]  # by lower-case domain, each key signs
     headers: tuple[str, ...] = tuple(h.lower() for h in DEFAULT_HEADERS)
 
 
@@ -81,26 +93,24 @@ def parse_settings(settings: Mapping[str, Any], base_dir: Path | None = None) ->
     table = settings.get("keys", {})
     if not isinstance(table, Mapping):
         raise ValueError("keys: expected a table of domain = { selector, key }")
-    keys: dict[str, SigningKey] = {}
-    for domain, entry in table.items():
+    keys: dict[str, tuple[SigningKey, ...]] = {}
+    for domain, entries in table.items():
         where = f'keys."{domain}"'
         name = domain.lower().rstrip(".")
         if not _dns_name(name, minimum=2):
             raise ValueError(f"{where}: {domain!r} is not a domain name")
         if name in keys:
-            raise ValueError(f"{where}: {name} has two keys")
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where}: expected {{ selector = ..., key = ... }}")
-        for key in entry:
-            if key not in _KEY_SETTINGS:
-                raise ValueError(f"{where}.{key}: unknown setting (known: selector, key)")
-        selector = entry.get("selector")
-        if not isinstance(selector, str) or not _dns_name(selector, minimum=1):
-            raise ValueError(f"{where}.selector: expected a selector such as \"s1\"")
-        path = entry.get("key")
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"{where}.key: expected the path of a PEM private key")
-        keys[name] = SigningKey(name, selector, _read_key(f"{where}.key", path, base_dir))
+            raise ValueError(f"{where}: {name} is configured twice")
+        many = isinstance(entries, list)
+        if many and not entries:
+            raise ValueError(f"{where}: expected at least one {{ selector, key }}")
+        found = tuple(
+            _signing_key(name, f"{where}[{i}]" if many else where, entry, base_dir)
+            for i, entry in enumerate(entries if many else [entries])
+        )
+        if len({k.selector for k in found}) < len(found):
+            raise ValueError(f"{where}: two keys with one selector")
+        keys[name] = found
     headers = settings.get("headers", list(DEFAULT_HEADERS))
     if not isinstance(headers, list) or not headers:
         raise ValueError("headers: expected a list of header field names")
@@ -117,27 +127,63 @@ def parse_settings(settings: Mapping[str, Any], base_dir: Path | None = None) ->
     return Settings(keys, tuple(names))
 
 
+def _signing_key(
+    domain: str, where: str, entry: object, base_dir: Path | None
+) -> SigningKey:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected {{ selector = ..., key = ... }}")
+    for key in entry:
+        if key not in _KEY_SETTINGS:
+            raise ValueError(f"{where}.{key}: unknown setting (known: selector, key)")
+    selector = entry.get("selector")
+    if not isinstance(selector, str) or not _dns_name(selector, minimum=1):
+        raise ValueError(f"{where}.selector: expected a selector such as \"s1\"")
+    path = entry.get("key")
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{where}.key: expected the path of a PEM private key")
+    secret, algorithm = _read_key(f"{where}.key", path, base_dir)
+    return SigningKey(domain, selector, secret, algorithm)
+
+
 def _dns_name(name: str, minimum: int) -> bool:
     labels = name.split(".")
     return len(labels) >= minimum and len(name) <= 253 and all(_LABEL.match(x) for x in labels)
 
 
-def _read_key(where: str, text: str, base_dir: Path | None) -> bytes:
+def _read_key(where: str, text: str, base_dir: Path | None) -> tuple[bytes, bytes]:
+    """The key as dkimpy takes it, and its algorithm: an RSA PEM as is, an Ed25519 key as the
+    base64 of its 32-byte seed (dknewkey's file is exactly that; openssl's PKCS#8 PEM is
+    converted)."""
     path = Path(text).expanduser()
     if not path.is_absolute():
         path = (base_dir if base_dir is not None else Path.cwd()) / path
     try:
-        pem = path.read_bytes()
+        data = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{where}: cannot read {path}: {e.strerror}") from None
+    if b"-----BEGIN" not in data:
+        try:
+            seed = base64.b64decode(data.strip(), validate=True)
+        except ValueError:
+            seed = b""
+        if len(seed) != 32:
+            raise ValueError(f"{where}: {path} is neither a PEM private key nor an Ed25519 "
+                             "seed as dknewkey writes it")
+        return base64.b64encode(seed), ED25519
     try:
-        bits = int(parse_pem_private_key(pem)["modulus"]).bit_length()
-    except (UnparsableKeyError, KeyError, IndexError, TypeError, ValueError):
-        raise ValueError(f"{where}: {path} is not a PEM RSA private key") from None
-    if bits < MIN_KEY_BITS:
-        raise ValueError(f"{where}: {path} is a {bits}-bit key; DKIM needs at least "
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError(f"{where}: {path} is not an unencrypted PEM private key") from None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+        return base64.b64encode(raw), ED25519
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"{where}: {path} is neither an RSA nor an Ed25519 key")
+    if key.key_size < MIN_KEY_BITS:
+        raise ValueError(f"{where}: {path} is a {key.key_size}-bit key; DKIM needs at least "
                          f"{MIN_KEY_BITS} bits (RFC 8301)")
-    return pem
+    return data, RSA
 
 
 def header_names(headers: bytes) -> list[str]:
@@ -169,6 +215,7 @@ def sign(key: SigningKey, include: Sequence[str], read: Callable[[], bytes]) -> 
         key.domain.encode("ascii"),
         key.pem,
         canonicalize=(b"relaxed", b"relaxed"),
+        signature_algorithm=key.algorithm,
         include_headers=[name.encode("ascii") for name in include],
         linesep=b"\r\n",
     )
@@ -190,14 +237,16 @@ class DKIMSigner:
             return []  # only our own users' mail: relayed and inbound mail is not ours to sign
         sender = message.envelope.sender
         domain = sender.rpartition("@")[2].lower().rstrip(".") if "@" in sender else ""
-        key = self._settings.keys.get(domain)
-        if key is None:
-            return []
+        keys = self._settings.keys.get(domain, ())
         include = fields_to_sign(self._settings.headers, header_names(message.headers))
         if "from" not in include:
             return []  # no From: not a message RFC 5322 allows, and DKIM cannot sign it
-        value: str = await self._run_blocking(sign, key, include, message.read)
-        return [("DKIM-Signature", value)]
+        # Each signature covers the message without the others (RFC 6376 5.4 signs only the
+        # fields named in h=), so the order they are prepended in does not matter.
+        return [
+            ("DKIM-Signature", await self._run_blocking(sign, key, include, message.read))
+            for key in keys
+        ]
 
 
 @implementer(IPlugin, ISmarthostPlugin)

@@ -11,7 +11,7 @@ from typing import Any
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
@@ -224,12 +224,12 @@ def test_relative_key_paths(tmp_path: Path, key_pair: tuple[bytes, bytes],
     (tmp_path / "dkim" / "k.pem").write_bytes(key_pair[0])
     settings = {"keys": {"Example.Test.": {"selector": "s1", "key": "dkim/k.pem"}}}
     monkeypatch.chdir(tmp_path)  # relative to the working directory...
-    assert parse_settings(settings).keys["example.test"].pem == key_pair[0]
+    assert parse_settings(settings).keys["example.test"][0].pem == key_pair[0]
     monkeypatch.chdir("/")
     with pytest.raises(ValueError):
         parse_settings(settings)
     # ... or to the config file's directory, once the context says where that is.
-    assert parse_settings(settings, tmp_path).keys["example.test"].pem == key_pair[0]
+    assert parse_settings(settings, tmp_path).keys["example.test"][0].pem == key_pair[0]
     assert b"PRIVATE" in key_pair[0]
     assert "PRIVATE" not in repr(parse_settings(settings, tmp_path))  # keys stay out of repr
 
@@ -241,3 +241,80 @@ def test_plugin_object(tmp_path: Path, key_pair: tuple[bytes, bytes]) -> None:
         Context(Clock(), "mx.test", object(), run_now),
     )
     verifyObject(IHeaderAdder, built)
+
+
+# -- Ed25519 (RFC 8463) and several keys per domain --------------------------------------
+
+
+def ed25519_pair() -> tuple[ed25519.Ed25519PrivateKey, bytes]:
+    """A key and the TXT record publishing it (k=ed25519, p= the raw 32-byte public key)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw,
+                                        serialization.PublicFormat.Raw)
+    return key, b"v=DKIM1; k=ed25519; p=" + base64.b64encode(raw)
+
+
+def signatures(body: bytes) -> list[str]:
+    head = body.split(b"\r\n\r\n", 1)[0].decode()
+    return [f for f in head.replace("\r\n ", " ").replace("\r\n\t", " ").split("\r\n")
+            if f.startswith("DKIM-Signature:")]
+
+
+def test_ed25519_pem_and_rsa_both_sign_and_verify(
+    tmp_path: Path, key_pair: tuple[bytes, bytes]
+) -> None:
+    """openssl genpkey -algorithm ed25519 writes PKCS#8 PEM; with an RSA key beside it the
+    domain sends two signatures and dkimpy verifies each."""
+    rsa_pem, rsa_txt = key_pair
+    ed_key, ed_txt = ed25519_pair()
+    (tmp_path / "rsa.key").write_bytes(rsa_pem)
+    (tmp_path / "ed.key").write_bytes(ed_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    keys = {"example.test": [{"selector": "rsa", "key": str(tmp_path / "rsa.key")},
+                             {"selector": "ed", "key": str(tmp_path / "ed.key")}]}
+    body = submit(tmp_path, signer(tmp_path, rsa_pem, keys=keys))
+    found = signatures(body)
+    assert len(found) == 2
+    assert sum("a=ed25519-sha256" in f for f in found) == 1
+    assert sum("a=rsa-sha256" in f for f in found) == 1
+    dnsfunc = dns_for({b"rsa._domainkey.example.test.": rsa_txt,
+                       b"ed._domainkey.example.test.": ed_txt})
+    for index in range(2):  # dkim.verify checks the first; DKIM(...).verify(idx) each
+        assert dkim.DKIM(body).verify(idx=index, dnsfunc=dnsfunc)
+    tampered = body.replace(b"figures.", b"figures!")
+    for index in range(2):
+        try:
+            valid = dkim.DKIM(tampered).verify(idx=index, dnsfunc=dnsfunc)
+        except dkim.ValidationError:  # dkimpy raises on a body hash mismatch at idx > 0
+            valid = False
+        assert not valid
+
+
+def test_ed25519_key_as_dknewkey_writes_it(tmp_path: Path) -> None:
+    ed_key, ed_txt = ed25519_pair()
+    seed = ed_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())
+    body = submit(tmp_path, signer(tmp_path, base64.b64encode(seed) + b"\n"))
+    assert "a=ed25519-sha256" in signatures(body)[0]
+    assert dkim.verify(body, dnsfunc=dns_for({b"s1._domainkey.example.test.": ed_txt}))
+
+
+def test_several_keys_settings_errors(tmp_path: Path, key_pair: tuple[bytes, bytes]) -> None:
+    good = tmp_path / "good.key"
+    good.write_bytes(key_pair[0])
+    short = tmp_path / "short.key"
+    short.write_bytes(base64.b64encode(b"x" * 16))
+    cases: list[tuple[Any, str]] = [
+        ([], 'keys."example.test":'),
+        ([{"selector": "a", "key": str(good)}, {"selector": "a", "key": str(good)}],
+         'keys."example.test":'),
+        ([{"selector": "a", "key": str(good)}, {"selector": "b"}], 'keys."example.test"[1].key:'),
+        ([{"selector": "a", "key": str(short)}], 'keys."example.test"[0].key:'),
+    ]
+    for entries, name in cases:
+        with pytest.raises(ValueError) as caught:
+            parse_settings({"keys": {"example.test": entries}})
+        assert str(caught.value).startswith(name), (entries, str(caught.value))
+    parsed = parse_settings({"keys": {"example.test": [{"selector": "a", "key": str(good)}]}})
+    assert [k.selector for k in parsed.keys["example.test"]] == ["a"]
