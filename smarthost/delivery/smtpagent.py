@@ -387,9 +387,10 @@ class SMTPDelivery:
         mail = self._mail(envelope, size, extensions)
         rcpts = [self._rcpt(r, extensions) for r in recipients]
         pipelining = "PIPELINING" in extensions
+        chunking = "CHUNKING" in extensions  # RFC 3030: BDAT instead of DATA
         conn.between_transactions = False
         if pipelining:  # RFC 2920 3.1: MAIL, RCPTs and DATA in one go, replies in order
-            conn.send(mail, *rcpts, "DATA")
+            conn.send(mail, *rcpts, *(() if chunking else ("DATA",)))
         else:
             conn.send(mail)
         reply = await conn.read_reply(t.mail, "MAIL FROM")
@@ -409,7 +410,13 @@ class SMTPDelivery:
                     accepted.append(i)
                 else:
                     decided[i] = outcome(recipient, reply)
-            if not accepted and not pipelining:
+            if not accepted and (chunking or not pipelining):
+                return _done(decided)
+            if chunking:
+                reply = await self._chunks(conn, open_body, pipelining)
+                conn.between_transactions = True
+                for i in accepted:
+                    decided[i] = outcome(recipients[i], reply)
                 return _done(decided)
             if not pipelining:
                 conn.send("DATA")
@@ -443,6 +450,19 @@ class SMTPDelivery:
                 if decided[i] is None:
                     decided[i] = Outcome(recipient, DEFERRED, e.reason, remote, e.status)
         return _done(decided)
+
+
+    async def _chunks(
+        self, conn: ClientConnection, open_body: Callable[[], BinaryIO], pipelining: bool
+    ) -> ServerReply:
+        t = self._timeouts
+        try:
+            with open_body() as body:
+                return await conn.send_chunks(body, t.data_block, t.data_end,
+                                              pipelining=pipelining)
+        except OSError as e:
+            conn.abort()  # never end a message we could not read in full
+            raise HostError(f"cannot read the queued message: {e}", "4.3.0") from None
 
 
 def _done(decided: list[Outcome | None]) -> list[Outcome]:

@@ -280,6 +280,58 @@ class ClientConnection(Protocol):
             if self._lost is None:
                 transport.unregisterProducer()
 
+    async def send_chunks(
+        self, body: BinaryIO, timeout: float, last_timeout: float, *, pipelining: bool
+    ) -> ServerReply:
+        """RFC 3030: the message as ``BDAT n`` chunks, the final one ``BDAT n LAST``, with no
+        dot-stuffing; the reply that decides the message: the first refusal, else LAST's.
+
+        With PIPELINING every chunk goes out without waiting (RFC 3030 4.2), otherwise each
+        waits for its reply and a refusal stops the rest (RFC 3030 2: no more segments after
+        a 4xx/5xx). A final line the body left open is completed, as for DATA.
+        """
+        transport = IConsumer(self.transport)
+        transport.registerProducer(self, True)
+        self.in_data = True
+        due = 0  # replies to chunks sent and not read yet
+        try:
+            chunk = body.read(CHUNK)
+            while True:
+                following = body.read(CHUNK) if chunk else b""
+                last = not following
+                if last:
+                    chunk += {b"": b"", b"\n": b"", b"\r": b"\n"}.get(chunk[-1:], b"\r\n")
+                if self._lost is not None:
+                    raise self._lost_error("the transfer of message data")
+                command = f"BDAT {len(chunk)}{' LAST' if last else ''}"
+                if self._transcript:
+                    self._log.debug("{peer} C: {line}", peer=self.peer, line=command)
+                self.unanswered += 1
+                due += 1
+                transport.write(command.encode("ascii") + b"\r\n" + chunk)
+                if self._paused:
+                    await self._wait(timeout, "the peer to take message data", "resume")
+                if last:
+                    break
+                if not pipelining:
+                    due -= 1
+                    reply = await self.read_reply(timeout, "BDAT")
+                    if not reply.positive:
+                        self.in_data = False
+                        return reply
+                chunk = following
+            self.in_data = False
+            decision: ServerReply | None = None
+            for n in range(due, 0, -1):
+                reply = await self.read_reply(last_timeout if n == 1 else timeout, "BDAT")
+                if decision is None and (not reply.positive or n == 1):
+                    decision = reply
+            assert decision is not None
+            return decision
+        finally:
+            if self._lost is None:
+                transport.unregisterProducer()
+
     def pauseProducing(self) -> None:
         self._paused = True
 
