@@ -58,6 +58,7 @@ TOKEN_HEADER = re.compile(rb"^X-Crash-Token: (\S+)\r?$", re.M)
 RECOVERY = re.compile(
     r"spool .*: (\d+) queued, (\d+) unfinished receptions removed, "
     r"(\d+) unfinished writes dropped, (\d+) damaged places copied to corrupt/"
+    r"(?:, (\d+) messages lost)?"  # logged since recoverylog.log_recovery
 )
 # Lines in the daemon log that deserve a look even when nothing was lost.
 DELIVERED_LINE = re.compile(r"(\w+): to=<(.*?)> relay=\S+ result=delivered")
@@ -350,7 +351,7 @@ class Result:
             f"corrupt/ files:             {len(self.corrupt)}",
             "recovery over {starts} starts: {queued} queued, {tmp} unfinished receptions "
             "removed, {torn} unfinished writes dropped, {corrupt} damaged places copied to "
-            "corrupt/".format(
+            "corrupt/, {lost} messages lost".format(
                 **self.recovery
             ),
             f"queue drained:              {'yes' if self.drained else 'NO'}"
@@ -475,7 +476,7 @@ def _count(result: Result, clients: list[Client], mx: MXPeer) -> None:
 
 
 def _read_logs(result: Result, host: Smarthost) -> None:
-    totals = {"starts": host.starts, "queued": 0, "tmp": 0, "torn": 0, "corrupt": 0}
+    totals = {"starts": host.starts, "queued": 0, "tmp": 0, "torn": 0, "corrupt": 0, "lost": 0}
     # A delivery the daemon itself logged twice in one run would be a scheduler bug; copies
     # across a kill are at-least-once delivery. The MX's arrival order cannot tell these
     # apart (a message finishing at the MX just after a kill looks like the next run's), so
@@ -489,9 +490,9 @@ def _read_logs(result: Result, host: Smarthost) -> None:
         if match:
             run += 1
             result.recovery_lines.append(line[match.start(1) :])
-            for key, value in zip(("queued", "tmp", "torn", "corrupt"), match.groups(),
-                                  strict=True):
-                totals[key] += int(value)
+            for key, value in zip(("queued", "tmp", "torn", "corrupt", "lost"),
+                                  match.groups(), strict=True):
+                totals[key] += int(value or 0)
         if TROUBLE.search(line):
             result.trouble.append(line)
     result.recovery = totals

@@ -32,4 +32,5 @@ def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
     assert result.unknown == []
     assert result.bounces == 0
     assert result.recovery["corrupt"] == 0
+    assert result.recovery["lost"] == 0
     assert result.ok
