@@ -92,6 +92,10 @@ class PerMinute:
         }
 
 
+def _fields(event: Mapping[str, Any]) -> set[str]:
+    return {key for key in event if not key.startswith("log_")} - _LEGACY
+
+
 @implementer(ILogObserver)
 class Activity:
     def __init__(self, clock: IReactorTime, metrics: Metrics, keep: int = 1000) -> None:
@@ -109,12 +113,15 @@ class Activity:
     def __call__(self, event: Mapping[str, Any]) -> None:
         if event.get("log_namespace") != "smarthost":
             return
-        fields = {key for key in event if not key.startswith("log_")} - _LEGACY
-        if fields == _DELIVERY:
-            self._delivery(str(event["recipient"]), str(event["result"]), str(event["relay"]),
-                           str(event["reply"]))
-        elif fields == _AUTH and event.get("log_level") is LogLevel.warn:
-            self._auth_failed(str(event["client"]), str(event["user"]), str(event["mechanism"]))
+        # A cheap look first (every message logs several events), the exact fields after.
+        if "result" in event and "relay" in event:
+            if _fields(event) == _DELIVERY:
+                self._delivery(str(event["recipient"]), str(event["result"]),
+                               str(event["relay"]), str(event["reply"]))
+        elif "mechanism" in event and event.get("log_level") is LogLevel.warn:
+            if _fields(event) == _AUTH:
+                self._auth_failed(str(event["client"]), str(event["user"]),
+                                  str(event["mechanism"]))
 
     def _delivery(self, recipient: str, result: str, relay: str, reply: str) -> None:
         if result not in SERIES:

@@ -53,8 +53,9 @@ class Metrics:
             "smarthost_messages_accepted", "Messages accepted (queued), by listener",
             ["listener"], registry=self.registry,
         )
-        for role in Role:
-            self._accepted.labels(listener=str(role))
+        # The children made once: labels() costs a lock and a lookup on every message.
+        self._accepted_on = {str(role): self._accepted.labels(listener=str(role))
+                             for role in Role}
         self._delivered = Counter(
             "smarthost_recipients_delivered", "Recipients delivered", registry=self.registry
         )
@@ -78,7 +79,10 @@ class Metrics:
                          "bounced": self._bounced}
 
     def accepted(self, listener: str) -> None:
-        self._accepted.labels(listener=listener).inc()
+        child = self._accepted_on.get(listener)
+        if child is None:
+            child = self._accepted_on[listener] = self._accepted.labels(listener=listener)
+        child.inc()
 
     def delivery(self, result: str) -> None:
         counter = self._results.get(result)
