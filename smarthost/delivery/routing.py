@@ -15,6 +15,7 @@ from typing import Protocol
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from smarthost.core.enums import TLSPolicy
 from smarthost.delivery.dns import (
@@ -27,6 +28,9 @@ from smarthost.delivery.dns import (
     split_host_port,
     usable_address,
 )
+from smarthost.delivery.mtasts import ENFORCE, TESTING, PolicySource
+
+_log = Logger(namespace="smarthost.delivery.routing")
 
 SMTP, MAILDIR = "smtp", "maildir"
 
@@ -165,6 +169,8 @@ class NextHopResolver:
         credentials: Credentials | None = None,
         random: Random | None = None,
         address_literals: bool = True,
+        tls_policies: Mapping[str, TLSPolicy] | None = None,
+        mta_sts: PolicySource | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise ValueError(f"port {port}: expected 1 to 65535")
@@ -181,6 +187,9 @@ class NextHopResolver:
         self._credentials = credentials
         self._random = random if random is not None else Random()  # noqa: S311 (not crypto)
         self._address_literals = address_literals
+        # [delivery.tls_policy]: the operator's word for a domain beats MTA-STS and tls.
+        self._tls_policies = {domain_key(d): TLSPolicy(p) for d, p in (tls_policies or {}).items()}
+        self._mta_sts = mta_sts
 
     # -- public API --
 
@@ -194,6 +203,15 @@ class NextHopResolver:
 
     async def _resolve(self, domain: str) -> Route:
         key = domain_key(domain)
+        route = await self._next_hop(key)
+        override = self._tls_policies.get(key)
+        if route.kind != SMTP or override is None:
+            return route
+        if route.credentials is not None and override == TLSPolicy.OPPORTUNISTIC:
+            override = TLSPolicy.REQUIRED  # never send a password in the clear
+        return attrs.evolve(route, tls=override)
+
+    async def _next_hop(self, key: str) -> Route:
         if key in self._local_domains:
             if self._local.kind == MAILDIR:
                 return Route(MAILDIR, maildir=self._local.directory)
@@ -205,7 +223,34 @@ class NextHopResolver:
             return await self._static(target, credentials=self._credentials)
         if key.startswith("[") and key.endswith("]"):
             return self._literal(key)
-        return await self._mx(key)
+        route = await self._mx(key)
+        if self._mta_sts is None or key in self._tls_policies:
+            return route
+        return await self._sts(key, route)
+
+    async def _sts(self, domain: str, route: Route) -> Route:
+        """RFC 8461 4.2: under ``enforce`` only the MX hosts the policy names, over TLS
+        verified for that name; none of them left defers (5.1: never a bounce for a policy
+        failure). ``testing`` only logs what enforce would have done."""
+        assert self._mta_sts is not None
+        policy = await self._mta_sts.policy(domain)
+        if policy is None or policy.mode not in (ENFORCE, TESTING):
+            return route
+        allowed = tuple(h for h in route.hosts if policy.allows(h.name))
+        if policy.mode == TESTING:
+            refused = sorted({h.name for h in route.hosts if h not in allowed})
+            _log.info(
+                "MTA-STS testing for {domain}: enforce would deliver only over verified TLS"
+                "{more}", domain=domain,
+                more=f" and never to {', '.join(refused)}" if refused else "",
+            )
+            return route
+        if not allowed:
+            names = ", ".join(sorted({h.name for h in route.hosts}))
+            raise TemporaryRouteError(
+                f"MTA-STS policy of {domain} names none of its MX hosts ({names})", "4.7.5"
+            )
+        return attrs.evolve(route, hosts=allowed, tls=TLSPolicy.VERIFY)
 
     async def _static(self, target: Target, credentials: Credentials | None) -> Route:
         """A configured host: its failures are the operator's to fix, so they never bounce."""
