@@ -1,4 +1,4 @@
-"""The ``smarthost`` admin command: passwd, check-config, queue.
+"""The ``smarthost`` admin command: run, passwd, check-config, config, queue.
 
 It talks to a running daemon only through the spool directory (and the control socket the
 daemon keeps there), the way Postfix's postqueue and postsuper work on the queue files.
@@ -8,28 +8,24 @@ Errors are one line on stderr naming the problem; exit status 2 for bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import getpass
 import json
-import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.task import Clock
 
-from smarthost.api import Context
+from smarthost.app import checks, configdump, control, queueadmin
 from smarthost.app.config import Config, ConfigError, load_config
-from smarthost.app.pluginload import PluginError, build_plugins
-from smarthost.auth import oauth, sasl
+from smarthost.auth import sasl
 from smarthost.auth.users import PasswordError, UserNameError, delete_user, set_password
 from smarthost.core.envelope import QueueEntry, QueueId
-from smarthost.queue.spool import Spool, release_held
-
-CONTROL_SOCKET = "control.sock"
+from smarthost.queue.spool import Spool
 
 
 class CLIError(Exception):
@@ -41,13 +37,6 @@ class _WallClock:
 
     def seconds(self) -> float:
         return time.time()
-
-
-class _NoLookups:
-    """check-config builds plugins but never runs them: no DNS query may leave."""
-
-    def __getattr__(self, name: str) -> Any:
-        raise RuntimeError("no DNS lookups while checking a configuration")
 
 
 def _run_now(f: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
@@ -120,14 +109,42 @@ def _read_password() -> str:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    # Plugins validate their own settings when built; nothing is started.
-    context = Context(Clock(), config.hostname, _NoLookups(), _run_now, config.base_dir)
-    try:
-        plugins = build_plugins(config.plugins.enabled, config.plugins.settings, context)
-        oauth.require_verifier(config.auth.mechanisms, plugins)
-    except (PluginError, ConfigError) as e:
-        raise CLIError(f"configuration error: {e}") from None
+    findings = checks.check_config(config, checks.Environment.current())
+    for warning in findings.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if findings.errors:
+        for error in findings.errors[:-1]:
+            print(f"smarthost: configuration error: {error}", file=sys.stderr)
+        raise CLIError(f"configuration error: {findings.errors[-1]}")
     print(f"{args.config or 'embedded default'}: OK (hostname {config.hostname})")
+    return 0
+
+
+# -- config --------------------------------------------------------------------------------
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    source = args.config or "the embedded default"
+    sys.stdout.write(configdump.dump(config, changed_only=args.changed, source=source))
+    return 0
+
+
+# -- run -----------------------------------------------------------------------------------
+
+
+def twistd_argv(config: str | None, twistd_options: Sequence[str]) -> list[str]:
+    """``twistd -n [options] smarthost [--config PATH]``: twistd's own options go before the
+    plugin name, ours after it."""
+    return ["twistd", "-n", *twistd_options, "smarthost", *(["--config", config] if config
+                                                             else [])]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twisted.scripts.twistd import run
+
+    sys.argv = twistd_argv(args.config, args.twistd_options)
+    run()  # type: ignore[no-untyped-call]  # returns when the daemon stops
     return 0
 
 
@@ -142,10 +159,7 @@ def _age(seconds: float) -> str:
     return f"{seconds}s"
 
 
-def _status(entry: QueueEntry) -> str:
-    if entry.envelope.held:
-        return "held"
-    return "deferred" if entry.attempts else "active"
+_status = queueadmin.status
 
 
 def _iso(when: float) -> str:
@@ -178,7 +192,12 @@ def _entry_json(entry: QueueEntry) -> dict[str, Any]:
 
 
 def cmd_queue_list(args: argparse.Namespace, spool: Spool) -> int:
+    selection = queueadmin.Selection(sender=args.sender, recipient=args.recipient,
+                                     status=args.status)
     entries = list(spool.entries())
+    total = len(entries)
+    if selection != queueadmin.Selection():
+        entries = queueadmin.select(entries, selection)
     if args.json:
         print(json.dumps([_entry_json(e) for e in entries], indent=2))
         return 0
@@ -190,8 +209,10 @@ def cmd_queue_list(args: argparse.Namespace, spool: Spool) -> int:
             f"{e.queue_id} {_age(now - e.queued_at):>4} {e.size:>9} <{e.envelope.sender}> "
             f"{','.join(pending) or '-'} {_status(e)} attempts={e.attempts}{error}"
         )
-    if not args.json:
-        print(f"-- {len(entries)} message{'s' if len(entries) != 1 else ''} in queue")
+    if len(entries) != total:
+        print(f"-- {len(entries)} of {total} messages match")
+    else:
+        print(f"-- {total} message{'s' if total != 1 else ''} in queue")
     return 0
 
 
@@ -233,99 +254,218 @@ def cmd_queue_show(args: argparse.Namespace, spool: Spool) -> int:
     return 0
 
 
-def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
-    entries = [_entry(spool, text) for text in dict.fromkeys(args.ids)]  # each id once
-    ids = " ".join(str(e.queue_id) for e in entries)
-    if _daemon_did(spool, f"delete {ids}"):
-        return 0
-    for entry in entries:
+@contextlib.contextmanager
+def _changes(spool: Spool) -> Iterator[queueadmin.QueueChanges]:
+    """Through the running daemon when there is one (it holds the schedule, so no delivery in
+    flight races us), else on the spool itself."""
+    try:
+        daemon = control.ControlClient.connect(spool.directory)
         try:
-            _wait(spool.remove(entry.queue_id))
-        except KeyError:
-            print(f"{entry.queue_id} was no longer queued")
-            continue
-        print(f"deleted {entry.queue_id}")
+            yield queueadmin.QueueChanges(spool, daemon, _wait)
+        finally:
+            if daemon is not None:
+                daemon.close()
+    except control.ControlError as e:
+        raise CLIError(f"daemon: {e}") from None
+
+
+def _named(spool: Spool, texts: Sequence[str]) -> list[QueueId]:
+    """The ids given, each once, every one of them queued now (else nothing is changed)."""
+    return [_entry(spool, text).queue_id for text in dict.fromkeys(texts)]
+
+
+def _report(
+    changes: queueadmin.QueueChanges, answer: dict[str, list[str]], done: str, unchanged: str
+) -> None:
+    """What became of each id. The daemon's part is counted (``deleted 200``: its log names
+    each one), a change made here is named id by id; exceptions are always named."""
+    if changes.through_daemon:
+        print(f"{done} {len(answer[control.DONE])}")
+    else:
+        for queue_id in answer[control.DONE]:
+            print(f"{done} {queue_id}")
+    for queue_id in answer[control.UNCHANGED]:
+        print(f"{queue_id} {unchanged}")
+    for queue_id in answer[control.MISSING]:
+        print(f"{queue_id} was no longer queued")
+
+
+def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
+    chosen = [args.sender is not None, args.user is not None, args.all]
+    if bool(args.ids) == any(chosen) or (args.all and sum(chosen) > 1):
+        raise CLIError("queue delete: give queue ids, or --sender and/or --user, or --all")
+    if args.ids:
+        ids = _named(spool, args.ids)
+    else:
+        selection = queueadmin.Selection(sender=args.sender, user=args.user)
+        ids = [e.queue_id for e in queueadmin.select(spool.entries(), selection)]
+    with _changes(spool) as changes:
+        _report(changes, changes.delete(ids), "deleted", "was not deleted")
+    if not ids:
+        print("no message matches")
     return 0
 
 
-def _daemon_did(spool: Spool, command: str) -> bool:
-    """A running daemon holds the schedule: changes go through it, so no delivery in flight
-    races us. False when no daemon runs (the caller then changes the files itself)."""
-    answer = _notify(spool, command)
-    if answer is None:
-        return False
-    if answer.startswith("error"):
-        raise CLIError(f"daemon: {answer}")
-    print(answer)
-    return True
+def cmd_queue_hold(args: argparse.Namespace, spool: Spool) -> int:
+    ids = _named(spool, args.ids)
+    with _changes(spool) as changes:
+        _report(changes, changes.hold(ids), "held", "was held already")
+    return 0
 
 
 def cmd_queue_release(args: argparse.Namespace, spool: Spool) -> int:
-    if _daemon_did(spool, f"release {args.user}"):
-        return 0
-    released = _wait(Deferred.fromCoroutine(release_held(spool, args.user)))
-    print(f"released {len(released)} (delivered when the daemon next starts)")
+    if bool(args.ids) == (args.user is not None):
+        raise CLIError("queue release: give queue ids, or --user NAME")
+    with _changes(spool) as changes:
+        if args.ids:
+            answer = changes.release(_named(spool, args.ids))
+            _report(changes, answer, "released", "was not held")
+            return 0
+        count = changes.release_user(args.user)
+        later = "" if changes.through_daemon else " (delivered when the daemon next starts)"
+    print(f"released {count} message{'s' if count != 1 else ''} held for {args.user}{later}")
     return 0
 
 
 def cmd_queue_flush(args: argparse.Namespace, spool: Spool) -> int:
-    answer = _notify(spool, "flush")
-    if answer is None:
+    with _changes(spool) as changes:
+        count = changes.flush()
+    if count is None:
         print("no daemon is running on this spool; messages are retried when it starts")
         return 1
-    print(answer)
+    print(f"flushed: {count} messages will be retried now")
     return 0
-
-
-def _notify(spool: Spool, command: str) -> str | None:
-    """Tell a running daemon through its control socket; None when none listens."""
-    path = str(Path(spool.directory) / CONTROL_SOCKET)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        try:
-            s.connect(path)
-        except OSError:
-            return None
-        s.sendall(command.encode() + b"\n")
-        return s.recv(4096).decode("utf-8", "replace").strip()
 
 
 # -- wiring ------------------------------------------------------------------------------
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smarthost", description="smarthost admin tool")
-    sub = p.add_subparsers(dest="command", required=True)
+CONFIG_HELP = "the configuration file (default: the embedded default, relative to ./)"
 
-    pw = sub.add_parser("passwd", help="set or delete a user's password")
-    pw.add_argument("--users", required=True, help="the users file")
-    pw.add_argument("--delete", action="store_true", help="remove the user")
-    pw.add_argument("name")
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="smarthost",
+        description="Run and look after a smarthost mail server: its users, its configuration "
+        "and its mail queue. Each command has its own --help.",
+        epilog="Exit status: 0 done; 1 nothing done (queue flush with no daemon running); 2 a "
+        "problem, named on stderr.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run the mail server in the foreground (twistd -n smarthost)",
+        usage="smarthost run [--config PATH] [twistd options]",
+        description="Run the mail server in the foreground, exactly as `twistd -n smarthost` "
+        "does, for installs (pipx) that do not put twistd on the PATH. Every other option "
+        "goes to twistd, e.g. --pidfile=, --logfile=-, --uid=smarthost --gid=smarthost.",
+    )
+    run.add_argument("--config", "-c", metavar="PATH", help=CONFIG_HELP)
+    run.set_defaults(func=cmd_run, twistd_options=[])
+
+    pw = sub.add_parser(
+        "passwd", help="set or delete a user's password",
+        description="Set NAME's password in the users file (read from stdin when it is not a "
+        "terminal, else asked twice), stored as a bcrypt hash with the CRAM-MD5 and SCRAM "
+        "secrets derived from it, never the password itself.",
+    )
+    pw.add_argument("--users", required=True, metavar="FILE",
+                    help="the users file: the [auth] users path of the configuration")
+    pw.add_argument("--delete", action="store_true", help="remove the user instead")
+    pw.add_argument("name", help="the login name, e.g. alice or alice@example.org")
     pw.set_defaults(func=cmd_passwd)
 
-    cc = sub.add_parser("check-config", help="validate a configuration file")
-    cc.add_argument("--config", required=True)
+    cc = sub.add_parser(
+        "check-config", help="check a configuration as start-up would, without opening ports",
+        description="Check a configuration the way the daemon's start-up does, short of "
+        "opening ports: every key, the listen endpoint strings, the certificate and key "
+        "(readable, matching, not about to expire), the users file, [delivery.upstream] "
+        "password_file and the other files it must read, plugin settings. Exit 0 when the "
+        "daemon would start (risky settings get a `warning: KEY: ...` line on stderr); exit 2 "
+        "naming the key to fix otherwise.",
+    )
+    cc.add_argument("--config", "-c", metavar="PATH", help=CONFIG_HELP)
     cc.set_defaults(func=cmd_check_config)
 
-    q = sub.add_parser("queue", help="inspect and manage the mail queue")
-    q.add_argument("--config", help="the configuration (default: the embedded one)")
-    qsub = q.add_subparsers(dest="queue_command", required=True)
-    ql = qsub.add_parser("list", help="one line per queued message")
-    ql.add_argument("--json", action="store_true", help="a JSON array instead")
-    ql.set_defaults(queue_func=cmd_queue_list)
-    qs = qsub.add_parser("show", help="envelope, status and headers of one message")
-    qs.add_argument("id")
-    qs.set_defaults(queue_func=cmd_queue_show)
-    qd = qsub.add_parser("delete", help="remove messages from the queue")
-    qd.add_argument("ids", nargs="+", metavar="id")
-    qd.set_defaults(queue_func=cmd_queue_delete)
-    qr = qsub.add_parser("release", help="deliver the mail held for a user (the brake)")
-    qr.add_argument("--user", required=True, help="user name (or trusted client address)")
-    qr.set_defaults(queue_func=cmd_queue_release)
-    qf = qsub.add_parser("flush", help="retry every deferred message now")
-    qf.set_defaults(queue_func=cmd_queue_flush)
+    cf = sub.add_parser(
+        "config", help="print the configuration in effect, as TOML",
+        description="Print the configuration in effect as TOML: every key, defaults filled "
+        "in, paths absolute. The output loads back with the same effect. Secrets are never "
+        "printed, only the files that hold them.",
+    )
+    cf.add_argument("--config", "-c", metavar="PATH", help=CONFIG_HELP)
+    cf.add_argument("--changed", action="store_true",
+                    help="only what differs from the defaults (like postconf -n)")
+    cf.set_defaults(func=cmd_config)
+
+    q = sub.add_parser(
+        "queue", help="inspect and manage the mail queue",
+        description="Look at and change the mail queue. While the daemon runs, it makes each "
+        "change itself (through the control socket in its spool directory), so nothing races "
+        "a delivery in progress; with no daemon running, the spool is changed directly.",
+    )
+    q.add_argument("--config", "-c", metavar="PATH", help=CONFIG_HELP)
+    qsub = q.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
+    _queue_parsers(qsub)
     q.set_defaults(func=_queue)
     return p
+
+
+def _queue_parsers(qsub: Any) -> None:
+    ql = qsub.add_parser(
+        "list", help="one line per queued message (like mailq)",
+        description="One line per message: id, age, size, sender, recipients still to "
+        "deliver, status (queued: not tried yet; deferred: tried, waiting for a retry; held: "
+        "kept until released), attempts, last error. Filters combine.",
+    )
+    ql.add_argument("--sender", metavar="ADDR", help="only mail from ADDR (<> for bounces)")
+    ql.add_argument("--recipient", metavar="ADDR", help="only mail with ADDR among recipients")
+    ql.add_argument("--status", choices=queueadmin.STATUSES, help="only messages in this state")
+    ql.add_argument("--json", action="store_true", help="a JSON array of objects instead")
+    ql.set_defaults(queue_func=cmd_queue_list)
+
+    qs = qsub.add_parser("show", help="envelope, status and headers of one message")
+    qs.add_argument("id", help="a queue id, as queue list shows it")
+    qs.set_defaults(queue_func=cmd_queue_show)
+
+    qd = qsub.add_parser(
+        "delete", help="remove messages from the queue, without bounces",
+        usage="smarthost queue delete (ID... | [--sender ADDR] [--user NAME] | --all)",
+        description="Remove messages for good; nobody is told. Name them by id, or choose "
+        "them with --sender and/or --user, or take --all.",
+    )
+    qd.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
+    qd.add_argument("--sender", metavar="ADDR", help="every message from ADDR (<> for bounces)")
+    qd.add_argument("--user", metavar="NAME",
+                    help="every message sent by user NAME (or trusted client address NAME)")
+    qd.add_argument("--all", action="store_true", help="every message in the queue")
+    qd.set_defaults(queue_func=cmd_queue_delete)
+
+    qh = qsub.add_parser(
+        "hold", help="keep messages queued but undelivered until released",
+        description="Hold messages: they stay queued, and are neither delivered nor expired "
+        "(bounced for age) until `smarthost queue release ID`.",
+    )
+    qh.add_argument("ids", nargs="+", metavar="ID", help="queue ids")
+    qh.set_defaults(queue_func=cmd_queue_hold)
+
+    qr = qsub.add_parser(
+        "release", help="deliver held messages (by id, or all of one user's)",
+        usage="smarthost queue release (ID... | --user NAME)",
+        description="Release held messages: by id, or with --user every message the "
+        "compromised-account brake ([limits] hold_user_after_per_hour) held for that user. "
+        "A running daemon tries them at once.",
+    )
+    qr.add_argument("ids", nargs="*", metavar="ID", help="queue ids")
+    qr.add_argument("--user", metavar="NAME", help="user name (or trusted client address)")
+    qr.set_defaults(queue_func=cmd_queue_release)
+
+    qf = qsub.add_parser(
+        "flush", help="retry every deferred message now",
+        description="Ask the running daemon to retry every waiting message now, failed next "
+        "hops included (like postqueue -f). Exit 1 when no daemon is running.",
+    )
+    qf.set_defaults(queue_func=cmd_queue_flush)
 
 
 def _queue(args: argparse.Namespace) -> int:
@@ -336,11 +476,18 @@ def _queue(args: argparse.Namespace) -> int:
         raise
     except OSError as e:  # e.g. the lock of a daemon whose control socket did not answer
         raise CLIError(f"spool {spool.directory}: {e}") from None
+    finally:
+        spool.close()  # the lock, if a change took it
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    p = parser()
+    args, unknown = p.parse_known_args(argv)
+    if unknown and args.command != "run":
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "run":
+        args.twistd_options = unknown  # everything that is not ours goes to twistd
     try:
         result: int = args.func(args)
     except CLIError as e:

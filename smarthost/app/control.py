@@ -1,107 +1,426 @@
-"""The daemon's control socket, ``<spool>/control.sock`` (mode 0600).
+"""The control channel between the ``smarthost`` admin tool and the running daemon.
 
-``smarthost queue flush|delete|release`` talk to a running daemon here, so that the daemon,
-which holds the schedule, makes every change itself (no race with a delivery in flight).
-One command per connection, one line back. Nothing from the socket is executed: commands are
-matched against a fixed table and queue ids are validated before they become paths.
+``smarthost queue flush|delete|hold|release`` ask the daemon, which holds the schedule, to make
+each change itself, so no change races a delivery in flight. The channel is Twisted's AMP over
+the unix socket ``<spool>/control.sock`` (mode 0600, inside the spool directory that only the
+daemon's user may enter): every request and answer is a box of named, typed values.
+
+**Any spool path length.** A unix socket's address holds at most 107 bytes (``sun_path``), so
+``bind``/``connect`` on ``<a long spool path>/control.sock`` fail. Both sides therefore name
+the socket through an open descriptor of the spool directory: ``/proc/self/fd/N/control.sock``
+is about 30 bytes whatever the directory's path, and the kernel resolves it to the same file
+in the spool directory, with the same permissions. Rejected alternatives: an abstract socket
+(Linux) has no file permissions (any local user could connect, or take the name first) and does
+not reach across network namespaces (systemd's ``PrivateNetwork=``); a ``chdir`` into the spool
+would change the whole daemon's working directory under its other relative paths. Where
+``/proc`` is not mounted (a chroot) the plain path is used, which works up to ~100 bytes; a
+longer one fails at start-up, naming ``queue.directory``.
+
+**Any number of ids.** An AMP value is at most 65,535 bytes; the admin side sends ids in
+chunks of :data:`IDS_PER_CALL` (about 34 KB), one call after another on one connection.
+
+**Nothing from the socket is executed.** AMP dispatches only the commands below (the
+responders of :class:`ControlCommands`); every id is parsed as a :class:`QueueId` (which admits
+only ``[0-9A-F]{12,32}``) before the spool sees it, and one bad id refuses the whole call.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+import errno
+import os
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, maybeDeferred
+import attrs
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import Factory
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from smarthost.core.envelope import QueueId
+from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.scheduler import Scheduler
 from smarthost.queue.spool import Spool, release_held
 
 SOCKET_NAME = "control.sock"
+IDS_PER_CALL = 1000  # queue ids are at most 32 characters: 1,000 of them fill ~34 KB of 64 KB
+CALL_TIMEOUT = 120.0  # seconds the admin tool waits for one answer (5,000 deletions take ~1 s)
 
-Handler = Callable[[list[str]], Any]  # returns str, Deferred[str] or a coroutine of str
-
-
-class ControlProtocol(LineOnlyReceiver):
-    delimiter = b"\n"
-    MAX_LENGTH = 4096
-
-    def __init__(self, handlers: dict[str, Handler]) -> None:
-        self._handlers = handlers
-
-    def lineReceived(self, line: bytes) -> None:
-        words = line.decode("utf-8", "replace").split()
-        handler = self._handlers.get(words[0]) if words else None
-        if handler is None:
-            self._answer("error: unknown command")
-            return
-        d = maybeDeferred(handler, words[1:])
-        d.addCallback(lambda result: Deferred.fromCoroutine(result)
-                      if inspect.iscoroutine(result) else result)
-        d.addCallbacks(self._answer, self._failed)
-
-    def _failed(self, failure: Failure) -> None:
-        self._answer(f"error: {failure.getErrorMessage()}")
-
-    def _answer(self, text: str) -> None:
-        self.sendLine(text.encode("utf-8"))  # type: ignore[no-untyped-call]
-        assert self.transport is not None
-        self.transport.loseConnection()
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self._answer("error: line too long")
+DONE, UNCHANGED, MISSING = "done", "unchanged", "missing"
 
 
-class ControlFactory(Factory):
-    def __init__(self, handlers: dict[str, Handler]) -> None:
-        self._handlers = handlers
-
-    def buildProtocol(self, addr: object) -> ControlProtocol:
-        protocol = ControlProtocol(self._handlers)
-        protocol.factory = self
-        return protocol
+class BadRequest(Exception):
+    """A request the daemon refuses as a whole (a malformed queue id)."""
 
 
-class ControlCommands:
-    """The fixed table of what the admin tool may ask the running daemon. Each change goes
-    through the scheduler and the spool of this process, so it cannot race a delivery."""
+class ControlError(Exception):
+    """The channel failed: the daemon refused a request, answered nonsense or went away."""
+
+
+_ERRORS: dict[type[Exception], bytes] = {BadRequest: b"BAD_REQUEST"}
+_Arguments = list[tuple[bytes, amp.Argument]]
+_NOTHING: _Arguments = []
+_COUNT: _Arguments = [(b"count", amp.Integer())]  # type: ignore[no-untyped-call]
+_USER: _Arguments = [(b"user", amp.Unicode())]  # type: ignore[no-untyped-call]
+_IDS: _Arguments = [(b"ids", amp.ListOf(amp.Unicode()))]  # type: ignore[no-untyped-call]
+# What became of each id: changed, already so (held, or not held), not queued.
+_BY_ID: _Arguments = [
+    (b"done", amp.ListOf(amp.Unicode())),  # type: ignore[no-untyped-call]
+    (b"unchanged", amp.ListOf(amp.Unicode())),  # type: ignore[no-untyped-call]
+    (b"missing", amp.ListOf(amp.Unicode())),  # type: ignore[no-untyped-call]
+]
+
+
+class Flush(amp.Command):
+    """Retry every waiting message now."""
+
+    arguments = _NOTHING
+    response = _COUNT
+
+
+class Delete(amp.Command):
+    """Remove messages from the queue (and from the schedule)."""
+
+    arguments = _IDS
+    response = _BY_ID
+    errors = _ERRORS
+
+
+class Hold(amp.Command):
+    """Keep messages queued but never deliver (nor expire) them until released."""
+
+    arguments = _IDS
+    response = _BY_ID
+    errors = _ERRORS
+
+
+class ReleaseIds(amp.Command):
+    """Undo :class:`Hold` (or the brake) for these messages: they are tried at once."""
+
+    arguments = _IDS
+    response = _BY_ID
+    errors = _ERRORS
+
+
+class Release(amp.Command):
+    """Release every message the compromised-account brake held for one user."""
+
+    arguments = _USER
+    response = _COUNT
+
+
+# -- the daemon's side --------------------------------------------------------------------
+
+
+def _queue_ids(texts: Sequence[str]) -> list[QueueId]:
+    try:
+        return [QueueId(text) for text in dict.fromkeys(texts)]
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+def _with_held(entry: QueueEntry, held: bool) -> QueueEntry:
+    return attrs.evolve(entry, envelope=attrs.evolve(entry.envelope, held=held))
+
+
+class ControlCommands(amp.CommandLocator):
+    """The fixed table of what the admin tool may ask the running daemon: one responder per
+    command above, nothing else. Each change goes through the scheduler and the spool of this
+    process, so it cannot race a delivery."""
 
     def __init__(self, spool: Spool, scheduler: Scheduler, maillog: MailLog) -> None:
         self._spool = spool
         self._scheduler = scheduler
         self._log = maillog
 
-    def handlers(self) -> dict[str, Handler]:
-        return {"flush": self.flush, "delete": self.delete, "release": self.release}
+    def handlers(self) -> ControlCommands:
+        """What :class:`ControlFactory` serves (kept until services.py calls
+        :func:`listen_control`)."""
+        return self
 
-    def flush(self, args: list[str]) -> str:
+    @Flush.responder
+    def flush(self) -> dict[str, int]:
         count = self._scheduler.flush()
         self._log.notice("queue flush requested: {count} messages", count=count)
-        return f"flushed: {count} messages will be retried now"
+        return {"count": count}
 
-    async def delete(self, args: list[str]) -> str:
-        deleted = 0
-        for text in args:
-            queue_id = QueueId(text)
-            self._scheduler.forget(queue_id)
-            try:
-                await self._spool.remove(queue_id)
-            except KeyError:
-                continue
-            self._log.removed(queue_id, "deleted by the operator")
-            deleted += 1
-        return f"deleted {deleted}"
+    @Delete.responder
+    def delete(self, ids: list[str]) -> Deferred[dict[str, list[str]]]:
+        return self._each(ids, self._delete)
 
-    async def release(self, args: list[str]) -> str:
-        if len(args) != 1:
-            return "error: release needs one user name"
-        released = await release_held(self._spool, args[0])
+    @Hold.responder
+    def hold(self, ids: list[str]) -> Deferred[dict[str, list[str]]]:
+        return self._each(ids, self._hold)
+
+    @ReleaseIds.responder
+    def release_ids(self, ids: list[str]) -> Deferred[dict[str, list[str]]]:
+        return self._each(ids, self._release)
+
+    @Release.responder
+    def release(self, user: str) -> Deferred[dict[str, int]]:
+        return Deferred.fromCoroutine(self._release_user(user))
+
+    def _each(
+        self, texts: list[str], change: Callable[[QueueId], Awaitable[str]]
+    ) -> Deferred[dict[str, list[str]]]:
+        """All at once: the spool writes the changes in one batch with one fsync."""
+        queue_ids = _queue_ids(texts)
+
+        async def one(queue_id: QueueId) -> tuple[QueueId, str]:
+            return queue_id, await change(queue_id)
+
+        d = gatherResults([Deferred.fromCoroutine(one(q)) for q in queue_ids], consumeErrors=True)
+
+        def sort(results: list[tuple[QueueId, str]]) -> dict[str, list[str]]:
+            answer: dict[str, list[str]] = {DONE: [], UNCHANGED: [], MISSING: []}
+            for queue_id, what in results:
+                answer[what].append(str(queue_id))
+            return answer
+
+        return d.addCallback(sort)
+
+    async def _delete(self, queue_id: QueueId) -> str:
+        self._scheduler.forget(queue_id)
+        try:
+            await self._spool.remove(queue_id)
+        except KeyError:
+            return MISSING
+        self._log.removed(queue_id, "deleted by the operator")
+        return DONE
+
+    async def _hold(self, queue_id: QueueId) -> str:
+        try:
+            entry = self._spool.load(queue_id)
+        except KeyError:
+            return MISSING
+        if entry.envelope.held:
+            return UNCHANGED
+        self._scheduler.forget(queue_id)
+        try:
+            await self._spool.update(_with_held(entry, True))
+        except KeyError:
+            return MISSING
+        self._log.notice("{queue_id}: held by the operator", queue_id=str(queue_id))
+        return DONE
+
+    async def _release(self, queue_id: QueueId) -> str:
+        try:
+            entry = self._spool.load(queue_id)
+        except KeyError:
+            return MISSING
+        if not entry.envelope.held:
+            return UNCHANGED
+        entry = _with_held(entry, False)
+        try:
+            await self._spool.update(entry)
+        except KeyError:
+            return MISSING
+        self._log.notice("{queue_id}: released by the operator", queue_id=str(queue_id))
+        self._scheduler.enqueue(entry)
+        return DONE
+
+    async def _release_user(self, user: str) -> dict[str, int]:
+        released = await release_held(self._spool, user)
         for entry in released:
             self._log.notice("{queue_id}: released by the operator", queue_id=str(entry.queue_id))
             self._scheduler.enqueue(entry)
-        return f"released {len(released)}"
+        return {"count": len(released)}
+
+
+class ControlFactory(Factory):
+    """One AMP connection per admin command, answered by ``commands``."""
+
+    def __init__(self, commands: ControlCommands) -> None:
+        self._commands = commands
+
+    def buildProtocol(self, addr: IAddress | None) -> amp.AMP:
+        protocol = amp.AMP(locator=self._commands)  # type: ignore[no-untyped-call]
+        protocol.factory = self
+        return protocol
+
+
+class _ShortPath:
+    """A short path to ``<directory>/control.sock`` (see the module docstring), valid until
+    :meth:`close` closes the directory's descriptor it goes through."""
+
+    def __init__(self, directory: str) -> None:
+        self._fd: int | None = None
+        if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):
+            self._fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            self.path = f"/proc/self/fd/{self._fd}/{SOCKET_NAME}"
+        else:
+            self.path = os.path.join(directory, SOCKET_NAME)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@implementer(IListeningPort)
+class _ControlPort:
+    """The listening socket, plus the spool directory's descriptor its path goes through:
+    closed only after the port (which unlinks the socket by that path) has stopped."""
+
+    def __init__(self, port: IListeningPort, path: _ShortPath) -> None:
+        self._port = port
+        self._path = path
+
+    def startListening(self) -> None:
+        self._port.startListening()
+
+    def stopListening(self) -> Deferred[None]:
+        d: Deferred[None] = maybeDeferred(_stop, self._port)
+
+        def close(result: object) -> object:
+            self._path.close()
+            return result
+
+        return d.addBoth(close)
+
+    def getHost(self) -> IAddress:
+        return self._port.getHost()
+
+
+async def _stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+def listen_control(
+    reactor: Any, spool_dir: str, commands: ControlCommands
+) -> Deferred[IListeningPort]:
+    """Serve ``commands`` on ``<spool_dir>/control.sock`` (mode 0600) however long the path.
+
+    Fails with a :class:`ControlError` saying why (the caller names ``queue.directory``). A
+    socket left by a daemon that was killed is replaced (Twisted's pid lock beside it says so).
+    """
+
+    def failed(reason: str) -> Failure:
+        return Failure(ControlError(  # type: ignore[no-untyped-call]
+            f"cannot make the control socket {spool_dir}/{SOCKET_NAME}: {reason}"
+        ))
+
+    try:
+        path = _ShortPath(spool_dir)
+    except OSError as e:
+        return fail(failed(e.strerror or str(e)))
+    endpoint = UNIXServerEndpoint(  # type: ignore[no-untyped-call]
+        reactor, path.path, mode=0o600, wantPID=True
+    )
+    d: Deferred[IListeningPort] = endpoint.listen(  # type: ignore[no-untyped-call]
+        ControlFactory(commands)
+    )
+
+    def listening(port: IListeningPort) -> IListeningPort:
+        return _ControlPort(port, path)
+
+    def not_listening(failure: Failure) -> Failure:
+        path.close()
+        return failed(failure.getErrorMessage())
+
+    return d.addCallbacks(listening, not_listening)
+
+
+# -- the admin tool's side ------------------------------------------------------------------
+
+
+class _Transport:
+    """The slice of a transport AMP writes to, over a blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def write(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def writeSequence(self, data: Sequence[bytes]) -> None:
+        self._sock.sendall(b"".join(data))
+
+    def loseConnection(self) -> None:
+        self._sock.close()
+
+    def getPeer(self) -> str:
+        return "daemon"
+
+    def getHost(self) -> str:
+        return "admin"
+
+
+class ControlClient:
+    """The admin tool's end: AMP calls made one at a time over a blocking socket.
+
+    No reactor: the admin tool is a plain synchronous program (and a test process cannot
+    restart the global reactor). AMP's own protocol object frames the boxes; this class only
+    moves bytes until the answer to the call in progress has arrived.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._amp = amp.AMP()  # type: ignore[no-untyped-call]
+        self._amp.makeConnection(_Transport(sock))  # type: ignore[no-untyped-call]
+
+    @classmethod
+    def connect(cls, spool_dir: str, timeout: float = CALL_TIMEOUT) -> ControlClient | None:
+        """None when no daemon listens on this spool (no socket, or a stale one); any other
+        failure (e.g. permission denied) is raised as :class:`ControlError`."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            path = _ShortPath(spool_dir)
+            try:
+                sock.connect(path.path)
+            finally:
+                path.close()
+        except OSError as e:
+            sock.close()
+            if e.errno in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTDIR):
+                return None
+            raise ControlError(
+                f"cannot reach the daemon through {spool_dir}/{SOCKET_NAME}: {e.strerror or e}"
+            ) from None
+        return cls(sock)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def call(self, command: type[amp.Command], **arguments: Any) -> dict[str, Any]:
+        answers: list[object] = []
+        d = self._amp.callRemote(command, **arguments)  # type: ignore[no-untyped-call]
+        d.addBoth(answers.append)
+        try:
+            while not answers:
+                data = self._sock.recv(65536)
+                if not data:
+                    raise ControlError("the daemon closed the connection without an answer")
+                self._amp.dataReceived(data)  # type: ignore[no-untyped-call]
+        except OSError as e:
+            raise ControlError(f"the daemon did not answer: {e.strerror or e}") from None
+        answer = answers[0]
+        if isinstance(answer, Failure):
+            raise ControlError(answer.getErrorMessage())
+        assert isinstance(answer, dict)
+        return answer
+
+    def each_chunk(
+        self, command: type[amp.Command], ids: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """``command`` for any number of ids, :data:`IDS_PER_CALL` at a time; the answers'
+        lists joined."""
+        joined: dict[str, list[str]] = {DONE: [], UNCHANGED: [], MISSING: []}
+        for start in range(0, len(ids), IDS_PER_CALL):
+            answer = self.call(command, ids=list(ids[start : start + IDS_PER_CALL]))
+            for key, values in joined.items():
+                values.extend(answer[key])
+        return joined
