@@ -9,7 +9,9 @@ thread while the reactor serves.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -52,8 +54,14 @@ def long_spool(base: Path) -> Path:
 class LongSpoolPathTests(TestCase):
     timeout = 30
 
+    def scratch(self) -> Path:
+        """Not self.mktemp(): under pytest that writes into the working directory."""
+        directory = Path(tempfile.mkdtemp()).resolve()
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
     async def start(self) -> tuple[Spool, CountingScheduler, IListeningPort]:
-        directory = long_spool(Path(self.mktemp()).resolve())
+        directory = long_spool(self.scratch())
         assert len(str(directory / control.SOCKET_NAME)) > SUN_PATH_MAX
         clock = Clock()
         clock.advance(1_700_000_000)
@@ -91,7 +99,7 @@ class LongSpoolPathTests(TestCase):
         assert await deferToThread(control.ControlClient.connect, spool.directory) is None
 
     async def test_a_stale_socket_means_no_daemon(self) -> None:
-        directory = long_spool(Path(self.mktemp()).resolve())
+        directory = long_spool(self.scratch())
         directory.mkdir(parents=True)
         fd = os.open(directory, os.O_PATH | os.O_DIRECTORY)
         try:
@@ -104,7 +112,7 @@ class LongSpoolPathTests(TestCase):
         assert await deferToThread(control.ControlClient.connect, str(directory)) is None
 
     async def test_no_spool_directory_fails_naming_it(self) -> None:
-        missing = Path(self.mktemp()).resolve() / "nowhere"
+        missing = self.scratch() / "nowhere"
         commands = control.ControlCommands(
             cast(Spool, None), cast(Scheduler, CountingScheduler()), MailLog(reactor)
         )
