@@ -26,11 +26,11 @@ $(SSLYZE):
 
 # Real third-party clients for the end-to-end tests (Debian packages).
 test-deps:
-	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null || ! command -v htpasswd >/dev/null || ! command -v fail2ban-regex >/dev/null || ! command -v chromium >/dev/null; then \
+	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null || ! command -v htpasswd >/dev/null || ! command -v fail2ban-regex >/dev/null || ! command -v chromium >/dev/null || ! [ -x /usr/sbin/slapd ] || ! [ -x /usr/sbin/krb5kdc ] || ! command -v krb5-config >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks msmtp apache2-utils fail2ban chromium >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks msmtp apache2-utils fail2ban chromium slapd ldap-utils krb5-kdc krb5-admin-server krb5-user libkrb5-dev >/dev/null; \
 	  else \
-	    echo "needed: sudo apt-get install swaks msmtp apache2-utils fail2ban chromium" >&2; exit 1; \
+	    echo "needed: sudo apt-get install swaks msmtp apache2-utils fail2ban chromium slapd ldap-utils krb5-kdc krb5-admin-server krb5-user libkrb5-dev" >&2; exit 1; \
 	  fi; \
 	fi
 

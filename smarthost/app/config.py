@@ -37,6 +37,24 @@ class TLSConfig:
     certificate: Path
     key: Path
     profile: str = "intermediate"  # a key of smtpd.tlsprofile.PROFILES
+    ca_file: Path | None = None  # CAs we trust as a client (LDAP...); None: the system's
+
+
+@attrs.frozen
+class LdapConfig:
+    url: str
+    base: str
+    bind_dn: str
+    bind_password_file: Path
+    starttls: bool = False
+    filter: str = "(&(objectClass=person)(|(uid={user})(mail={user})(userPrincipalName={user})))"
+    sender_attributes: tuple[str, ...] = ("mail",)
+    require_group: str = ""
+
+
+@attrs.frozen
+class GssapiConfig:
+    keytab: Path
 
 
 @attrs.frozen
@@ -44,6 +62,9 @@ class AuthConfig:
     users: Path
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN")
     allow_plaintext: bool = False
+    backends: tuple[str, ...] = ("users",)  # password sources asked in order
+    ldap: LdapConfig | None = None  # [auth.ldap], when the table is present
+    gssapi: GssapiConfig | None = None  # [auth.gssapi], when the table is present
 
 
 @attrs.frozen
@@ -228,10 +249,12 @@ class _Loader:
         profile = t.get("profile", str, "intermediate")
         if profile not in PROFILES:
             raise ConfigError("tls.profile", f"must be one of {', '.join(PROFILES)}")
+        ca_file = t.get("ca_file", str, "")
         result = TLSConfig(
             certificate=self.path(t, "certificate", "certs/smarthost.pem"),
             key=self.path(t, "key", "certs/smarthost.key"),
             profile=profile,
+            ca_file=self._base / ca_file if ca_file else None,
         )
         t.check_unknown()
         return result
@@ -244,11 +267,54 @@ class _Loader:
                     self._validate_mechanism(name)
                 except ValueError as e:
                     raise ConfigError(f"auth.mechanisms[{i}]", str(e)) from None
+        ldap = self.ldap(t.table("ldap")) if "ldap" in t._data else None
+        backends = t.strings("backends", ("users",))
+        for i, backend in enumerate(backends):
+            if backend not in ("users", "ldap") or backends.index(backend) != i:
+                raise ConfigError(f"auth.backends[{i}]", f"{backend!r}: expected \"users\" "
+                                  "or \"ldap\", each at most once")
+        if "ldap" in backends and ldap is None:
+            raise ConfigError("auth.backends", "\"ldap\" needs an [auth.ldap] table")
+        gssapi_table = t.table("gssapi")
+        gssapi = (GssapiConfig(self.path(gssapi_table, "keytab", ""))
+                  if "gssapi" in t._data else None)
+        gssapi_table.check_unknown()
+        if "GSSAPI" in mechanisms and gssapi is None:
+            raise ConfigError("auth.mechanisms", "GSSAPI needs [auth.gssapi] keytab")
         result = AuthConfig(
             users=self.path(t, "users", "var/users"),
             mechanisms=mechanisms,
             allow_plaintext=t.get("allow_plaintext", bool, False),
+            backends=backends,
+            ldap=ldap,
+            gssapi=gssapi,
         )
+        t.check_unknown()
+        return result
+
+    def ldap(self, t: _Table) -> LdapConfig:
+        from smarthost.auth.ldap import url_problem
+
+        d = LdapConfig(url="", base="", bind_dn="", bind_password_file=Path())
+        url, starttls = t.get("url", str, ""), t.get("starttls", bool, False)
+        problem = url_problem(url, starttls)
+        if problem is not None:
+            raise ConfigError("auth.ldap.url", problem)
+        result = LdapConfig(
+            url=url,
+            base=t.get("base", str, ""),
+            bind_dn=t.get("bind_dn", str, ""),
+            bind_password_file=self.path(t, "bind_password_file", ""),
+            starttls=starttls,
+            filter=t.get("filter", str, d.filter),
+            sender_attributes=t.strings("sender_attributes", d.sender_attributes),
+            require_group=t.get("require_group", str, ""),
+        )
+        if "{user}" not in result.filter:
+            raise ConfigError("auth.ldap.filter", "must contain {user}")
+        for key in ("base", "bind_dn"):
+            if not getattr(result, key):
+                raise ConfigError(f"auth.ldap.{key}", "must not be empty")
         t.check_unknown()
         return result
 

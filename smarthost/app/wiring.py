@@ -30,7 +30,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
-from smarthost.app import control, credfactory, servertls, tlscert
+from smarthost.app import control, credfactory, directory, servertls, tlscert
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.live import Generation, Live, LiveServerTLS, LiveSessionFactory
 from smarthost.app.logfiles import LogReopener, observer_for
@@ -242,14 +242,15 @@ def build_parts(
     hooks = _hooks(config, reactor, dns, durable.maillog)
     # OAUTHBEARER and XOAUTH2: the token verifier plugins say whose a token is.
     token_checkers = [oauth.BearerTokenChecker(hooks.verifiers, reactor)] if hooks.verifiers else []
+    backends = directory.build_backends(config, reactor, users, deferToThread)
     portal = credfactory.with_checkers(
-        build_portal(users, deferToThread), [*checkers, *token_checkers]
+        build_portal(users, deferToThread, backends.checkers), [*checkers, *token_checkers]
     )
     return Parts(
         config=config,
         spool=durable.spool,
         maillog=durable.maillog,
-        policy=_relay_policy(config),
+        policy=_relay_policy(config, backends.senders),
         portal=portal,
         server_tls=server_tls,
         scheduler=durable.scheduler,
@@ -309,13 +310,13 @@ def _users(config: Config, maillog: MailLog) -> UsersFile:
     return users
 
 
-def _relay_policy(config: Config) -> RelayPolicy:
+def _relay_policy(config: Config, senders: Mapping[str, frozenset[str]]) -> RelayPolicy:
     relay = config.relay
     local_recipients = None
     if relay.local_recipients is not None:
         local_recipients = LocalRecipients(relay.local_recipients)
     return RelayPolicy(
-        relay.local_domains, relay.trusted_networks, relay.senders, local_recipients
+        relay.local_domains, relay.trusted_networks, senders, local_recipients
     )
 
 

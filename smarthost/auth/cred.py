@@ -9,6 +9,10 @@ failure passes the same place whatever the mechanism:
   :class:`IVerifiedUser`; :class:`VerifiedUserChecker` only makes sure the proof was checked
   against its own users file and that the user still exists.
 - Bearer tokens (OAUTHBEARER, XOAUTH2) have their own checker in :mod:`smarthost.auth.oauth`.
+- With ``[auth] backends`` naming more than one source of passwords (the users file, the
+  office directory of :mod:`smarthost.auth.ldap`), :class:`FirstThatKnows` asks them in
+  order: a checker that does not know the name raises :class:`UnknownName` and the next
+  one is asked; the first that knows it answers, right or wrong.
 
 The avatar is an :class:`IUser`, a name and nothing else. The checkers see the users file
 only through :class:`UserDirectory`, the two questions they ask of it.
@@ -16,7 +20,7 @@ only through :class:`UserDirectory`, the two questions they ask of it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -24,7 +28,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from smarthost.core.types import RunBlocking
@@ -64,6 +68,10 @@ class User:
     name: str
 
 
+class UnknownName(UnauthorizedLogin):
+    """This backend does not know the name: :class:`FirstThatKnows` asks the next one."""
+
+
 @implementer(ICredentialsChecker)
 class BcryptChecker:
     """Checks user name and password against the users file, off the reactor thread.
@@ -74,9 +82,13 @@ class BcryptChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: UserDirectory, run_blocking: RunBlocking) -> None:
+    def __init__(self, users: UserDirectory, run_blocking: RunBlocking,
+                 *, say_unknown: bool = False) -> None:
         self._users = users
         self._run_blocking = run_blocking
+        # In a chain with a backend after it: an unknown name raises UnknownName (after the
+        # same dummy check), so the next backend is asked.
+        self._say_unknown = say_unknown
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
         creds: IUsernamePassword = credentials
@@ -91,7 +103,43 @@ class BcryptChecker:
                 raise UnauthorizedLogin()
             return stored.encode("utf-8")
 
+        def unknown(stored: str | None) -> Deferred[str | None]:
+            if stored is not None:
+                return succeed(stored)
+            known = self._run_blocking(self._users.lookup, name)
+
+            def say(entry: NamedEntry | None) -> None:
+                if entry is None:
+                    raise UnknownName()
+
+            return known.addCallback(say)
+
+        if self._say_unknown:
+            d.addCallback(unknown)
         return d.addCallback(result)
+
+
+@implementer(ICredentialsChecker)
+class FirstThatKnows:
+    """``[auth] backends`` in order, for passwords: the first checker that knows the name
+    answers; :class:`UnknownName` from the last is a plain failed login."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, checkers: Sequence[ICredentialsChecker]) -> None:
+        self._checkers = checkers
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        return Deferred.fromCoroutine(self._ask(credentials))
+
+    async def _ask(self, credentials: Any) -> bytes | tuple[()]:
+        for checker in self._checkers:
+            try:
+                result: bytes | tuple[()] = await checker.requestAvatarId(credentials)
+                return result
+            except UnknownName:
+                continue
+        raise UnauthorizedLogin()
 
 
 class IVerifiedUser(ICredentials):
@@ -158,11 +206,19 @@ class UserRealm:
         return IUser, User(avatarId.decode("utf-8")), _logout
 
 
-def build_portal(users: UserDirectory, run_blocking: RunBlocking) -> Portal:
+def build_portal(users: UserDirectory, run_blocking: RunBlocking,
+                 password_backends: Sequence[ICredentialsChecker] | None = None) -> Portal:
     """Passwords (PLAIN, LOGIN) are checked with bcrypt; CRAM-MD5 and SCRAM users arrive
-    already verified by the exchange, against the same ``users``."""
-    return Portal(UserRealm(), [BcryptChecker(users, run_blocking),
-                                VerifiedUserChecker(users, run_blocking)])
+    already verified by the exchange, against the same ``users``.
+
+    ``password_backends`` (``[auth] backends`` built, e.g. the users file's checker and
+    an :class:`~smarthost.auth.ldap.LdapChecker`) replaces the bcrypt checker for
+    passwords; they are asked in order (:class:`FirstThatKnows`)."""
+    passwords: ICredentialsChecker = (
+        FirstThatKnows(password_backends) if password_backends
+        else BcryptChecker(users, run_blocking)
+    )
+    return Portal(UserRealm(), [passwords, VerifiedUserChecker(users, run_blocking)])
 
 
 def login(portal: Portal, credentials: ICredentials) -> Deferred[User]:
