@@ -218,6 +218,9 @@ class Envelope:
     smtputf8: bool = False
     received_at: float = 0.0
     held: bool = False  # accepted but not to be delivered until released
+    # RFC 8689: the sender asked for REQUIRETLS; delivered only over TLS verified by MTA-STS
+    # or "verify", to next hops that offer REQUIRETLS. Absent in older spools: False.
+    requiretls: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = attrs.asdict(self)

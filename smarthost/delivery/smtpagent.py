@@ -100,6 +100,8 @@ class Timeouts:
     rset: float = 20.0  # before parking a connection (Postfix's smtp_rset_timeout)
 
 
+REQUIRETLS_FAILED = "5.7.30"  # RFC 8689 5: REQUIRETLS support required
+
 _REUSE = Reuse()  # Postfix's defaults
 
 
@@ -148,6 +150,12 @@ class SMTPDelivery:
         """
         if not recipients:
             return HopResult(())
+        if envelope.requiretls and route.tls != TLSPolicy.VERIFY:
+            # RFC 8689 4.2.1: no verified TLS to offer this message, now or on a retry.
+            why = ("REQUIRETLS: no verified TLS to this domain (neither an MTA-STS policy in "
+                   "enforce mode nor tls_policy \"verify\")")
+            return HopResult(tuple(Outcome(r, BOUNCED, why, "", REQUIRETLS_FAILED)
+                                   for r in recipients))
         last, remote = HostError("no SMTP host to try", "4.4.4"), ""
         unreachable: list[HostFailure] = []
         for host in route.hosts:
@@ -335,6 +343,8 @@ class SMTPDelivery:
             words.append("BODY=8BITMIME")
         if envelope.smtputf8:
             words.append("SMTPUTF8")
+        if envelope.requiretls:
+            words.append("REQUIRETLS")
         if "DSN" in extensions:
             if envelope.ret:
                 words.append(f"RET={envelope.ret}")
@@ -384,6 +394,10 @@ class SMTPDelivery:
             # configured alike, so trying them would only delay the bounce (Postfix agrees).
             why = f"{host} does not offer SMTPUTF8, which this message requires"
             return [Outcome(r, BOUNCED, why, remote, "5.6.7") for r in recipients]
+        if envelope.requiretls and "REQUIRETLS" not in extensions:
+            # RFC 8689 4.2.1: the next hop must promise to keep requiring TLS.
+            why = f"{host} does not offer REQUIRETLS, which this message requires"
+            return [Outcome(r, BOUNCED, why, remote, REQUIRETLS_FAILED) for r in recipients]
         mail = self._mail(envelope, size, extensions)
         rcpts = [self._rcpt(r, extensions) for r in recipients]
         pipelining = "PIPELINING" in extensions
