@@ -98,6 +98,8 @@ class DeliveryConfig:
     tls: TLSPolicy = TLSPolicy.OPPORTUNISTIC
     routes: Mapping[str, str] = attrs.field(factory=dict)
     upstream: UpstreamConfig | None = None
+    mta_sts: bool = True  # RFC 8461: fetch, cache and apply recipient domains' policies
+    tls_policy: Mapping[str, TLSPolicy] = attrs.field(factory=dict)  # beats mta_sts and tls
 
 
 @attrs.frozen
@@ -394,6 +396,16 @@ class _Loader:
                 _check_domain(key, domain)
             target = routes_table.get(domain, str, "")
             routes[domain.lower().rstrip(".")] = self._target(key, target, allow_maildir=False)
+        policy_table = t.table("tls_policy")
+        tls_policy = {}
+        for domain in list(policy_table._data):
+            key = f"delivery.tls_policy.{domain}"
+            _check_domain(key, domain)
+            try:
+                policy = TLSPolicy(policy_table.get(domain, str, ""))
+            except ValueError:
+                raise ConfigError(key, f"must be one of {', '.join(TLSPolicy)}") from None
+            tls_policy[domain.lower().rstrip(".")] = policy
         upstream_table = t.table("upstream")
         upstream = None
         if upstream_table._data:
@@ -412,6 +424,8 @@ class _Loader:
             tls=tls,
             routes=routes,
             upstream=upstream,
+            mta_sts=t.get("mta_sts", bool, True),
+            tls_policy=tls_policy,
         )
         t.check_unknown()
         return result

@@ -57,6 +57,7 @@ from smarthost.delivery.courier import Courier, Resolve
 from smarthost.delivery.dns import DNSLookups, make_resolver
 from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.maildir import LocalRecipients, MaildirDelivery
+from smarthost.delivery.mtasts import HTTPSFetcher, PolicySource, PolicyStore, txt_lookup
 from smarthost.delivery.recording import RetryPolicy
 from smarthost.delivery.reporting import Reporter
 from smarthost.delivery.routing import Credentials, NextHopResolver
@@ -213,7 +214,7 @@ def build_generation(
         previous.config.delivery.nameservers == config.delivery.nameservers
     ) else make_resolver(list(config.delivery.nameservers), reactor)
     parts = build_parts(config, reactor, checkers, durable, server_tls, users, dns, previous)
-    routing = _routing(config, dns, durable.hosts)
+    routing = _routing(config, dns, durable.hosts, reactor)
     return Generation(
         config=config,
         factories={role: session_factory(parts, role, reactor) for role in Role},
@@ -371,8 +372,15 @@ def retry_policy(config: Config) -> RetryPolicy:
     )
 
 
-def _routing(config: Config, dns: DNSLookups, hosts: HostCache) -> NextHopResolver:
+def _routing(config: Config, dns: DNSLookups, hosts: HostCache, reactor: Any) -> NextHopResolver:
     delivery = config.delivery
+    # MTA-STS policies are cached beside the spool, so a reload or a restart keeps them.
+    mta_sts = PolicySource(
+        txt_lookup(dns),
+        HTTPSFetcher(reactor, directory.trust_root(config.tls.ca_file)),
+        PolicyStore(config.queue.directory.parent / "mta-sts"),
+        reactor,
+    ) if delivery.mta_sts else None
     return NextHopResolver(
         dns,
         hosts=hosts,
@@ -382,6 +390,8 @@ def _routing(config: Config, dns: DNSLookups, hosts: HostCache) -> NextHopResolv
         port=delivery.port,
         tls=delivery.tls,
         credentials=_upstream(config),
+        tls_policies=delivery.tls_policy,
+        mta_sts=mta_sts,
     )
 
 
@@ -403,7 +413,8 @@ def build_scheduler(
     def maildir(root: Path) -> MaildirDelivery:
         return MaildirDelivery(root, deferToThread, reactor, config.hostname)
 
-    smtp = SMTPDelivery(reactor, config.hostname)
+    smtp = SMTPDelivery(reactor, config.hostname,
+                        trust_root=directory.trust_root(config.tls.ca_file))
     # Connections parked for reuse get a polite QUIT when the daemon stops.
     reactor.addSystemEventTrigger("before", "shutdown", smtp.close_all)
     courier = Courier(resolve, smtp, maildir, hosts)
