@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from smarthost.app import checks, configdump, control, queueadmin
+from smarthost.app import checks, configdump, control, queueadmin, salvaging
 from smarthost.app.config import Config, ConfigError, load_config
 from smarthost.auth import sasl
 from smarthost.auth.users import PasswordError, UserNameError, delete_user, set_password
@@ -327,6 +327,13 @@ def cmd_queue_release(args: argparse.Namespace, spool: Spool) -> int:
     return 0
 
 
+def cmd_queue_salvage(args: argparse.Namespace, spool: Spool) -> int:
+    with _changes(spool) as changes:
+        for line in changes.salvage(_run_now):
+            print(line)
+    return 0
+
+
 def cmd_queue_flush(args: argparse.Namespace, spool: Spool) -> int:
     with _changes(spool) as changes:
         count = changes.flush()
@@ -466,6 +473,7 @@ def _queue_parsers(qsub: Any) -> None:
         "hops included (like postqueue -f). Exit 1 when no daemon is running.",
     )
     qf.set_defaults(queue_func=cmd_queue_flush)
+    salvaging.add_parser(qsub).set_defaults(queue_func=cmd_queue_salvage)
 
 
 def _queue(args: argparse.Namespace) -> int:

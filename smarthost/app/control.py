@@ -41,6 +41,7 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from smarthost.app import salvaging
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.scheduler import Scheduler
@@ -67,6 +68,7 @@ _NOTHING: _Arguments = []
 _COUNT: _Arguments = [(b"count", amp.Integer())]  # type: ignore[no-untyped-call]
 _USER: _Arguments = [(b"user", amp.Unicode())]  # type: ignore[no-untyped-call]
 _IDS: _Arguments = [(b"ids", amp.ListOf(amp.Unicode()))]  # type: ignore[no-untyped-call]
+_LINES: _Arguments = [(b"lines", amp.ListOf(amp.Unicode()))]  # type: ignore[no-untyped-call]
 # What became of each id: changed, already so (held, or not held), not queued.
 _BY_ID: _Arguments = [
     (b"done", amp.ListOf(amp.Unicode())),  # type: ignore[no-untyped-call]
@@ -113,6 +115,13 @@ class Release(amp.Command):
     response = _COUNT
 
 
+class Salvage(amp.Command):
+    """Put back what can be read from corrupt/ (``smarthost.app.salvaging``)."""
+
+    arguments = _NOTHING
+    response = _LINES
+
+
 # -- the daemon's side --------------------------------------------------------------------
 
 
@@ -137,11 +146,6 @@ class ControlCommands(amp.CommandLocator):
         self._scheduler = scheduler
         self._log = maillog
 
-    def handlers(self) -> ControlCommands:
-        """What :class:`ControlFactory` serves (kept until services.py calls
-        :func:`listen_control`)."""
-        return self
-
     @Flush.responder
     def flush(self) -> dict[str, int]:
         count = self._scheduler.flush()
@@ -163,6 +167,17 @@ class ControlCommands(amp.CommandLocator):
     @Release.responder
     def release(self, user: str) -> Deferred[dict[str, int]]:
         return Deferred.fromCoroutine(self._release_user(user))
+
+    @Salvage.responder
+    def salvage(self) -> Deferred[dict[str, list[str]]]:
+        from twisted.internet.threads import deferToThread
+
+        async def run() -> dict[str, list[str]]:
+            lines = await salvaging.in_daemon(self._spool, self._scheduler, self._log,
+                                              deferToThread)
+            return {"lines": lines}
+
+        return Deferred.fromCoroutine(run())
 
     def _each(
         self, texts: list[str], change: Callable[[QueueId], Awaitable[str]]

@@ -16,8 +16,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.protocols import amp
 
-from smarthost.app import control
+from smarthost.app import control, salvaging
 from smarthost.core.envelope import QueueEntry, QueueId
+from smarthost.core.types import RunBlocking
 from smarthost.queue.spool import Spool, release_held
 
 STATUSES = ("queued", "deferred", "held")
@@ -97,6 +98,12 @@ class QueueChanges:
 
     def release(self, ids: Sequence[QueueId]) -> dict[str, list[str]]:
         return self._each(control.ReleaseIds, ids, lambda e: self._held(e, False))
+
+    def salvage(self, run_blocking: RunBlocking) -> list[str]:
+        if self._daemon is not None:
+            lines: list[str] = self._daemon.call(control.Salvage)["lines"]
+            return lines
+        return salvaging.in_admin(self._spool, run_blocking, self._wait)
 
     def release_user(self, user: str) -> int:
         if self._daemon is not None:

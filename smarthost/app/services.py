@@ -16,7 +16,6 @@ from typing import Any
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
@@ -26,6 +25,7 @@ from twisted.python.failure import Failure
 
 from smarthost.app import control, startup
 from smarthost.app.live import Live
+from smarthost.app.recoverylog import log_recovery
 from smarthost.app.startup import Startup, running_as
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.scheduler import Scheduler
@@ -208,30 +208,15 @@ class QueueService(Service):
                 problem += f" ({running_as()})"
             self._startup.fail("queue.directory", problem)
             return False
-        self._log.notice(
-            "spool {directory}: {queued} queued, {tmp} unfinished receptions removed, "
-            "{torn} unfinished writes dropped, {corrupt} damaged places copied to corrupt/",
-            directory=self._spool.directory,
-            queued=report.queued,
-            tmp=len(report.removed_tmp),
-            torn=len(report.torn),
-            corrupt=len(report.corrupt),
-        )
-        for damage in report.corrupt:
-            self._log.warning(
-                "spool: {segment} bytes {start}-{end} copied to {moved_to}: {reason}",
-                segment=damage.segment, start=damage.start, end=damage.end,
-                moved_to=damage.moved_to, reason=damage.reason,
-            )
+        log_recovery(self._log, self._spool.directory, report)  # every queue id damage hit
         count = self._scheduler.start()
         self._log.notice("scheduler started with {count} queued", count=count)
         return True
 
     def _listen_control(self) -> None:
-        path = Path(self._spool.directory) / control.SOCKET_NAME
-        endpoint = UNIXServerEndpoint(self._reactor, str(path), mode=0o600, wantPID=True)
-        factory = control.ControlFactory(self._commands.handlers())
-        endpoint.listen(factory).addCallbacks(self._listening, self._control_failed)
+        control.listen_control(
+            self._reactor, str(self._spool.directory), self._commands
+        ).addCallbacks(self._listening, self._control_failed)
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port

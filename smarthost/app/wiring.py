@@ -185,7 +185,8 @@ def _durable(config: Config, reactor: Any, maillog: MailLog, live: Live) -> Dura
 
     # Recovery (which creates the directories) waits for startService, after twistd has
     # dropped to --uid/--gid, so the spool belongs to the user that runs the daemon.
-    spool = Spool(config.queue.directory, clock=reactor, run_blocking=deferToThread)
+    spool = Spool(config.queue.directory, clock=reactor, run_blocking=deferToThread,
+                  maillog=maillog)
     policy = retry_policy(config)
     # The one memory of failed hosts, held no longer than the first retry interval: routing
     # orders by it, the courier defers suspended routes by it, the scheduler records each

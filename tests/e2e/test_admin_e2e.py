@@ -170,11 +170,6 @@ def test_delete_by_sender_through_the_daemon(world: World) -> None:
     assert queue(world.daemon, "list").stdout.splitlines() == ["-- 0 messages in queue"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs services.py to open the control socket with control.listen_control "
-    "(the one-line change is with the coordinator); remove this mark once it is in",
-)
 def test_flush_and_delete_on_a_spool_path_longer_than_a_socket_address(
     tmp_path: Path,
 ) -> None:
