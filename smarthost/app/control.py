@@ -35,6 +35,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
@@ -312,14 +313,13 @@ def listen_control(
 ) -> Deferred[IListeningPort]:
     """Serve ``commands`` on ``<spool_dir>/control.sock`` (mode 0600) however long the path.
 
-    Fails with a :class:`ControlError` saying why (the caller names ``queue.directory``). A
-    socket left by a daemon that was killed is replaced (Twisted's pid lock beside it says so).
+    Fails with a :class:`ControlError` holding only the reason (the caller names the socket
+    and ``queue.directory``). A socket left by a daemon that was killed is replaced (Twisted's
+    pid lock beside it says so).
     """
 
     def failed(reason: str) -> Failure:
-        return Failure(ControlError(  # type: ignore[no-untyped-call]
-            f"cannot make the control socket {spool_dir}/{SOCKET_NAME}: {reason}"
-        ))
+        return Failure(ControlError(reason))  # type: ignore[no-untyped-call]
 
     try:
         path = _ShortPath(spool_dir)
@@ -337,7 +337,10 @@ def listen_control(
 
     def not_listening(failure: Failure) -> Failure:
         path.close()
-        return failed(failure.getErrorMessage())
+        error = failure.value
+        if isinstance(error, CannotListenError):  # its text names the /proc/self/fd path
+            error = error.socketError
+        return failed(getattr(error, "strerror", None) or str(error))
 
     return d.addCallbacks(listening, not_listening)
 

@@ -8,6 +8,7 @@ thread while the reactor serves.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -111,7 +112,7 @@ class LongSpoolPathTests(TestCase):
         assert (directory / control.SOCKET_NAME).exists()
         assert await deferToThread(control.ControlClient.connect, str(directory)) is None
 
-    async def test_no_spool_directory_fails_naming_it(self) -> None:
+    async def test_no_spool_directory_fails_saying_why(self) -> None:
         missing = self.scratch() / "nowhere"
         commands = control.ControlCommands(
             cast(Spool, None), cast(Scheduler, CountingScheduler()), MailLog(reactor)
@@ -119,6 +120,19 @@ class LongSpoolPathTests(TestCase):
         try:
             await control.listen_control(reactor, str(missing), commands)
         except control.ControlError as e:
-            assert str(missing) in str(e)
+            assert str(e) == os.strerror(errno.ENOENT)  # services.py names the socket and key
         else:
             raise AssertionError("listened without a spool directory")
+
+    async def test_a_bind_failure_says_why_without_the_proc_path(self) -> None:
+        directory = self.scratch()
+        (directory / control.SOCKET_NAME).mkdir()  # in the way
+        commands = control.ControlCommands(
+            cast(Spool, None), cast(Scheduler, CountingScheduler()), MailLog(reactor)
+        )
+        try:
+            await control.listen_control(reactor, str(directory), commands)
+        except control.ControlError as e:
+            assert str(e) == os.strerror(errno.EADDRINUSE)
+        else:
+            raise AssertionError("listened where a directory is in the way")
