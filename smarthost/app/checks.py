@@ -15,7 +15,7 @@ import datetime
 import ipaddress
 import re
 import resource
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
 from smarthost.api import Context
-from smarthost.app import servertls
+from smarthost.app import directory, servertls
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.auth import oauth
@@ -185,6 +185,7 @@ class _Checker:
         self.listeners()
         self.tls()
         self.users()
+        self.directories()
         self.files()
         self.relay()
         self.limits()
@@ -256,6 +257,20 @@ class _Checker:
             self.warn("auth.users", f"{path}: {problem}")
         if users_file_is_insecure(path):
             self.warn("auth.users", f"{path} is readable by other users; chmod 600 it")
+
+    def directories(self) -> None:
+        """What [auth] backends and [tls] ca_file need, read as start-up reads it."""
+        ldap, ca_file = self._config.auth.ldap, self._config.tls.ca_file
+        steps: list[Callable[[], object]] = []
+        if ca_file is not None:
+            steps.append(lambda: directory.trust_root(ca_file))
+        if ldap is not None:
+            steps.append(lambda: directory.read_bind_password(ldap.bind_password_file))
+        for step in steps:
+            try:
+                step()
+            except ConfigError as e:
+                self.error(e.key, str(e).removeprefix(f"{e.key}: "))
 
     def files(self) -> None:
         config = self._config
