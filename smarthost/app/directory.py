@@ -12,7 +12,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import ssl
 
 from smarthost.app.config import Config, ConfigError, LdapConfig
-from smarthost.auth.cred import BcryptChecker, UserDirectory
+from smarthost.auth.cred import BcryptChecker, UserDirectory, VerifiedPrincipalChecker
 from smarthost.auth.ldap import (
     DirectorySenders,
     LdapChecker,
@@ -20,6 +20,7 @@ from smarthost.auth.ldap import (
     LdapDirectory,
     LdapSettings,
 )
+from smarthost.auth.sasl.gssapi import Keytab, KeytabError
 from smarthost.core.types import RunBlocking
 
 
@@ -82,3 +83,20 @@ def ldap_directory(cfg: LdapConfig, ca_file: Path | None, reactor: Any) -> LdapD
     )
     tls = ssl.optionsForClientTLS(settings.host, trustRoot=trust_root(ca_file))
     return LdapDirectory(settings, LdapConnector(reactor, settings, tls), reactor)
+
+
+def gssapi_keytab(config: Config) -> Keytab | None:
+    """``[auth.gssapi] keytab`` read, when GSSAPI is offered; a ``ConfigError`` naming the
+    key when it cannot accept logins (missing, unreadable, no keys)."""
+    gssapi = config.auth.gssapi
+    if "GSSAPI" not in config.auth.mechanisms or gssapi is None:
+        return None
+    try:
+        return Keytab(gssapi.keytab)
+    except KeytabError as e:
+        raise ConfigError("auth.gssapi.keytab", str(e)) from None
+
+
+def principal_checkers(keytab: Keytab | None) -> list[ICredentialsChecker]:
+    """The portal's checker for GSSAPI's verified principals, for this keytab only."""
+    return [] if keytab is None else [VerifiedPrincipalChecker(keytab)]

@@ -9,6 +9,8 @@ failure passes the same place whatever the mechanism:
   :class:`IVerifiedUser`; :class:`VerifiedUserChecker` only makes sure the proof was checked
   against its own users file and that the user still exists.
 - Bearer tokens (OAUTHBEARER, XOAUTH2) have their own checker in :mod:`smarthost.auth.oauth`.
+- GSSAPI (Kerberos) hands over an :class:`IVerifiedPrincipal`, checked by
+  :class:`VerifiedPrincipalChecker` against the acceptor that established the context.
 - With ``[auth] backends`` naming more than one source of passwords (the users file, the
   office directory of :mod:`smarthost.auth.ldap`), :class:`FirstThatKnows` asks them in
   order: a checker that does not know the name raises :class:`UnknownName` and the next
@@ -28,7 +30,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import Attribute, Interface, implementer
 
 from smarthost.core.types import RunBlocking
@@ -190,6 +192,44 @@ class VerifiedUserChecker:
             return entry.name.encode("utf-8")
 
         return d.addCallback(result)
+
+
+class IVerifiedPrincipal(ICredentials):
+    """A Kerberos principal whose GSSAPI context the mechanism has established (RFC 4752),
+    already mapped to a user name within the service's realm.
+
+    Only :mod:`smarthost.auth.sasl.gssapi` creates these, and :class:`VerifiedPrincipalChecker`
+    accepts only those vouched for by its own acceptor (``issuer``). Not an
+    :class:`IVerifiedUser`: the user need not be in the users file, the KDC vouched for them.
+    """
+
+    principal: str = Attribute("The client's principal, e.g. alice@EXAMPLE.TEST.")
+    user: str = Attribute("The principal's local part: the name the avatar goes by.")
+    issuer: object = Attribute("The acceptor (keytab) that established the context.")
+
+
+@implementer(IVerifiedPrincipal)
+@attrs.frozen
+class VerifiedPrincipal:
+    principal: str
+    user: str
+    issuer: object = attrs.field(repr=False, eq=False)
+
+
+@implementer(ICredentialsChecker)
+class VerifiedPrincipalChecker:
+    """Accepts :class:`IVerifiedPrincipal` established with this generation's keytab."""
+
+    credentialInterfaces = (IVerifiedPrincipal,)
+
+    def __init__(self, issuer: object) -> None:
+        self._issuer = issuer
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        creds: IVerifiedPrincipal = credentials
+        if creds.issuer is not self._issuer:
+            return fail(UnauthorizedLogin())
+        return succeed(creds.user.encode("utf-8"))
 
 
 def _logout() -> None:

@@ -29,11 +29,14 @@ The split of work with the session:
 - OAUTHBEARER and XOAUTH2 only parse (``smarthost.auth.oauth``): the token goes to the
   portal as an ``IBearerToken``, whose checker asks the token verifier plugins. A refused token is
   answered with one more challenge before the ``535`` (``Credentials.failure_challenge``).
+- GSSAPI establishes a Kerberos context with the keytab's key during the exchange and hands
+  the portal a ``smarthost.auth.cred.VerifiedPrincipal`` (the principal mapped to a user).
 
 One module per family: :mod:`~smarthost.auth.sasl.base` (the answers, the interfaces, the
 secrets source), :mod:`~smarthost.auth.sasl.plain` (PLAIN, LOGIN),
-:mod:`~smarthost.auth.sasl.cram` (CRAM-MD5), :mod:`~smarthost.auth.sasl.scram` (SCRAM) and
-:mod:`~smarthost.auth.sasl.bearer` (OAUTHBEARER, XOAUTH2). This module is the registry
+:mod:`~smarthost.auth.sasl.cram` (CRAM-MD5), :mod:`~smarthost.auth.sasl.scram` (SCRAM),
+:mod:`~smarthost.auth.sasl.bearer` (OAUTHBEARER, XOAUTH2) and
+:mod:`~smarthost.auth.sasl.gssapi` (GSSAPI, Kerberos). This module is the registry
 (:func:`build_mechanisms`) and the names the session and the app import.
 """
 
@@ -56,6 +59,7 @@ from smarthost.auth.sasl.base import (
 )
 from smarthost.auth.sasl.bearer import OAuthBearerMechanism, XOAuth2Mechanism
 from smarthost.auth.sasl.cram import CramMD5Mechanism
+from smarthost.auth.sasl.gssapi import GssapiMechanism, Keytab, KeytabError
 from smarthost.auth.sasl.plain import LoginMechanism, PlainMechanism
 from smarthost.auth.sasl.scram import ScramMechanism
 
@@ -66,8 +70,11 @@ __all__ = [
     "ChallengeSecrets",
     "CramMD5Mechanism",
     "Credentials",
+    "GssapiMechanism",
     "ISASLExchange",
     "ISASLMechanism",
+    "Keytab",
+    "KeytabError",
     "LoginMechanism",
     "MechanismContext",
     "OAuthBearerMechanism",
@@ -88,6 +95,7 @@ class MechanismContext:
     users: ChallengeSecrets | None = None
     hostname: str = "localhost"
     clock: IReactorTime | None = None
+    keytab: Keytab | None = None  # GSSAPI's; None: GSSAPI lets nobody in
 
     @property
     def secrets(self) -> ChallengeSecrets:
@@ -103,6 +111,8 @@ MECHANISMS: dict[str, Callable[[MechanismContext], ISASLMechanism]] = {
     # The portal needs a token verifier plugin for these (smarthost.auth.oauth.require_verifier).
     "OAUTHBEARER": lambda c: OAuthBearerMechanism(),
     "XOAUTH2": lambda c: XOAuth2Mechanism(),
+    # The portal needs a VerifiedPrincipalChecker for the same keytab (smarthost.auth.cred).
+    "GSSAPI": lambda c: GssapiMechanism(c.keytab),
 }
 
 # Mechanisms an operator may well ask for and that we refuse on purpose, with the reason
@@ -111,7 +121,6 @@ REFUSED = {
     "DIGEST-MD5": "DIGEST-MD5 is historic (RFC 6331); use SCRAM-SHA-256",
     "NTLM": "NTLM is a proprietary scheme with known weaknesses and no standard; "
             "use SCRAM-SHA-256, or PLAIN over TLS",
-    "GSSAPI": "GSSAPI needs Kerberos, which smarthost does not support; use SCRAM-SHA-256",
     "OAUTH10A": "OAUTH10A (RFC 7628) needs OAuth 1.0a request signing, which smarthost "
                 "does not support; use OAUTHBEARER (OAuth 2.0) or SCRAM-SHA-256",
     "SCRAM-SHA-256-PLUS": "channel binding (-PLUS) is not supported; use SCRAM-SHA-256",
@@ -126,17 +135,19 @@ def build_mechanisms(
     users: ChallengeSecrets | None = None,
     hostname: str = "localhost",
     clock: IReactorTime | None = None,
+    keytab: Keytab | None = None,
 ) -> list[ISASLMechanism]:
     """The mechanisms named in ``[auth] mechanisms``, in the order given (the EHLO order).
 
     ``users`` (the ``UsersFile``) supplies CRAM-MD5 and SCRAM secrets, ``hostname`` and
-    ``clock`` make the CRAM-MD5 challenge. Without ``users`` those mechanisms still build,
-    so a config can be validated, but they let nobody in.
+    ``clock`` make the CRAM-MD5 challenge, ``keytab`` (``[auth.gssapi]``) is GSSAPI's. Without
+    ``users`` or ``keytab`` those mechanisms still build, so a config can be validated, but
+    they let nobody in.
 
     Raises ``ValueError`` naming the first unknown, refused or repeated mechanism, for config
     errors. Names are matched case-insensitively and advertised upper case.
     """
-    context = MechanismContext(users, hostname, clock)
+    context = MechanismContext(users, hostname, clock, keytab)
     result: list[ISASLMechanism] = []
     seen: set[str] = set()
     for name in names:
