@@ -26,6 +26,7 @@ from smarthost.app.config import Config
 from smarthost.auth.users import UsersFile
 from smarthost.core.enums import Role
 from smarthost.core.envelope import Outcome, QueueEntry
+from smarthost.delivery.courier import Resolve
 from smarthost.delivery.routing import Route
 from smarthost.smtpd.limits import Limits
 
@@ -38,7 +39,7 @@ class Generation:
     certificate: str  # the leaf certificate, described for the log
     users: UsersFile
     limits: Limits  # the abuse counters, kept by a reload that leaves [limits] alone
-    resolve: Callable[[str], Deferred[Route]]  # routing of the next delivery attempts
+    resolve: Resolve  # routing of the next delivery attempts
     observe: Callable[[QueueEntry, Outcome], None]  # the plugins that watch deliveries
     dns: Any  # the DNS client, kept by a reload that does not change the name servers
 
@@ -60,8 +61,10 @@ class Live:
         previous, self._current = self._current, generation
         return previous
 
-    def resolve(self, domain: str) -> Deferred[Route]:
-        return self.current.resolve(domain)
+    def resolve(self, domain: str, *, mta_sts: bool = True) -> Deferred[Route]:
+        # The default is left unsaid, so a generation's one-argument resolver will do.
+        resolve = self.current.resolve
+        return resolve(domain) if mta_sts else resolve(domain, mta_sts=False)
 
     def observe(self, entry: QueueEntry, outcome: Outcome) -> None:
         self.current.observe(entry, outcome)

@@ -86,7 +86,6 @@ class Parts:
     limits: Limits
     hooks: Hooks
     users: UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
-    keytab: sasl.Keytab | None = None  # [auth.gssapi]'s: GSSAPI's mechanism and checker share it
 
 
 @attrs.frozen
@@ -246,10 +245,8 @@ def build_parts(
     # OAUTHBEARER and XOAUTH2: the token verifier plugins say whose a token is.
     token_checkers = [oauth.BearerTokenChecker(hooks.verifiers, reactor)] if hooks.verifiers else []
     backends = directory.build_backends(config, reactor, users, deferToThread)
-    keytab = directory.gssapi_keytab(config)
     portal = credfactory.with_checkers(
-        build_portal(users, deferToThread, backends.checkers),
-        [*checkers, *token_checkers, *directory.principal_checkers(keytab)],
+        build_portal(users, deferToThread, backends.checkers), [*checkers, *token_checkers]
     )
     return Parts(
         config=config,
@@ -262,7 +259,6 @@ def build_parts(
         limits=_limits(config, reactor, previous),
         hooks=hooks,
         users=users,
-        keytab=keytab,
     )
 
 
@@ -379,10 +375,11 @@ def retry_policy(config: Config) -> RetryPolicy:
 
 def _routing(config: Config, dns: DNSLookups, hosts: HostCache, reactor: Any) -> NextHopResolver:
     delivery = config.delivery
-    # MTA-STS policies are cached beside the spool, so a reload or a restart keeps them.
+    # MTA-STS policies are cached beside the spool, so a reload or a restart keeps them. The
+    # policy host is found through the same DNS client as its _mta-sts record and the MX hosts.
     mta_sts = PolicySource(
         txt_lookup(dns),
-        HTTPSFetcher(reactor, directory.trust_root(config.tls.ca_file)),
+        HTTPSFetcher(reactor, directory.trust_root(config.tls.ca_file), resolver=dns),
         PolicyStore(config.queue.directory.parent / "mta-sts"),
         reactor,
     ) if delivery.mta_sts else None
@@ -444,7 +441,7 @@ class SessionFactory(Factory):
             tls=parts.server_tls,
             mechanisms=sasl.build_mechanisms(
                 config.auth.mechanisms, users=parts.users, hostname=config.hostname,
-                clock=reactor, keytab=parts.keytab,
+                clock=reactor,
             ) if role != Role.SMTP else (),
         )
         self._login = PortalLogin(parts.portal)

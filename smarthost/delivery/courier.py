@@ -26,6 +26,7 @@ from smarthost.core.envelope import BOUNCED, DEFERRED, Envelope, Outcome, QueueE
 from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import MAILDIR, HostFailure, PermanentRouteError, Route, RouteError
 from smarthost.delivery.smtpagent import HopResult
+from smarthost.delivery.tlsrequired import policies_apply
 
 _log = Logger(namespace="smarthost.delivery.courier")
 
@@ -42,7 +43,11 @@ class AttemptResult:
 
 
 class Resolve(Protocol):
-    def __call__(self, domain: str) -> Deferred[Route]: ...
+    """Routing (:meth:`smarthost.delivery.routing.NextHopResolver.resolve`). ``mta_sts=False``
+    leaves the recipient domain's MTA-STS policy out, for a message that says
+    ``TLS-Required: No`` (RFC 8689 5)."""
+
+    def __call__(self, domain: str, *, mta_sts: bool = True) -> Deferred[Route]: ...
 
 
 class SMTPAgent(Protocol):
@@ -83,9 +88,12 @@ class Courier:
             by_domain.setdefault(recipient.domain, []).append(recipient)
         outcomes: list[Outcome] = []
         by_route: dict[Route, list[Recipient]] = {}
+        mta_sts = self._policies_apply(entry, open_body)
         for domain, recipients in by_domain.items():
             try:
-                route = await self._resolve(domain)
+                # The default is left unsaid, so a resolver that knows no policies will do.
+                route = await (self._resolve(domain) if mta_sts
+                               else self._resolve(domain, mta_sts=False))
             except RouteError as e:
                 result = BOUNCED if isinstance(e, PermanentRouteError) else DEFERRED
                 outcomes += [Outcome(r, result, e.reply, "", e.status) for r in recipients]
@@ -110,6 +118,21 @@ class Courier:
             outcomes += hop.outcomes
             unreachable += hop.unreachable
         return AttemptResult(tuple(outcomes), tuple(unreachable))
+
+    def _policies_apply(self, entry: QueueEntry, open_body: OpenBody) -> bool:
+        """RFC 8689 5: ``TLS-Required: No`` (without REQUIRETLS) waives the recipient domains'
+        MTA-STS policies. A body that cannot be read keeps them: the safe side; the agent will
+        meet the same trouble and defer."""
+        try:
+            applies = policies_apply(entry.envelope, open_body)
+        except Exception as e:
+            _log.warn("{queue_id}: cannot read the header section: {error}",
+                      queue_id=str(entry.queue_id), error=str(e) or type(e).__name__)
+            return True
+        if not applies:
+            _log.info("{queue_id}: TLS-Required: No, recipient domains' MTA-STS policies not "
+                      "applied (RFC 8689 5)", queue_id=str(entry.queue_id))
+        return applies
 
     async def _hop(
         self, route: Route, entry: QueueEntry, recipients: list[Recipient], open_body: OpenBody

@@ -20,11 +20,14 @@ from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.error import ConnectError
+from twisted.internet.interfaces import IProtocolFactory, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from smarthost.core.safeio import atomic_write
-from smarthost.delivery.dns import DNSLookups, domain_key, is_host_name
+from smarthost.delivery.dns import DNSLookups, Lookups, domain_key, is_host_name
 
 ENFORCE, TESTING, NONE = "enforce", "testing", "none"
 MAX_AGE_LIMIT = 31557600  # RFC 8461 3.2: max_age is at most one year
@@ -222,13 +225,16 @@ class HTTPSFetcher:
     only, at most :data:`MAX_POLICY_SIZE` octets within :data:`FETCH_TIMEOUT` seconds."""
 
     def __init__(self, reactor: Any, trust_root: Any = None,
-                 timeout: float = FETCH_TIMEOUT) -> None:
+                 timeout: float = FETCH_TIMEOUT, resolver: DNSLookups | None = None) -> None:
         import treq.client
         from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
 
-        agent = Agent(  # type: ignore[no-untyped-call]
-            reactor, BrowserLikePolicyForHTTPS(trust_root),  # type: ignore[no-untyped-call]
-                      connectTimeout=timeout)
+        tls = BrowserLikePolicyForHTTPS(trust_root)  # type: ignore[no-untyped-call]
+        if resolver is None:
+            agent = Agent(reactor, tls, connectTimeout=timeout)  # type: ignore[no-untyped-call]
+        else:
+            agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
+                reactor, _ThroughDNS(reactor, Lookups(resolver), tls, timeout))
         self._http = treq.client.HTTPClient(agent)
         self._timeout = timeout
         self._clock: IReactorTime = reactor
@@ -264,6 +270,52 @@ class HTTPSFetcher:
 
         await treq.collect(response, collect)
         return body.decode("utf-8")
+
+
+@implementer(IAgentEndpointFactory)
+class _ThroughDNS:
+    """Connects to a policy host at the addresses the delivery DNS client gives (the one that
+    found the ``_mta-sts`` record and the MX hosts: ``[delivery] nameservers``), each in turn,
+    TLS verified for the host's name."""
+
+    def __init__(self, reactor: Any, lookups: Lookups, tls: Any, timeout: float) -> None:
+        self._reactor, self._lookups, self._tls, self._timeout = reactor, lookups, tls, timeout
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        return _Resolved(self, uri.host.decode("ascii"), uri.port)
+
+    async def connect(self, host: str, port: int, factory: IProtocolFactory) -> Any:
+        from twisted.internet.endpoints import (
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+            wrapClientTLS,
+        )
+
+        answer = await self._lookups.addresses(host)
+        if not answer.records:
+            raise PolicyError(f"policy host {host} has no address"
+                              f"{': ' + answer.temporary if answer.temporary else ''}")
+        last: Exception | None = None
+        for address in answer.records:
+            kind = TCP6ClientEndpoint if ":" in address else TCP4ClientEndpoint
+            tcp = kind(self._reactor, address, port, self._timeout)
+            creator = self._tls.creatorForNetloc(host.encode("ascii"), port)
+            try:
+                return await wrapClientTLS(creator, tcp).connect(factory)
+            except ConnectError as e:
+                last = e
+        assert last is not None
+        raise last
+
+
+@implementer(IStreamClientEndpoint)
+class _Resolved:
+    def __init__(self, through: _ThroughDNS, host: str, port: int) -> None:
+        self._through, self._host, self._port = through, host, port
+
+    def connect(self, protocolFactory: IProtocolFactory) -> Deferred[Any]:
+        return Deferred.fromCoroutine(
+            self._through.connect(self._host, self._port, protocolFactory))
 
 
 def txt_lookup(resolver: DNSLookups) -> Texts:

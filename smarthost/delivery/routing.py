@@ -193,17 +193,19 @@ class NextHopResolver:
 
     # -- public API --
 
-    def resolve(self, domain: str) -> Deferred[Route]:
+    def resolve(self, domain: str, *, mta_sts: bool = True) -> Deferred[Route]:
         """The route for ``domain``; fails with :class:`PermanentRouteError` (bounce) or
         :class:`TemporaryRouteError` (defer). Any other failure is a bug and, like every crash
-        in delivery, should be treated as temporary by the caller."""
-        return Deferred.fromCoroutine(self._resolve(domain))
+        in delivery, should be treated as temporary by the caller. ``mta_sts=False`` leaves the
+        domain's MTA-STS policy out (a message with ``TLS-Required: No``, RFC 8689 5); the
+        operator's ``tls`` and ``tls_policies`` still apply."""
+        return Deferred.fromCoroutine(self._resolve(domain, mta_sts))
 
     # -- routing --
 
-    async def _resolve(self, domain: str) -> Route:
+    async def _resolve(self, domain: str, mta_sts: bool = True) -> Route:
         key = domain_key(domain)
-        route = await self._next_hop(key)
+        route = await self._next_hop(key, mta_sts)
         override = self._tls_policies.get(key)
         if route.kind != SMTP or override is None:
             return route
@@ -211,7 +213,7 @@ class NextHopResolver:
             override = TLSPolicy.REQUIRED  # never send a password in the clear
         return attrs.evolve(route, tls=override)
 
-    async def _next_hop(self, key: str) -> Route:
+    async def _next_hop(self, key: str, mta_sts: bool) -> Route:
         if key in self._local_domains:
             if self._local.kind == MAILDIR:
                 return Route(MAILDIR, maildir=self._local.directory)
@@ -224,7 +226,7 @@ class NextHopResolver:
         if key.startswith("[") and key.endswith("]"):
             return self._literal(key)
         route = await self._mx(key)
-        if self._mta_sts is None or key in self._tls_policies:
+        if self._mta_sts is None or not mta_sts or key in self._tls_policies:
             return route
         return await self._sts(key, route)
 

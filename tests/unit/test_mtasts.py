@@ -138,13 +138,15 @@ class FixedPolicy:
         return succeed(self._policy)
 
 
-def route_for(domain: str, policy: Policy | None, **options: object) -> Route | Exception:
+def route_for(domain: str, policy: Policy | None, *, mta_sts: bool = True,
+              **options: object) -> Route | Exception:
     resolver = NextHopResolver(
         ZoneResolver(Zone.from_dict(ZONE)), hosts=HostCache(Clock(), 60), random=Random(1),
         mta_sts=FixedPolicy(policy), **options,  # type: ignore[arg-type]
     )
     result: list[Route | Exception] = []
-    resolver.resolve(domain).addCallbacks(result.append, lambda f: result.append(f.value))
+    resolver.resolve(domain, mta_sts=mta_sts).addCallbacks(
+        result.append, lambda f: result.append(f.value))
     return result[0]
 
 
@@ -168,3 +170,17 @@ def test_routing_enforce_testing_and_tls_policy() -> None:
     assert isinstance(other, Route) and other.tls == TLSPolicy.OPPORTUNISTIC
     verify = route_for("equal.test", None, tls_policies={"equal.test": "verify"})
     assert isinstance(verify, Route) and verify.tls == TLSPolicy.VERIFY
+
+
+def test_routing_without_mta_sts_keeps_the_operators_rules() -> None:
+    """TLS-Required: No (RFC 8689 5): the domain's policy is left out, [delivery] tls and
+    [delivery.tls_policy] are not."""
+    nobody = Policy(ENFORCE, ("elsewhere.test",), 86400)
+    waived = route_for("example.test", nobody, mta_sts=False)
+    assert isinstance(waived, Route) and len(waived.hosts) == 3
+    assert waived.tls == TLSPolicy.OPPORTUNISTIC
+    required = route_for("example.test", nobody, mta_sts=False, tls=TLSPolicy.REQUIRED)
+    assert isinstance(required, Route) and required.tls == TLSPolicy.REQUIRED
+    pinned = route_for("example.test", nobody, mta_sts=False,
+                       tls_policies={"example.test": "verify"})
+    assert isinstance(pinned, Route) and pinned.tls == TLSPolicy.VERIFY
