@@ -86,6 +86,7 @@ class Parts:
     limits: Limits
     hooks: Hooks
     users: UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
+    keytab: sasl.Keytab | None = None  # [auth.gssapi]'s: GSSAPI's mechanism and checker share it
 
 
 @attrs.frozen
@@ -245,8 +246,10 @@ def build_parts(
     # OAUTHBEARER and XOAUTH2: the token verifier plugins say whose a token is.
     token_checkers = [oauth.BearerTokenChecker(hooks.verifiers, reactor)] if hooks.verifiers else []
     backends = directory.build_backends(config, reactor, users, deferToThread)
+    keytab = directory.gssapi_keytab(config)
     portal = credfactory.with_checkers(
-        build_portal(users, deferToThread, backends.checkers), [*checkers, *token_checkers]
+        build_portal(users, deferToThread, backends.checkers),
+        [*checkers, *token_checkers, *directory.principal_checkers(keytab)],
     )
     return Parts(
         config=config,
@@ -259,6 +262,7 @@ def build_parts(
         limits=_limits(config, reactor, previous),
         hooks=hooks,
         users=users,
+        keytab=keytab,
     )
 
 
@@ -441,7 +445,7 @@ class SessionFactory(Factory):
             tls=parts.server_tls,
             mechanisms=sasl.build_mechanisms(
                 config.auth.mechanisms, users=parts.users, hostname=config.hostname,
-                clock=reactor,
+                clock=reactor, keytab=parts.keytab,
             ) if role != Role.SMTP else (),
         )
         self._login = PortalLogin(parts.portal)
