@@ -191,7 +191,6 @@ class RegistryTests(SynchronousTestCase):
             "DIGEST-MD5": "RFC 6331",
             "NTLM": "SCRAM-SHA-256",
             "OAUTH10A": "OAuth 1.0a",
-            "GSSAPI": "Kerberos",
             "SCRAM-SHA-256-PLUS": "channel binding",
             "digest-md5": "historic",
         }
