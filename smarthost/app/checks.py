@@ -187,6 +187,7 @@ class _Checker:
         self.users()
         self.directories()
         self.files()
+        self.secrets()
         self.relay()
         self.limits()
         self.plugins()
@@ -226,7 +227,7 @@ class _Checker:
             return
         try:  # as start-up loads them (app.wiring)
             servertls.check_pair(tls.certificate, tls.key)
-            listen.server_tls_options(tls.certificate, tls.key)
+            listen.server_tls_options(tls.certificate, tls.key, tls.profile)
         except ConfigError as e:
             self.error(e.key, str(e).removeprefix(f"{e.key}: "))
             return
@@ -285,6 +286,18 @@ class _Checker:
         events = config.log.events
         if events is not None and events.is_dir():
             self.error("log.events", f"{events} is a directory, not a file")
+
+    def secrets(self) -> None:
+        """Secret files readable by every user on the machine, and the Kerberos keytab when
+        GSSAPI is offered (the daemon reads it at start and at every reload)."""
+        auth = self._config.auth
+        if auth.ldap is not None:
+            secret = auth.ldap.bind_password_file
+            if secret.exists() and secret.stat().st_mode & 0o004:
+                self.warn("auth.ldap.bind_password_file",
+                          f"{secret} is readable by every user; chmod 600 it")
+        if "GSSAPI" in auth.mechanisms and auth.gssapi is not None:
+            self._readable("auth.gssapi.keytab", auth.gssapi.keytab)
 
     def _readable(self, key: str, path: Path) -> None:
         try:

@@ -151,3 +151,34 @@ def test_a_missing_password_file_is_an_error(
     (tmp_path / "var/upstream.secret").write_text("s3cret\n")
     assert admin.main(["check-config", "--config", str(path)]) == 0
     assert "s3cret" not in "".join(capsys.readouterr())
+
+
+LDAP = """
+[auth]
+backends = ["users", "ldap"]
+[auth.ldap]
+url = "ldaps://dc1.example.test"
+bind_dn = "cn=smarthost,dc=example,dc=test"
+bind_password_file = "{secret}"
+base = "dc=example,dc=test"
+"""
+
+
+def test_directory_password_file_must_be_readable(checked: Path) -> None:
+    found = check(LDAP.format(secret="missing.secret"), checked)
+    assert [p.key for p in found.errors] == ["auth.ldap.bind_password_file"]
+
+
+def test_directory_password_file_readable_by_everyone_is_a_warning(
+    checked: Path, tmp_path: Path
+) -> None:
+    secret = tmp_path / "ldap.secret"
+    secret.write_text("service password\n")
+    secret.chmod(0o644)
+    found = check(LDAP.format(secret=secret), checked)
+    assert found.errors == ()
+    assert "auth.ldap.bind_password_file" in [p.key for p in found.warnings]
+    assert all("service password" not in str(p) for p in found.warnings)
+    secret.chmod(0o600)
+    assert "auth.ldap.bind_password_file" not in [p.key for p in check(
+        LDAP.format(secret=secret), checked).warnings]
