@@ -62,6 +62,7 @@ from smarthost.smtpd.trace import tls_details
 MAX_COMMAND_LINE = 16384  # RFC 5321 says 512; AUTH responses and long parameters need more
 MAX_BUFFER = 1 << 16  # input held while commands wait (answer pending, output full)
 CLOSE_FLUSH = 5.0  # seconds a closing connection has to take its last reply, then abort
+LINES_PER_TURN = 100  # pipelined command lines handled before other connections get a turn
 
 
 @attrs.frozen
@@ -277,19 +278,26 @@ class SMTPTransport(Protocol):
 
     def _process(self) -> None:
         """Handle buffered input until it runs out, a reply is pending or the client stops
-        reading. Never re-entered: a call from inside (a reply that drained the write buffer
-        at once) leaves the work to the loop already running."""
+        reading, at most LINES_PER_TURN lines at a time: then the rest waits for the reactor's
+        next turn, so one client pipelining without end cannot keep every other connection
+        (and a fresh client's greeting) waiting. Never re-entered: a call from inside (a reply
+        that drained the write buffer at once) leaves the work to the loop already running."""
         if self._processing:
             return
         self._processing = True
         try:
+            handled = 0
             while self._ready() and self._buffer:
                 if self._data is not None:
                     self._feed_data(*self._data)
                     continue
+                if handled == LINES_PER_TURN:
+                    self._stall(0)
+                    break
                 line = self._next_line()
                 if line is None:
                     break
+                handled += 1
                 self._restart_deadline()  # the next line's time starts now
                 self._handler.line_received(line)
         finally:

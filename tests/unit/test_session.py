@@ -215,9 +215,14 @@ def test_a_client_that_never_reads_costs_a_bounded_amount_of_memory(tmp_path: Pa
         while fed < 60_000_000 and transport.producerState == "producing":
             session.dataReceived(chunk)
             fed += len(chunk)
+            for _ in range(1000):  # the reactor's turns, until the commands wait for output
+                if len(transport.value()) > 65536:
+                    break
+                h.clock.advance(0)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert transport.producerState == "paused"
+    assert len(transport.value()) > 65536  # the replies stopped at the transport's bound
     assert fed < 300_000
     assert peak < 400_000, peak  # replies (64 KiB) + pipelined input (64 KiB) + a read

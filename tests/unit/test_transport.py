@@ -20,7 +20,12 @@ from smarthost.core.maillog import MailLog
 from smarthost.core.replies import Reply
 from smarthost.smtpd.channel import Channel, Handler
 from smarthost.smtpd.dotreader import DataResult
-from smarthost.smtpd.transport import CLOSE_FLUSH, SMTPTransport, TransportSettings
+from smarthost.smtpd.transport import (
+    CLOSE_FLUSH,
+    LINES_PER_TURN,
+    SMTPTransport,
+    TransportSettings,
+)
 
 ANSWER = Reply(250, "2.0.0", "answer")
 REFUSED = Reply(550, "5.0.0", "no")
@@ -441,30 +446,49 @@ def bounded_rig(**settings: Any) -> tuple[SMTPTransport, BoundedTransport, Clock
     return protocol, transport, clock
 
 
-def flood(protocol: SMTPTransport, transport: BoundedTransport, total: int) -> int:
+def flood(protocol: SMTPTransport, transport: BoundedTransport, clock: Clock, total: int) -> int:
     """Feed pipelined commands in 64 KiB reads, as a reactor would: only while the transport
-    is reading. Returns the bytes the client got in."""
+    is reading, with the reactor's turns in between. Returns the bytes the client got in."""
     chunk, fed = b"HELP\r\n" * 10922, 0
-    while fed < total and transport.producerState == "producing":
-        protocol.dataReceived(chunk)
-        fed += len(chunk)
+    for _ in range(10_000):
+        if fed >= total:
+            break
+        if transport.producerState == "producing":
+            protocol.dataReceived(chunk)
+            fed += len(chunk)
+        elif not clock.getDelayedCalls() or all(c.getTime() > clock.seconds()
+                                                 for c in clock.getDelayedCalls()):
+            break  # paused, and nothing left to do this turn: the client is stuck
+        clock.advance(0)
     return fed
 
 
 def test_a_client_that_does_not_read_makes_us_hold_a_bounded_amount() -> None:
     """Ten megabytes of pipelined commands, replies never read: the output stops at the
     transport's bound, the input at max_buffer; draining lets it all go on in order."""
-    protocol, transport, _ = bounded_rig()
-    fed = flood(protocol, transport, 10_000_000)
+    protocol, transport, clock = bounded_rig()
+    fed = flood(protocol, transport, clock, 10_000_000)
     assert fed < 200_000  # we stopped reading
     assert transport.producerState == "paused"
-    assert len(transport.value()) < 65536 + 200
+    assert 65536 < len(transport.value()) < 65536 + 200
     handled = len(protocol._handler.lines)  # type: ignore[attr-defined]
-    assert handled * 6 < 65536  # commands wait while their replies cannot go out
+    assert handled * len(ANSWER.to_bytes()) < 65536 + 200  # the rest wait for their replies
     sent = transport.drain()
+    clock.advance(0)
     sent += transport.drain()
     assert len(protocol._handler.lines) > handled  # type: ignore[attr-defined]
     assert sent.count(b"\r\n") == len(sent) // len(ANSWER.to_bytes())
+
+
+def test_a_long_pipeline_is_handled_a_batch_per_reactor_turn() -> None:
+    """Fairness: one client's thousand pipelined commands do not hold the reactor; the rest
+    of the batch waits for the next turn, in order."""
+    r = rig()
+    assert len(r.feed(b"NOOP\r\n" * 1000)) == LINES_PER_TURN
+    assert r.clock.getDelayedCalls()[0].getTime() == r.clock.seconds()  # the next turn
+    r.clock.advance(0)  # (a Clock runs every turn due at once; a reactor polls in between)
+    assert len(r.replies()) == 1000 - LINES_PER_TURN
+    assert len(r.script.lines) == 1000
 
 
 def test_output_full_stops_the_commands_and_the_deadline_still_runs() -> None:
