@@ -4,7 +4,8 @@ Every ``[listen]`` value is a Twisted server endpoint string. ``submissions`` li
 implicit TLS from our certificate (an explicit ``ssl:`` string is used as written).
 ``haproxy:`` is handled here rather than by Twisted's own wrapper, because that one starts the
 SMTP session (banner, client address) before the PROXY header has arrived, so the session
-would see HAProxy's address instead of the client's (Twisted #12501).
+would see HAProxy's address instead of the client's (Twisted #12501). A ``tcp:``/``ssl:``
+string that names no ``backlog`` gets :data:`LISTEN_BACKLOG` rather than Twisted's 50.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from smarthost.smtpd.tlsprofile import PROFILES, ProfileOptions
 
 HAPROXY_PREFIX = "haproxy:"
 PROXY_HEADER_TIMEOUT = 30.0
+LISTEN_BACKLOG = 511  # as nginx and Redis; Linux caps it at net.core.somaxconn
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.S)
 
@@ -177,6 +179,17 @@ def wrap_factory(
     return wrapped
 
 
+def with_backlog(description: str) -> str:
+    """A TCP or TLS endpoint string with a listen backlog of LISTEN_BACKLOG unless it names
+    one. Twisted's 50 overflows under a burst of connections (each refused one is accepted
+    and closed at once, but the kernel drops SYNs while the queue is full), and a client whose
+    SYN is dropped waits a second or more before it tries again."""
+    kind = description.partition(":")[0]
+    if kind not in ("tcp", "tcp6", "ssl") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={LISTEN_BACKLOG}"
+
+
 async def start_listener(
     reactor: object,
     description: str,
@@ -185,7 +198,7 @@ async def start_listener(
     implicit_tls: ssl.CertificateOptions | None,
     clock: IReactorTime,
 ) -> IListeningPort:
-    endpoint = serverFromString(reactor, description.removeprefix(HAPROXY_PREFIX))
+    endpoint = serverFromString(reactor, with_backlog(description.removeprefix(HAPROXY_PREFIX)))
     wrapped = wrap_factory(description, factory, implicit_tls=implicit_tls, clock=clock)
     port: IListeningPort = await endpoint.listen(wrapped)
     return port
