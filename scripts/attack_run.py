@@ -7,8 +7,8 @@ from addresses of its own and each bounded in time:
 
 ``handshake``  keeps its per-address quota of connections stalled in a TLS handshake: after
                STARTTLS with no ClientHello, on port 465 with none, or with half of one;
-``silent``     opens hundreds of sockets from one address on every listener, never sends or
-               reads, and reopens what the server closes;
+``silent``     holds 300 sockets from one address on every listener, never sends or reads,
+               and reopens each one the server closes a second later;
 ``flood``      pipelines HELP without ever reading the replies (the 1.4 GB finding);
 ``drip``       sends one byte a second, in a command line or in DATA.
 
@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import select
 import selectors
 import smtplib
@@ -150,33 +152,42 @@ def stalled_handshake(run: Run, source: str, kind: str, hello: bytes) -> socket.
 
 def hold(run: Run, name: str, sources: list[str], per_source: int,
          make: Callable[[str, int], socket.socket | None], *, flood: bytes = b"",
-         drip: bool = False) -> None:
+         drip: bool = False, retry_after: float = 0.0) -> None:
     """Keep ``per_source`` connections open from each source and reopen what the server
-    closes, recording how long each lived. Waits on the sockets themselves: readable (what
-    the server sends is read and dropped; EOF or a reset is its close), or, with ``flood``,
-    writable (more of ``flood`` is sent; never a byte read). ``drip`` sends one byte a second."""
+    closes (a slot ``retry_after`` seconds after it was lost), recording how long each lived.
+    Waits on the sockets themselves: readable (what the server sends is read and dropped; EOF
+    or a reset is its close), or, with ``flood``, writable (more of ``flood`` is sent; never a
+    byte read). ``drip`` sends one byte a second."""
     sel = selectors.DefaultSelector()
     born: dict[socket.socket, float] = {}
     owner: dict[socket.socket, str] = {}
     last_drip: dict[socket.socket, float] = {}
+    waiting: dict[str, list[float]] = {source: [] for source in sources}  # slots lost, when
     n = 0
 
     def lost(sock: socket.socket) -> None:
-        run.lived(name, time.monotonic() - born.pop(sock))
-        owner.pop(sock)
+        lived = time.monotonic() - born.pop(sock)
+        run.lived(name, lived)
+        waiting[owner.pop(sock)].append(time.monotonic())
         last_drip.pop(sock, None)
         sel.unregister(sock)
         sock.close()
         run.count(f"{name} closed by the server")
+        if lived < 1.0:
+            run.count(f"{name} closed by the server within 1 s")
 
     while run.running():
+        now = time.monotonic()
         for source in sources:
-            while list(owner.values()).count(source) < per_source and run.running():
+            waiting[source] = [t for t in waiting[source] if now - t < retry_after]
+            while (list(owner.values()).count(source) + len(waiting[source]) < per_source
+                   and run.running()):
                 n += 1
                 sock = make(source, n)
                 run.count(f"{name} opened")
                 if sock is None:
                     run.count(f"{name} refused and closed at once")
+                    waiting[source].append(time.monotonic())
                     break
                 sock.setblocking(False)
                 born[sock], owner[sock] = time.monotonic(), source
@@ -223,7 +234,7 @@ def silent_attack(run: Run) -> None:
     def make(source: str, n: int) -> socket.socket | None:
         return connect(run.ports[listeners[n % 3]], source)
 
-    hold(run, "silent", ["127.0.0.103"], 300, make)
+    hold(run, "silent", ["127.0.0.103"], 300, make, retry_after=1.0)
 
 
 def flood_attack(run: Run) -> None:
@@ -280,13 +291,22 @@ def legitimate(run: Run, results: dict[str, Any]) -> None:
     results["accepted"] = accepted
 
 
-def prober(run: Run, latencies: list[float], failures: list[str]) -> None:
-    while run.running():
+def prober(port: int, seconds: float, out: Any) -> None:
+    """A fresh client every quarter second: the time to its greeting (and, apart, to its
+    TCP connection, which the kernel's accept queue decides). Runs in a process of its own,
+    so the attackers' threads cannot delay it (the GIL) and inflate what it measures."""
+    latencies: list[float] = []
+    connects: list[float] = []
+    failures: list[str] = []
+    until = time.monotonic() + seconds
+    pace = threading.Event()  # never set
+    while time.monotonic() < until:
         start = time.monotonic()
-        sock = connect(run.ports["submission"], "127.0.0.3", timeout=5)
+        sock = connect(port, "127.0.0.3", timeout=5)
         if sock is None:
             failures.append("connect failed")
         else:
+            connects.append(time.monotonic() - start)
             try:
                 banner = read_reply(sock, timeout=5)
                 latencies.append(time.monotonic() - start)
@@ -297,7 +317,8 @@ def prober(run: Run, latencies: list[float], failures: list[str]) -> None:
                 failures.append(f"{type(e).__name__}: {e}")
             finally:
                 sock.close()
-        run.tick.wait(0.25)
+        pace.wait(0.25)
+    out.put((latencies, connects, failures))
 
 
 def memory(daemon: Daemon, field: str = "VmRSS") -> int:
@@ -306,6 +327,13 @@ def memory(daemon: Daemon, field: str = "VmRSS") -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no {field}")
+
+
+def cpu_seconds(daemon: Daemon) -> float:
+    """User + system CPU time the daemon has used, from /proc."""
+    assert daemon.proc is not None
+    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def sampler(run: Run, daemon: Daemon, samples: list[int]) -> None:
@@ -374,9 +402,11 @@ def attack(seconds: float) -> dict[str, Any]:
         results["rss per non-reading flood connection"] = per_connection_memory(
             daemon, daemon.ports)
         run = Run(daemon.ports, seconds)
-        latencies: list[float] = []
-        failures: list[str] = []
         samples: list[int] = []
+        spawn = multiprocessing.get_context("spawn")
+        probed: Any = spawn.Queue()
+        probe = spawn.Process(target=prober, args=(daemon.ports["submission"], seconds, probed))
+        probe.start()
         delivered: list[str] = []
 
         def watch_log() -> None:  # also keeps the daemon's stdout pipe drained
@@ -389,11 +419,10 @@ def attack(seconds: float) -> dict[str, Any]:
         threads = [threading.Thread(target=f, args=a, daemon=True) for f, a in (
             (watch_log, ()), (sampler, (run, daemon, samples)), (handshake_attack, (run,)),
             (silent_attack, (run,)), (flood_attack, (run,)), (drip_attack, (run,)),
-            (prober, (run, latencies, failures)),
         )]
         for t in threads:
             t.start()
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_seconds(daemon)
         legit = threading.Thread(target=legitimate, args=(run, results), daemon=True)
         legit.start()
         legit.join(seconds + 60)
@@ -401,6 +430,10 @@ def attack(seconds: float) -> dict[str, Any]:
         for t in threads[1:]:
             t.join(seconds + 30)
         threads[0].join(120)
+        latencies, connects, failures = probed.get(timeout=60)
+        probe.join(30)
+        results["daemon CPU share during the run"] = round(
+            (cpu_seconds(daemon) - cpu_before) / (time.monotonic() - started), 2)
         results["delivered (log lines)"] = sum("result=delivered" in line for line in daemon.log)
         results["delivered (MX received)"] = len(peer.messages)
         results["rss peak sampled"] = max(samples, default=0)
@@ -408,6 +441,9 @@ def attack(seconds: float) -> dict[str, Any]:
         results["greetings"] = len(latencies)
         results["greeting latency max"] = round(max(latencies, default=0), 3)
         results["greeting latency median"] = round(statistics.median(latencies or [0]), 4)
+        results["greeting latencies over 0.1 s"] = sorted(
+            round(x, 3) for x in latencies if x > 0.1)
+        results["connect time max"] = round(max(connects, default=0), 3)
         results["greeting failures"] = failures[:10]
         results["attack counts"] = dict(sorted(run.counts.items()))
         results["lifetime max by attack (s)"] = {
