@@ -27,6 +27,8 @@ hostname = "mx.smarthost.test"
 submission = ["tcp:0:interface=127.0.0.1"]
 submissions = ["tcp:0:interface=127.0.0.1"]
 smtp = ["tcp:0:interface=127.0.0.1"]
+[http]
+listen = ["tcp:0:interface=127.0.0.1"]
 """
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from smarthost.app import checks, configdump, control, queueadmin, salvaging
+from smarthost.app import checks, configdump, control, probe, queueadmin, salvaging
 from smarthost.app.config import Config, ConfigError, load_config
 from smarthost.auth import sasl
 from smarthost.auth.users import PasswordError, UserNameError, delete_user, set_password
@@ -404,6 +404,11 @@ def parser() -> argparse.ArgumentParser:
     cf.add_argument("--changed", action="store_true",
                     help="only what differs from the defaults (like postconf -n)")
     cf.set_defaults(func=cmd_config)
+
+    pr = sub.add_parser("probe", help="test an SMTP server: TLS, AUTH, open relay, DNS",
+                        description=probe.DESCRIPTION)
+    probe.add_arguments(pr)
+    pr.set_defaults(func=probe.main)
 
     q = sub.add_parser(
         "queue", help="inspect and manage the mail queue",

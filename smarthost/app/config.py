@@ -108,6 +108,11 @@ class LogConfig:
 
 
 @attrs.frozen
+class HTTPConfig:
+    listen: tuple[str, ...] = ("tcp:2580:interface=127.0.0.1",)
+
+
+@attrs.frozen
 class LimitsConfig:
     connections: int = 1000
     connections_per_ip: int = 50
@@ -141,6 +146,7 @@ class Config:
     log: LogConfig
     limits: LimitsConfig
     plugins: PluginsConfig
+    http: HTTPConfig = attrs.field(factory=HTTPConfig)
 
 
 _DEFAULT_TRUSTED = ("127.0.0.1/32", "::1/128")
@@ -231,6 +237,7 @@ class _Loader:
             log=self.log(top.table("log")),
             limits=self.limits(top.table("limits")),
             plugins=self.plugins(top.table("plugins")),
+            http=self.http(top.table("http")),
         )
         top.check_unknown()
         return config
@@ -449,6 +456,11 @@ class _Loader:
     def log(self, t: _Table) -> LogConfig:
         events = t.get("events", str, "")
         result = LogConfig(events=self._base / events if events else None)
+        t.check_unknown()
+        return result
+
+    def http(self, t: _Table) -> HTTPConfig:
+        result = HTTPConfig(listen=t.strings("listen", HTTPConfig().listen))
         t.check_unknown()
         return result
 

@@ -30,7 +30,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
-from smarthost.app import control, credfactory, directory, servertls, tlscert
+from smarthost.app import control, credfactory, directory, http, servertls, tlscert
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.live import Generation, Live, LiveServerTLS, LiveSessionFactory
 from smarthost.app.logfiles import LogReopener, observer_for
@@ -45,7 +45,8 @@ from smarthost.app.services import (
     QueueService,
 )
 from smarthost.app.signals import SignalService
-from smarthost.app.startup import ExitStatus, Startup
+from smarthost.app.startup import STEPS, ExitStatus, Startup
+from smarthost.app.watch import Watch
 from smarthost.auth import oauth, sasl
 from smarthost.auth.cred import PortalLogin, build_portal
 from smarthost.auth.decoys import decoy_key
@@ -86,6 +87,7 @@ class Parts:
     limits: Limits
     hooks: Hooks
     users: UsersFile  # the portal's; CRAM-MD5 and SCRAM read their secrets from it
+    watch: Watch  # what /metrics and the status page count
     keytab: sasl.Keytab | None = None  # [auth.gssapi]'s: GSSAPI's mechanism and checker share it
 
 
@@ -97,6 +99,7 @@ class Durable:
     maillog: MailLog
     scheduler: Scheduler
     hosts: HostCache
+    watch: Watch  # the counters: a reload keeps them
 
 
 def make_service(
@@ -118,7 +121,8 @@ def make_service(
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
-    starting = Startup(reactor, maillog, notify, ExitStatus())
+    steps = (*STEPS, http.STEP) if config.http.listen else STEPS
+    starting = Startup(reactor, maillog, notify, ExitStatus(), steps)
     top = DaemonService(observer_for(log_file))
     live = Live()
     durable = _durable(config, reactor, maillog, live)
@@ -132,10 +136,16 @@ def make_service(
         _FailedStart(starting, e).setServiceParent(top)
         return top
     commands = control.ControlCommands(durable.spool, durable.scheduler, maillog)
+    # First, so that it stops last: /healthz answers 503 while the rest stops.
+    http.make_http_service(reactor, config.http.listen, http.StatusSources(
+        watch=durable.watch, spool=durable.spool, maillog=maillog, startup=starting,
+        ready=lambda: starting.ready, hostname=lambda: live.current.config.hostname,
+        certificate=lambda: http.leaf_of(live.current.server_tls),
+    )).setServiceParent(top)
     for service in (
         AccessCheck(live, maillog, starting),
         QueueService(reactor, durable.spool, durable.scheduler, maillog, commands, starting),
-        ListenerService(reactor, maillog, _listeners(config, live), starting),
+        ListenerService(reactor, maillog, _listeners(config, live, durable.watch), starting),
     ):
         service.setServiceParent(top)
     reloader = Reloader(load or (lambda: config), build, live, maillog, notify)
@@ -165,7 +175,7 @@ class _FailedStart(Service):
         self._startup.fail(key, str(self._error).removeprefix(f"{key}: "))
 
 
-def _listeners(config: Config, live: Live) -> list[Listener]:
+def _listeners(config: Config, live: Live, watch: Watch) -> list[Listener]:
     found = []
     for role, descriptions in (
         (Role.SUBMISSION, config.listen.submission),
@@ -175,7 +185,8 @@ def _listeners(config: Config, live: Live) -> list[Listener]:
         # Implicit TLS asks the current generation for its certificate at each handshake.
         tls = LiveServerTLS(live) if role == Role.SUBMISSIONS else None
         found += [
-            Listener(f"listen.{role}[{i}]", role, description, LiveSessionFactory(live, role), tls)
+            Listener(f"listen.{role}[{i}]", role, description,
+                     watch.counted(role, description, LiveSessionFactory(live, role)), tls)
             for i, description in enumerate(descriptions)
         ]
     return found
@@ -197,7 +208,7 @@ def _durable(config: Config, reactor: Any, maillog: MailLog, live: Live) -> Dura
         config, reactor, spool, maillog, hosts, policy, resolve=live.resolve,
         observe=live.observe,
     )
-    return Durable(spool, maillog, scheduler, hosts)
+    return Durable(spool, maillog, scheduler, hosts, Watch(reactor))
 
 
 def build_generation(
@@ -262,6 +273,7 @@ def build_parts(
         limits=_limits(config, reactor, previous),
         hooks=hooks,
         users=users,
+        watch=durable.watch,
         keytab=keytab,
     )
 
@@ -449,6 +461,8 @@ class SessionFactory(Factory):
             ) if role != Role.SMTP else (),
         )
         self._login = PortalLogin(parts.portal)
+        # Commits timed, and counted as accepted on this listener.
+        self._spool = parts.watch.receiving(role, parts.spool)
 
     def buildProtocol(self, addr: Any) -> Session:
         parts = self._parts
@@ -456,7 +470,7 @@ class SessionFactory(Factory):
             self._settings,
             parts.policy,
             self._login,
-            parts.spool,
+            self._spool,
             parts.maillog,
             self._reactor,
             parts.limits,
