@@ -217,6 +217,13 @@ class _Checker:
                 self.warn("auth.allow_plaintext", f"AUTH is offered before STARTTLS on {key} "
                           f"({description}), which is not loopback: passwords would cross "
                           "the network in clear")
+        for i, description in enumerate(self._config.http.listen):
+            problem = endpoint_problem(description)
+            if problem is not None:
+                self.error(f"http.listen[{i}]", problem)
+            elif not is_loopback_listener(description):
+                self.warn(f"http.listen[{i}]", f"the status page and metrics ({description}) "
+                          "have no login and are not on loopback")
 
     def tls(self) -> None:
         tls = self._config.tls

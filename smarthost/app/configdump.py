@@ -24,7 +24,9 @@ import attrs
 
 from smarthost.app.config import Config, parse_config
 
-SECTIONS = ("listen", "tls", "auth", "relay", "queue", "delivery", "log", "limits", "plugins")
+SECTIONS = (
+    "listen", "tls", "auth", "relay", "queue", "delivery", "log", "limits", "http", "plugins",
+)
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _SECRET_NAME = re.compile(r"secret|passw|token|credential", re.I)
 _TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f",

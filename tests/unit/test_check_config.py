@@ -182,3 +182,12 @@ def test_directory_password_file_readable_by_everyone_is_a_warning(
     secret.chmod(0o600)
     assert "auth.ldap.bind_password_file" not in [p.key for p in check(
         LDAP.format(secret=secret), checked).warnings]
+
+
+def test_http_listener_endpoints_are_checked(checked: Path) -> None:
+    bad = check('[http]\nlisten = ["tcp:nope"]\n', checked)
+    assert [p.key for p in bad.errors] == ["http.listen[0]"]
+    public = check('[http]\nlisten = ["tcp:2580"]\n', checked)
+    assert "http.listen[0]" in [p.key for p in public.warnings]
+    loopback = check('[http]\nlisten = ["tcp:2580:interface=127.0.0.1"]\n', checked)
+    assert "http.listen[0]" not in [p.key for p in loopback.warnings]
