@@ -235,26 +235,28 @@ def test_probe_without_the_ca_fails_the_certificate(daemon: Daemon, dns: str) ->
 
 def test_healthz_around_start_and_stop(tmp_path: Path) -> None:
     d = Daemon(tmp_path)
-    d.launch()
-    port = int(HTTP.search(d.wait_for(HTTP, 30)).group(1))  # type: ignore[union-attr]
-    url = f"http://127.0.0.1:{port}/healthz"
-    d.wait_for("ready", 30)
-    assert _health(url) == 200
-    d.send_signal(signal.SIGTERM)
-    d.wait_for("Received SIGTERM", 15)
-    seen = []
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        code = _health(url)
-        seen.append(code)
-        if code is None:
-            break
-    assert seen[-1] is None, seen  # the port closed
-    assert 200 not in seen, seen  # never "ok" once the stop began
-    assert d.proc is not None
-    # twistd ends by the signal it was sent (Twisted re-raises it once stopped).
-    assert d.proc.wait(15) in (0, -signal.SIGTERM)
-    d.stop()
+    try:
+        d.launch()
+        port = int(HTTP.search(d.wait_for(HTTP, 30)).group(1))  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}/healthz"
+        d.wait_for("ready", 30)
+        assert _health(url) == 200
+        d.send_signal(signal.SIGTERM)
+        d.wait_for("Received SIGTERM", 15)
+        seen = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            code = _health(url)
+            seen.append(code)
+            if code is None:
+                break
+        assert seen[-1] is None, seen  # the port closed
+        assert 200 not in seen, seen  # never "ok" once the stop began
+        assert d.proc is not None
+        # twistd ends by the signal it was sent (Twisted re-raises it once stopped).
+        assert d.proc.wait(15) in (0, -signal.SIGTERM)
+    finally:
+        d.stop()
 
 
 def _health(url: str) -> int | None:
