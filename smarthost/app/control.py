@@ -1,9 +1,11 @@
 """The control channel between the ``smarthost`` admin tool and the running daemon.
 
 ``smarthost queue flush|delete|hold|release`` ask the daemon, which holds the schedule, to make
-each change itself, so no change races a delivery in flight. The channel is Twisted's AMP over
-the unix socket ``<spool>/control.sock`` (mode 0600, inside the spool directory that only the
-daemon's user may enter): every request and answer is a box of named, typed values.
+each change itself, so no change races a delivery in flight: a hold or release is written by
+the scheduler (:meth:`~smarthost.delivery.scheduler.Scheduler.hold`), which alone knows what an
+attempt in flight is about to save. The channel is Twisted's AMP over the unix socket
+``<spool>/control.sock`` (mode 0600, inside the spool directory that only the daemon's user may
+enter): every request and answer is a box of named, typed values.
 
 **Any spool path length.** A unix socket's address holds at most 107 bytes (``sun_path``), so
 ``bind``/``connect`` on ``<a long spool path>/control.sock`` fail. Both sides therefore name
@@ -32,7 +34,6 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import attrs
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
@@ -46,7 +47,7 @@ from smarthost.app import salvaging
 from smarthost.core.envelope import QueueEntry, QueueId
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.scheduler import Scheduler
-from smarthost.queue.spool import Spool, release_held
+from smarthost.queue.spool import Spool
 
 SOCKET_NAME = "control.sock"
 IDS_PER_CALL = 1000  # queue ids are at most 32 characters: 1,000 of them fill ~34 KB of 64 KB
@@ -133,8 +134,10 @@ def _queue_ids(texts: Sequence[str]) -> list[QueueId]:
         raise BadRequest(str(e)) from None
 
 
-def _with_held(entry: QueueEntry, held: bool) -> QueueEntry:
-    return attrs.evolve(entry, envelope=attrs.evolve(entry.envelope, held=held))
+def owner(entry: QueueEntry) -> str:
+    """Whose mail it is for the brake: the authenticated user, else the client address."""
+    env = entry.envelope
+    return env.user if env.user is not None else env.client_address
 
 
 class ControlCommands(amp.CommandLocator):
@@ -210,14 +213,8 @@ class ControlCommands(amp.CommandLocator):
 
     async def _hold(self, queue_id: QueueId) -> str:
         try:
-            entry = self._spool.load(queue_id)
-        except KeyError:
-            return MISSING
-        if entry.envelope.held:
-            return UNCHANGED
-        self._scheduler.forget(queue_id)
-        try:
-            await self._spool.update(_with_held(entry, True))
+            if not await self._scheduler.hold(queue_id):
+                return UNCHANGED
         except KeyError:
             return MISSING
         self._log.notice("{queue_id}: held by the operator", queue_id=str(queue_id))
@@ -225,26 +222,18 @@ class ControlCommands(amp.CommandLocator):
 
     async def _release(self, queue_id: QueueId) -> str:
         try:
-            entry = self._spool.load(queue_id)
-        except KeyError:
-            return MISSING
-        if not entry.envelope.held:
-            return UNCHANGED
-        entry = _with_held(entry, False)
-        try:
-            await self._spool.update(entry)
+            if not await self._scheduler.release(queue_id):
+                return UNCHANGED
         except KeyError:
             return MISSING
         self._log.notice("{queue_id}: released by the operator", queue_id=str(queue_id))
-        self._scheduler.enqueue(entry)
         return DONE
 
     async def _release_user(self, user: str) -> dict[str, int]:
-        released = await release_held(self._spool, user)
-        for entry in released:
-            self._log.notice("{queue_id}: released by the operator", queue_id=str(entry.queue_id))
-            self._scheduler.enqueue(entry)
-        return {"count": len(released)}
+        # One by one through the scheduler, as by id: one may have been held during an attempt.
+        chosen = [e.queue_id for e in self._spool.entries() if e.envelope.held and owner(e) == user]
+        results = [await self._release(queue_id) for queue_id in chosen]
+        return {"count": results.count(DONE)}
 
 
 class ControlFactory(Factory):

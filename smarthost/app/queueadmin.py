@@ -31,12 +31,6 @@ def status(entry: QueueEntry) -> str:
     return "deferred" if entry.attempts else "queued"
 
 
-def owner(entry: QueueEntry) -> str:
-    """Whose mail it is for the brake: the authenticated user, else the client address."""
-    env = entry.envelope
-    return env.user if env.user is not None else env.client_address
-
-
 @attrs.frozen
 class Selection:
     """Which messages a command means; every given criterion must match. An address
@@ -58,7 +52,7 @@ class Selection:
             return False
         if self.status is not None and status(entry) != self.status:
             return False
-        return self.user is None or owner(entry) == self.user
+        return self.user is None or control.owner(entry) == self.user
 
 
 def _address(text: str) -> str:

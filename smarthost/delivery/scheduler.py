@@ -12,6 +12,9 @@ them, tested in virtual time without a reactor.
 The delivery state is saved before any report is built, and whatever fails afterwards (a
 report, the write itself) is retried on its own without delivering to anyone again: see
 :meth:`Scheduler._run` for what is on disk at each step and the one at-least-once window.
+
+The operator's hold and release go through here too (:meth:`Scheduler.hold`), because only
+the scheduler knows what an attempt in flight is about to write.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class Scheduler:
         self._queued: set[QueueId] = set()  # in a ready queue
         self._active: set[QueueId] = set()
         self._again: set[QueueId] = set()  # flushed while active: try again right after
+        self._held_in_flight: set[QueueId] = set()  # held while active: save held, stop there
         self._seq = itertools.count()
         self._timer: IDelayedCall | None = None
         self._turn = 0
@@ -148,17 +152,89 @@ class Scheduler:
         return count
 
     def forget(self, queue_id: QueueId) -> None:
-        """The message was deleted from the spool: drop it from the schedule."""
+        """The message was deleted from the spool: drop it from the schedule and from memory
+        (an attempt in flight then finds it gone when it saves, and stops there)."""
+        self._unschedule(queue_id)
+        self._held_in_flight.discard(queue_id)
+        self._unsaved.pop(queue_id, None)
+        self._reports.forget(queue_id)
+
+    async def hold(self, queue_id: QueueId) -> bool:
+        """``smarthost queue hold``: keep the message queued but neither tried nor expired
+        until :meth:`release`. False when it is held already; KeyError when not queued.
+
+        The hold is written on the newest entry this daemon knows (results not saved yet
+        included), and an attempt in flight saves its results held and schedules nothing:
+        the hold cannot be undone by a delivery in progress, nor the delivery's results by the
+        hold. Unsaved results and owed reports stay in memory for the message's next run.
+        """
+        entry = self._newest(queue_id)
+        if entry.envelope.held or queue_id in self._held_in_flight:
+            return False
+        self._unschedule(queue_id)
+        if queue_id in self._active:
+            self._held_in_flight.add(queue_id)
+        try:
+            await self._write_hold(entry, held=True)
+        except Exception as e:
+            if not isinstance(e, KeyError):  # not held on disk: deliver it as before
+                self._held_in_flight.discard(queue_id)
+                if queue_id not in self._active:
+                    self._later(entry, entry.next_attempt)
+                    self._arm()
+            raise
+        return True
+
+    async def release(self, queue_id: QueueId) -> bool:
+        """``smarthost queue release``: undo :meth:`hold` (or the brake's hold) and try the
+        message at once. False when it is not held; KeyError when not queued."""
+        entry = self._newest(queue_id)
+        if not (entry.envelope.held or queue_id in self._held_in_flight):
+            return False
+        self._held_in_flight.discard(queue_id)  # an attempt in flight schedules it as usual
+        released = await self._write_hold(entry, held=False)
+        if queue_id not in self._active:
+            self.enqueue(released)
+        return True
+
+    def _newest(self, queue_id: QueueId) -> QueueEntry:
+        """What the next write of this message starts from: its unsaved results, else the
+        disk. KeyError when it is not queued."""
+        return self._unsaved.get(queue_id) or self._spool.load(queue_id)
+
+    async def _write_hold(self, entry: QueueEntry, *, held: bool) -> QueueEntry:
+        """Save ``entry`` held (or not), unsaved results included; on failure memory is left
+        as the disk is."""
+        queue_id = entry.queue_id
+        changed = attrs.evolve(entry, envelope=attrs.evolve(entry.envelope, held=held))
+        if queue_id in self._unsaved:
+            self._unsaved[queue_id] = changed  # any save from now on carries the change
+        try:
+            await self._spool.update(changed)
+        except KeyError:
+            self.forget(queue_id)  # deleted meanwhile
+            raise
+        except Exception:
+            if self._unsaved.get(queue_id) is changed:
+                self._unsaved[queue_id] = entry
+            raise
+        if self._unsaved.get(queue_id) is changed:
+            del self._unsaved[queue_id]  # the results it held are on disk now
+        return changed
+
+    def _unschedule(self, queue_id: QueueId) -> None:
         self._due.pop(queue_id, None)
         self._fresh_entries.pop(queue_id, None)
         self._again.discard(queue_id)
         self._queued.discard(queue_id)
-        self._unsaved.pop(queue_id, None)
-        self._reports.forget(queue_id)
+        if queue_id not in self._active:
+            self._destination.pop(queue_id, None)
 
     # -- the machinery ---------------------------------------------------------------------
 
     def _wait(self, queue_id: QueueId, when: float) -> None:
+        if queue_id in self._held_in_flight:
+            return  # held during this run: release schedules it
         self._due[queue_id] = when
         heapq.heappush(self._heap, (when, next(self._seq), queue_id))
 
@@ -273,6 +349,7 @@ class Scheduler:
 
     def _finished(self, queue_id: QueueId) -> None:
         self._active.discard(queue_id)
+        self._held_in_flight.discard(queue_id)  # its hold is in _unsaved or on disk now
         destination = self._flying.pop(queue_id, "")
         self._in_flight[destination] -= 1
         if self._in_flight[destination] <= 0:
@@ -367,6 +444,8 @@ class Scheduler:
             result = AttemptResult(())
         outcomes = list(result.outcomes)
         after, reports, expired = conclude(entry, outcomes, now, self._policy)
+        if queue_id in self._held_in_flight:  # the operator held it during the attempt
+            after = attrs.evolve(after, envelope=attrs.evolve(after.envelope, held=True))
         self._unsaved[queue_id] = after
         self._reports.owe(queue_id, reports)
         # Remembered from the start of this attempt, so this message's next attempt (one

@@ -174,7 +174,7 @@ def test_a_running_daemon_makes_the_change(
     it and does not touch the spool's lock itself."""
     [a] = queue_many(tmp_path / "var/spool", [("a@example.test", None)])
     spool, _ = Spool.open(tmp_path / "var/spool", clock=Clock(), run_blocking=maybeDeferred)
-    scheduler = FakeScheduler()
+    scheduler = FakeScheduler(spool)
     commands = control.ControlCommands(spool, cast(Scheduler, scheduler), MailLog(Clock()))
 
     def connect(directory: str, timeout: float = 0) -> control.ControlClient:
@@ -185,7 +185,7 @@ def test_a_running_daemon_makes_the_change(
     monkeypatch.setattr(control.ControlClient, "connect", staticmethod(connect))
     assert run(config, "hold", str(a.queue_id)) == 0  # the daemon holds the lock: no SpoolLocked
     assert capsys.readouterr().out.splitlines() == ["held 1"]
-    assert spool.load(a.queue_id).envelope.held and scheduler.forgotten == [a.queue_id]
+    assert spool.load(a.queue_id).envelope.held and scheduler.held == [a.queue_id]
     assert run(config, "flush") == 0
     assert capsys.readouterr().out.splitlines() == ["flushed: 7 messages will be retried now"]
     assert run(config, "delete", "--all") == 0

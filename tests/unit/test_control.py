@@ -26,16 +26,40 @@ from smarthost.delivery.scheduler import Scheduler
 from smarthost.queue.spool import Spool
 
 
-class FakeScheduler:
-    """What the control commands tell the scheduler."""
+def with_held(entry: QueueEntry, held: bool) -> QueueEntry:
+    return attrs.evolve(entry, envelope=attrs.evolve(entry.envelope, held=held))
 
-    def __init__(self) -> None:
+
+class FakeScheduler:
+    """What the control commands tell the scheduler; hold and release write the spool as the
+    real one does when no attempt is in flight (test_hold_in_flight covers the rest)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
         self.forgotten: list[QueueId] = []
+        self.held: list[QueueId] = []
         self.enqueued: list[QueueEntry] = []
         self.flushes = 0
 
     def forget(self, queue_id: QueueId) -> None:
         self.forgotten.append(queue_id)
+
+    async def hold(self, queue_id: QueueId) -> bool:
+        entry = self._spool.load(queue_id)
+        if entry.envelope.held:
+            return False
+        self.held.append(queue_id)
+        await self._spool.update(with_held(entry, True))
+        return True
+
+    async def release(self, queue_id: QueueId) -> bool:
+        entry = self._spool.load(queue_id)
+        if not entry.envelope.held:
+            return False
+        entry = with_held(entry, False)
+        await self._spool.update(entry)
+        self.enqueue(entry)
+        return True
 
     def enqueue(self, entry: QueueEntry) -> None:
         self.enqueued.append(entry)
@@ -99,7 +123,7 @@ def queue(spool: Spool, count: int, sender: str = "a@example.test") -> list[Queu
 @pytest.fixture
 def daemon(tmp_path: Path) -> Daemon:
     spool = make_spool(tmp_path / "spool")
-    scheduler = FakeScheduler()
+    scheduler = FakeScheduler(spool)
     commands = control.ControlCommands(spool, cast(Scheduler, scheduler), MailLog(Clock()))
     wire = Wire(control.ControlFactory(commands).buildProtocol(None))
     client = control.ControlClient(cast(Any, wire))
@@ -129,7 +153,7 @@ def test_hold_then_release_one_message(daemon: Daemon) -> None:
     answer = daemon.client.each_chunk(control.Hold, [str(held)])
     assert answer == {control.DONE: [str(held)], control.UNCHANGED: [], control.MISSING: []}
     assert daemon.spool.load(held).envelope.held and not daemon.spool.load(other).envelope.held
-    assert daemon.scheduler.forgotten == [held]
+    assert daemon.scheduler.held == [held] and daemon.scheduler.forgotten == []
     assert daemon.client.each_chunk(control.Hold, [str(held)])[control.UNCHANGED] == [str(held)]
 
     assert daemon.client.each_chunk(control.ReleaseIds, [str(other)])[control.UNCHANGED] == [
@@ -163,5 +187,7 @@ def test_flush_and_release_user(daemon: Daemon) -> None:
     entry = daemon.spool.load(queued)
     daemon.spool.update(attrs.evolve(entry, envelope=attrs.evolve(
         entry.envelope, held=True, client_address="192.0.2.9")))
+    [other] = queue(daemon.spool, 1)  # held, for someone else
+    daemon.spool.update(with_held(daemon.spool.load(other), True))
     assert daemon.client.call(control.Release, user="192.0.2.9") == {"count": 1}
     assert [e.queue_id for e in daemon.scheduler.enqueued] == [queued]
