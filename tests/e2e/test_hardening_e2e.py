@@ -31,6 +31,8 @@ hostname = "mx.smarthost.test"
 submission = ["tcp:0:interface=127.0.0.1"]
 submissions = ["tcp:0:interface=127.0.0.1"]
 smtp = ["haproxy:tcp:0:interface=127.0.0.1"]
+[http]
+listen = ["tcp:0:interface=127.0.0.1"]
 [relay]
 local_domains = ["example.test"]
 [delivery]
