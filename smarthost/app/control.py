@@ -236,6 +236,18 @@ class ControlCommands(amp.CommandLocator):
         return {"count": results.count(DONE)}
 
 
+class _QuietAMP(amp.AMP):
+    """AMP without its info line per connection: every admin command is one, and the
+    operator log is for mail."""
+
+    def makeConnection(self, transport: Any) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)  # type: ignore[no-untyped-call]
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        amp.BinaryBoxProtocol.connectionLost(self, reason)  # type: ignore[no-untyped-call]
+        self.transport = None
+
+
 class ControlFactory(Factory):
     """One AMP connection per admin command, answered by ``commands``."""
 
@@ -243,7 +255,7 @@ class ControlFactory(Factory):
         self._commands = commands
 
     def buildProtocol(self, addr: IAddress | None) -> amp.AMP:
-        protocol = amp.AMP(locator=self._commands)  # type: ignore[no-untyped-call]
+        protocol = _QuietAMP(locator=self._commands)  # type: ignore[no-untyped-call]
         protocol.factory = self
         return protocol
 

@@ -31,6 +31,7 @@ from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
 from smarthost.app import control, credfactory, directory, http, servertls, tlscert
+from smarthost.app.checks import FD_RESERVE
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.live import Generation, Live, LiveServerTLS, LiveSessionFactory
 from smarthost.app.logfiles import LogReopener, observer_for
@@ -67,7 +68,7 @@ from smarthost.delivery.smtpagent import SMTPDelivery
 from smarthost.queue.spool import Spool
 from smarthost.smtpd import listen
 from smarthost.smtpd.hooks import Hooks
-from smarthost.smtpd.limits import Limits, LimitSettings
+from smarthost.smtpd.limits import Limits, LimitSettings, raise_nofile_limit
 from smarthost.smtpd.policy import RelayPolicy
 from smarthost.smtpd.session import Session, SessionSettings
 
@@ -118,6 +119,15 @@ def make_service(
     maillog = MailLog(reactor, events)
     # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
     globalLogPublisher.addObserver(cast(ILogObserver, maillog.forward))
+    # Every connection is a descriptor: [limits] connections, not EMFILE at accept(), must be
+    # what refuses clients (check-config warns where the hard limit is too low).
+    open_files, _ = raise_nofile_limit()
+    if open_files < config.limits.connections + FD_RESERVE:
+        maillog.warning(
+            "limits.connections: {connections} connections do not fit in the open-files limit "
+            "{limit} (ulimit -n; LimitNOFILE= under systemd)",
+            connections=config.limits.connections, limit=open_files,
+        )
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
