@@ -32,7 +32,7 @@ class PTRZone(Zone):
         reverse = ipaddress.ip_address(address).reverse_pointer
         # The zone's table of records: (type, payload) pairs by lower-case owner name.
         self._records.setdefault(reverse, []).append(
-            (dns.PTR, dns.Record_PTR(name.encode("ascii"), ttl=TTL)))  # type: ignore[no-untyped-call]
+            (dns.PTR, dns.Record_PTR(name.encode("ascii"), ttl=TTL)))
         return self
 
 
@@ -63,7 +63,7 @@ class _Controller(Controller):
         # Port 0: learn the chosen port before aiosmtpd's readiness probe connects to it.
         server = cast(asyncio.Server, self.server)
         self.port = server.sockets[0].getsockname()[1]
-        super()._trigger_server()  # type: ignore[no-untyped-call]
+        super()._trigger_server()
 
 
 def accept_anyone(server: Any, session: Any, envelope: Any, mechanism: str, data: Any

@@ -91,9 +91,7 @@ class Courier:
         mta_sts = self._policies_apply(entry, open_body)
         for domain, recipients in by_domain.items():
             try:
-                # The default is left unsaid, so a resolver that knows no policies will do.
-                route = await (self._resolve(domain) if mta_sts
-                               else self._resolve(domain, mta_sts=False))
+                route = await self._resolve(domain, mta_sts=mta_sts)
             except RouteError as e:
                 result = BOUNCED if isinstance(e, PermanentRouteError) else DEFERRED
                 outcomes += [Outcome(r, result, e.reply, "", e.status) for r in recipients]

@@ -268,7 +268,8 @@ class SuspensionTests(DeliveryTestCase):
         hosts recorded as the scheduler records them."""
         started = self.reactor.seconds()
         route = Route(SMTP, hosts=tuple(hosts))
-        courier = Courier(lambda domain: succeed(route), self.delivery, no_maildir, self.hosts)
+        courier = Courier(lambda domain, *, mta_sts=True: succeed(route), self.delivery,
+                          no_maildir, self.hosts)
         envelope = Envelope("sender@example.test", tuple(recipients))
         entry = QueueEntry.new(QueueId.new(started), envelope, len(BODY))
         result = await courier.attempt(entry, lambda: io.BytesIO(BODY))

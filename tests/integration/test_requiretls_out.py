@@ -16,6 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from chunkmx import ChunkMX
 from smarthost.app.tlscert import KeyPair, issue
+from smarthost.core.enums import TLSPolicy
 from smarthost.core.envelope import BOUNCED, DELIVERED, Envelope, Recipient
 from smarthost.delivery.routing import SMTP, Host, Route
 from smarthost.delivery.smtpagent import HopResult, SMTPDelivery, Timeouts
@@ -52,7 +53,7 @@ class RequireTLSTests(TestCase):
     def send(self, mx: ChunkMX, tls: str) -> Deferred[HopResult]:
         delivery = SMTPDelivery(reactor, "client.test", timeouts=FAST, reuse=None,
                                 trust_root=self.root)
-        route = Route(SMTP, hosts=(Host("mx.test", "127.0.0.1", mx.port),), tls=tls)
+        route = Route(SMTP, hosts=(Host("mx.test", "127.0.0.1", mx.port),), tls=TLSPolicy(tls))
         envelope = Envelope("sender@example.test", (ALICE,), requiretls=True)
         return Deferred.fromCoroutine(delivery.deliver(
             route, envelope, [ALICE], lambda: io.BytesIO(BODY), len(BODY)))

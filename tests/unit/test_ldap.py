@@ -66,7 +66,7 @@ class Answers:
     def __init__(self, answer: Exception | bytes) -> None:
         self.answer, self.asked = answer, 0
 
-    def requestAvatarId(self, credentials: Any) -> Deferred[bytes]:
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
         self.asked += 1
         return fail(self.answer) if isinstance(self.answer, Exception) else succeed(self.answer)
 

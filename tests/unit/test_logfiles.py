@@ -42,7 +42,7 @@ def test_the_file_twistd_would_open(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_twistd_gets_the_observer_through_its_application(tmp_path: Path) -> None:
     log_file: Any = twistd_log_file({"nodaemon": True, "logfile": str(tmp_path / "a.log")})
     observer = observer_for(log_file)
-    application = Application("smarthost")  # type: ignore[no-untyped-call]
+    application = Application("smarthost")
     DaemonService(observer).setServiceParent(application)
     assert application.getComponent(ILogObserver) is observer
     assert log_file is not None

@@ -3,7 +3,7 @@ config leaves the running one, and the live adapters read the current generation
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from smarthost.auth.users import UsersFile
 from smarthost.core.enums import Role
 from smarthost.core.errors import ConfigError
 from smarthost.core.maillog import MailLog
-from smarthost.delivery.routing import Route
+from smarthost.delivery.courier import Resolve
 from smarthost.smtpd.limits import Limits, LimitSettings
 
 BASE = """
@@ -46,7 +46,7 @@ class Recorder(SystemdNotify):
 
 
 def generation(cfg: Config, certificate: str = "CN=old", role_factory: Factory | None = None,
-               resolve: Callable[[str], Deferred[Route]] | None = None) -> Generation:
+               resolve: Resolve | None = None) -> Generation:
     return Generation(
         config=cfg,
         factories={Role.SMTP: role_factory or Factory()},
@@ -54,7 +54,7 @@ def generation(cfg: Config, certificate: str = "CN=old", role_factory: Factory |
         certificate=certificate,
         users=UsersFile("/nonexistent/users"),
         limits=Limits(Clock(), LimitSettings()),
-        resolve=resolve or (lambda domain: Deferred()),
+        resolve=resolve or (lambda domain, *, mta_sts=True: Deferred()),
         observe=lambda entry, outcome: None,
         dns=None,
     )
@@ -184,7 +184,7 @@ def test_new_connections_and_deliveries_use_the_current_generation() -> None:
     factory = LiveSessionFactory(live, Role.SMTP)
     factory.buildProtocol(None)
     live.swap(generation(config(), role_factory=Named("second"),
-                         resolve=lambda domain: succeed(route)))
+                         resolve=lambda domain, *, mta_sts=True: succeed(route)))
     factory.buildProtocol(None)
     assert built == ["first", "second"]
     results: list[object] = []

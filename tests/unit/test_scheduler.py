@@ -585,7 +585,7 @@ class FailedHostTests(SchedulerTestCase):
         mx = RefusingMX(self.clock)
         route = Route(SMTP, hosts=(Host("mx.remote.test", "192.0.2.1", 25),))
         hosts = HostCache(self.clock, first_retry=policy.delay(1))
-        courier = Courier(lambda domain: succeed(route), mx, FakeMaildir, hosts)
+        courier = Courier(lambda domain, *, mta_sts=True: succeed(route), mx, FakeMaildir, hosts)
         self.scheduler = self.make_scheduler(policy, attempt=courier.attempt, hosts=hosts)
         return mx
 
@@ -893,7 +893,7 @@ class CourierTests(SynchronousTestCase):
         self.resolved: list[str] = []
         self.smtp = FakeSMTP()
 
-    def resolve(self, domain: str) -> Deferred[Route]:
+    def resolve(self, domain: str, *, mta_sts: bool = True) -> Deferred[Route]:
         self.resolved.append(domain)
         route = self.routes[domain]
         if isinstance(route, Exception):

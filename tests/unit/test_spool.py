@@ -35,6 +35,7 @@ from smarthost.queue import incoming as incoming_module
 from smarthost.queue import index as spoolindex
 from smarthost.queue import segment as spoolfile
 from smarthost.queue import writer as spoolwriter
+from smarthost.queue.incoming import IncomingMessage
 from smarthost.queue.recovery import RecoveryReport
 from smarthost.queue.segment import (
     MAGIC,
@@ -46,7 +47,7 @@ from smarthost.queue.segment import (
     Record,
     scan,
 )
-from smarthost.queue.spool import IncomingMessage, Spool
+from smarthost.queue.spool import Spool
 
 
 def run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
