@@ -73,6 +73,7 @@ class RelayConfig:
     trusted_networks: tuple[Network, ...] = ()
     senders: Mapping[str, frozenset[str]] = attrs.field(factory=dict)
     local_recipients: Path | None = None
+    check_header_from: bool = True  # From:/Sender: addresses must be the user's own
 
 
 @attrs.frozen
@@ -355,6 +356,7 @@ class _Loader:
             trusted_networks=tuple(networks),
             senders=senders,
             local_recipients=self._base / local_recipients if local_recipients else None,
+            check_header_from=t.get("check_header_from", bool, True),
         )
         t.check_unknown()
         return result

@@ -344,7 +344,8 @@ def _relay_policy(config: Config, senders: Mapping[str, frozenset[str]]) -> Rela
     if relay.local_recipients is not None:
         local_recipients = LocalRecipients(relay.local_recipients)
     return RelayPolicy(
-        relay.local_domains, relay.trusted_networks, senders, local_recipients
+        relay.local_domains, relay.trusted_networks, senders, local_recipients,
+        check_header_from=relay.check_header_from,
     )
 
 

@@ -14,6 +14,7 @@ from smarthost.core import replies as reply
 from smarthost.core.envelope import Address, Client
 from smarthost.core.replies import USER_UNKNOWN, Reply
 from smarthost.core.types import Network
+from smarthost.smtpd.headerfrom import HeaderError, claimed_senders
 
 SMTP_ROLE = "smtp"
 
@@ -25,8 +26,11 @@ class RelayPolicy:
         trusted_networks: tuple[Network, ...],
         senders: Mapping[str, frozenset[str]],
         local_recipients: Container[str] | None = None,
+        *,
+        check_header_from: bool = True,
     ) -> None:
         self._local_domains = local_domains
+        self._check_header_from = check_header_from
         self._trusted = trusted_networks
         self._senders = senders
         self._local_recipients = local_recipients
@@ -69,6 +73,25 @@ class RelayPolicy:
         # "@domain" entries allow every address of that domain (like Postfix's
         # smtpd_sender_login_maps with a domain key).
         return wanted in allowed or f"@{sender.domain_key}" in allowed
+
+    def check_header_from(self, client: Client, header_section: bytes | None) -> Reply | None:
+        """An authenticated user may only put addresses it owns in ``From:`` and ``Sender:``
+        (SPEC ``[relay] check_header_from``), by the same rule as the envelope sender: the
+        reader sees these, so owning the envelope alone would still let a user forge its boss.
+        ``header_section`` None: the section was too long to keep, so it cannot be checked."""
+        if not self._check_header_from or client.user is None:
+            return None
+        if header_section is None:
+            return reply.HEADER_FROM_INVALID
+        try:
+            claimed = claimed_senders(header_section)
+        except HeaderError:
+            return reply.HEADER_FROM_INVALID
+        for text in claimed:
+            local, _, domain = text.rpartition("@")
+            if not self.owns(client.user, Address(local, domain)):
+                return reply.HEADER_FROM_NOT_OWNED
+        return None
 
     def check_recipient(self, client: Client, recipient: Address) -> Reply | None:
         """The relay rule, in order: local domain; never relay on the MX listener;

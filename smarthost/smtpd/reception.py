@@ -22,6 +22,9 @@ from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits
 from smarthost.smtpd.policy import RelayPolicy
 
+# The header section kept for the From: check and plugins; one this long is not read.
+HEADER_LIMIT = 256 * 1024
+
 
 class Reception:
     def __init__(
@@ -35,7 +38,9 @@ class Reception:
         self.incoming = incoming
         self._log = log
         self._reader = DataReader(self._write, max_size)
-        self._headers = HeaderCapture() if capture_headers else None
+        # Always kept (it stops at the end of the header section): the From: check reads it.
+        self._headers = HeaderCapture(HEADER_LIMIT)
+        self._plugins_see_headers = capture_headers
         self._write_failed = False
 
     def feed(self, data: bytes) -> DataResult | None:
@@ -54,15 +59,20 @@ class Reception:
 
     def view(self, envelope: Envelope, size: int) -> MessageView | None:
         """What DATA-stage plugins see; None when no plugin asked (nothing was captured)."""
-        if self._headers is None:
+        if not self._plugins_see_headers:
             return None
         return MessageView(envelope, self._headers.value, size, self.incoming.read)
+
+    @property
+    def header_section(self) -> bytes | None:
+        """The message's header section; None when it was too long to keep whole."""
+        value = self._headers.value
+        return None if len(value) >= HEADER_LIMIT else value
 
     def _write(self, data: bytes) -> None:
         if self._write_failed:
             return
-        if self._headers is not None:
-            self._headers.feed(data)
+        self._headers.feed(data)
         try:
             self.incoming.write(data)
         except OSError as e:
@@ -87,8 +97,9 @@ def storage_error(log: MailLog, queue_id: str, error: OSError) -> None:
 
 
 class Intake:
-    """Takes a complete message in: the DATA-stage plugins, the hold brake, the spool's commit
-    point, the log line, then the hand-over to delivery (``accepted``)."""
+    """Takes a complete message in: the From: ownership check, the DATA-stage plugins, the
+    hold brake, the spool's commit point, the log line, then the hand-over to delivery
+    (``accepted``)."""
 
     def __init__(
         self,
@@ -109,6 +120,11 @@ class Intake:
         rate_key: str | None,
     ) -> Reply:
         """``rate_key``: whose hourly sending rate the message counts against, if anyone's."""
+        refusal = self._policy.check_header_from(client, reception.header_section)
+        if refusal is not None:
+            reception.abort()
+            self._log.refused(client.address, "DATA", envelope.sender, str(refusal))
+            return refusal
         view = reception.view(envelope, size)
         if view is not None:
             refusal = await self._hooks.screen(client, view, reception.incoming.prepend)
