@@ -76,7 +76,10 @@ def signer(tmp_path: Path, pem: bytes, **settings: Any) -> list[tuple[str, objec
 def submit(tmp_path: Path, plugins: list[tuple[str, object]], *, login: bool = True,
            sender: str = "alice@example.test", message: str = MESSAGE,
            trusted: tuple[str, ...] = ()) -> bytes:
-    session = PluginSession(tmp_path / "session", plugins, trusted=trusted)
+    # alice may also write as alice@partner.test, so a message "from" another domain reaches
+    # the DKIM stage (the From: ownership check would refuse it otherwise).
+    session = PluginSession(tmp_path / "session", plugins, trusted=trusted,
+                            senders={"alice@example.test": frozenset({"alice@partner.test"})})
     if login:
         session.login()
     else:
