@@ -15,6 +15,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
@@ -169,3 +171,25 @@ def client_tls() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+@contextmanager
+def dns_server(zone_text: str, directory: Path) -> Iterator[int]:
+    """``zone_text`` served by tests/dnsserver.py in its own process; yields its UDP/TCP port
+    on 127.0.0.1 (point ``[delivery] nameservers`` at it)."""
+    zone = directory / "zone.txt"
+    zone.write_text(zone_text)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("dnsserver.py")), "--zone", str(zone),
+         "--port", "0"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(30), "the DNS server printed no port"
+        yield int(proc.stdout.readline())
+    finally:
+        proc.terminate()
+        proc.wait(15)

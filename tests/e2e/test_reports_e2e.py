@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import email
 import re
-import selectors
 import smtplib
-import subprocess
-import sys
 from collections.abc import Iterator
 from email import policy
 from pathlib import Path
 
 import pytest
 
-from daemon import Daemon
+from daemon import Daemon, dns_server
 from mxpeer import MXPeer
 from smarthost.delivery.maildir import mailbox_path
 
@@ -46,22 +43,8 @@ MESSAGE = (
 @pytest.fixture(scope="module")
 def dns(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     """The zone above, served by tests/dnsserver.py in its own process; yields its port."""
-    zone = tmp_path_factory.mktemp("dns") / "zone.txt"
-    zone.write_text(ZONE)
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parents[1] / "dnsserver.py"), "--zone", str(zone),
-         "--port", "0"],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            assert sel.select(30), "the DNS server printed no port"
-        yield int(proc.stdout.readline())
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    with dns_server(ZONE, tmp_path_factory.mktemp("dns")) as port:
+        yield port
 
 
 @pytest.fixture
