@@ -13,7 +13,6 @@ once there is space (the spool on a 4 MiB tmpfs, which needs root).
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import smtplib
 import socket
@@ -27,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from daemon import Daemon
-from smarthost.app import admin, salvaging, services
+from smarthost.app import salvaging
 from smarthost.queue.salvage import salvage
 from smarthost.queue.segment import MESSAGE, Record, scan
 from smarthost.queue.spool import Spool
@@ -84,16 +83,6 @@ def _queued(daemon: Daemon) -> list[str]:
     return [line.split()[0] for line in result.stdout.splitlines() if not line.startswith("--")]
 
 
-def _wired() -> str | None:
-    """Why the operator-facing half cannot run yet, if it cannot (the coordinator adds it)."""
-    if "log_recovery" not in services.QueueService._start_queue.__code__.co_names:
-        return "QueueService._start_queue does not call recoverylog.log_recovery yet"
-    with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
-        admin.parser().parse_args(["queue", "salvage"])
-        return None
-    return "the admin tool has no `queue salvage` subcommand yet"
-
-
 @pytest.fixture
 def damaged(tmp_path: Path) -> Iterator[tuple[Daemon, list[str]]]:
     """Three messages answered 250, the daemon stopped, one bit of the second one's header
@@ -142,7 +131,6 @@ def test_a_flipped_bit_keeps_the_rest_and_the_message_comes_back(
     assert _queued(daemon) == ids
 
 
-@pytest.mark.skipif(_wired() is not None, reason=str(_wired()))
 def test_the_daemon_names_what_it_lost_and_salvages_it(
     damaged: tuple[Daemon, list[str]]
 ) -> None:
