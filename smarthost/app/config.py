@@ -12,17 +12,16 @@ import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 
+from smarthost.app.configtable import Table
 from smarthost.core.enums import TLSPolicy
 from smarthost.core.errors import ConfigError
 from smarthost.core.types import Network
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
-
-T = TypeVar("T")
 
 
 @attrs.frozen
@@ -153,77 +152,19 @@ class Config:
 _DEFAULT_TRUSTED = ("127.0.0.1/32", "::1/128")
 
 
-class _Table:
-    """One TOML table being read: hands out typed values and remembers which keys were used,
-    so that whatever is left over can be reported as unknown."""
-
-    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ConfigError(prefix, "must be a table")
-        self._data = data
-        self._prefix = prefix
-        self._used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self._prefix}.{name}" if self._prefix else name
-
-    def get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
-        self._used.add(name)
-        if name not in self._data:
-            return default
-        value = self._data[name]
-        # bool is an int in Python; a port of `true` is still a mistake.
-        if isinstance(value, bool) and kind is not bool:
-            raise ConfigError(self.key(name), f"expected {_kind_name(kind)}, got a boolean")
-        if not isinstance(value, kind):
-            raise ConfigError(
-                self.key(name), f"expected {_kind_name(kind)}, got {type(value).__name__}"
-            )
-        return value  # type: ignore[return-value]
-
-    def strings(self, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        value = self.get(name, list, list(default))
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                raise ConfigError(f"{self.key(name)}[{i}]", "expected a string")
-        return tuple(value)
-
-    def integer(self, name: str, default: int, minimum: int = 0) -> int:
-        value = self.get(name, int, default)
-        if value < minimum:
-            raise ConfigError(self.key(name), f"must be at least {minimum}")
-        return value
-
-    def table(self, name: str) -> _Table:
-        self._used.add(name)
-        return _Table(self._data.get(name, {}), self.key(name))
-
-    def check_unknown(self, allowed_tables: tuple[str, ...] = ()) -> None:
-        for name in self._data:
-            if name not in self._used and name not in allowed_tables:
-                raise ConfigError(self.key(name), "unknown key")
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
-    if isinstance(kind, tuple):
-        return " or ".join(names.get(k, k.__name__) for k in kind)
-    return names.get(kind, kind.__name__)
-
-
 class _Loader:
     def __init__(self, base_dir: Path, validate_mechanism: Callable[[str], None] | None) -> None:
         self._base = base_dir
         self._validate_mechanism = validate_mechanism
 
-    def path(self, table: _Table, name: str, default: str) -> Path:
+    def path(self, table: Table, name: str, default: str) -> Path:
         value = table.get(name, str, default)
         if not value:
             raise ConfigError(table.key(name), "must not be empty")
         return self._base / value
 
     def load(self, data: Mapping[str, Any]) -> Config:
-        top = _Table(data, "")
+        top = Table(data, "")
         hostname = top.get("hostname", str, "") or socket.getfqdn()
         _check_hostname(hostname)
         config = Config(
@@ -243,7 +184,7 @@ class _Loader:
         top.check_unknown()
         return config
 
-    def listen(self, t: _Table) -> ListenConfig:
+    def listen(self, t: Table) -> ListenConfig:
         d = ListenConfig()
         result = ListenConfig(
             submission=t.strings("submission", d.submission),
@@ -253,7 +194,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def tls(self, t: _Table) -> TLSConfig:
+    def tls(self, t: Table) -> TLSConfig:
         from smarthost.smtpd.tlsprofile import PROFILES
 
         profile = t.get("profile", str, "intermediate")
@@ -269,7 +210,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def auth(self, t: _Table) -> AuthConfig:
+    def auth(self, t: Table) -> AuthConfig:
         mechanisms = tuple(m.upper() for m in t.strings("mechanisms", ("PLAIN", "LOGIN")))
         for i, name in enumerate(mechanisms):
             if self._validate_mechanism is not None:
@@ -302,7 +243,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def ldap(self, t: _Table) -> LdapConfig:
+    def ldap(self, t: Table) -> LdapConfig:
         from smarthost.auth.ldap import url_problem
 
         d = LdapConfig(url="", base="", bind_dn="", bind_password_file=Path())
@@ -328,7 +269,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def relay(self, t: _Table) -> RelayConfig:
+    def relay(self, t: Table) -> RelayConfig:
         domains = []
         for i, domain in enumerate(t.strings("local_domains", ())):
             key = f"relay.local_domains[{i}]"
@@ -361,7 +302,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def queue(self, t: _Table) -> QueueConfig:
+    def queue(self, t: Table) -> QueueConfig:
         d = QueueConfig(directory=Path())
         retry = t.get("retry", list, list(d.retry))
         if not retry:
@@ -379,7 +320,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def delivery(self, t: _Table) -> DeliveryConfig:
+    def delivery(self, t: Table) -> DeliveryConfig:
         from smarthost.delivery.dns import parse_nameserver
 
         port = t.integer("port", 25, minimum=1)
@@ -455,18 +396,18 @@ class _Loader:
             raise ConfigError(key, "only [delivery] local may be a maildir")
         return text
 
-    def log(self, t: _Table) -> LogConfig:
+    def log(self, t: Table) -> LogConfig:
         events = t.get("events", str, "")
         result = LogConfig(events=self._base / events if events else None)
         t.check_unknown()
         return result
 
-    def http(self, t: _Table) -> HTTPConfig:
+    def http(self, t: Table) -> HTTPConfig:
         result = HTTPConfig(listen=t.strings("listen", HTTPConfig().listen))
         t.check_unknown()
         return result
 
-    def limits(self, t: _Table) -> LimitsConfig:
+    def limits(self, t: Table) -> LimitsConfig:
         d = LimitsConfig()
         result = LimitsConfig(
             **{
@@ -479,7 +420,7 @@ class _Loader:
         t.check_unknown()
         return result
 
-    def plugins(self, t: _Table) -> PluginsConfig:
+    def plugins(self, t: Table) -> PluginsConfig:
         enabled = t.strings("enabled", ())
         settings = {}
         for name in list(t._data):
