@@ -13,8 +13,9 @@ import secrets
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
+
+from serverproc import stop_process, wait_listening
 
 KRB5KDC = shutil.which("krb5kdc") or "/usr/sbin/krb5kdc"
 KDB5_UTIL = shutil.which("kdb5_util") or "/usr/sbin/kdb5_util"
@@ -120,26 +121,14 @@ class KDC:
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                out = (self.directory / "krb5kdc.out").read_text(errors="replace")
-                raise RuntimeError(f"krb5kdc exited: {out[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)  # krb5kdc has no readiness signal; bounded by the deadline
-        raise RuntimeError("krb5kdc did not listen in time")
+        wait_listening(
+            self.proc, self.port, "krb5kdc",
+            lambda: (self.directory / "krb5kdc.out").read_text(errors="replace"), timeout,
+        )
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:

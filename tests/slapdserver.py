@@ -11,9 +11,9 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
+from serverproc import stop_process, wait_listening
 from smarthost.app import tlscert
 
 SLAPD = shutil.which("slapd") or "/usr/sbin/slapd"
@@ -116,25 +116,11 @@ class Slapd:
             stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"slapd exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.05)  # slapd has no readiness signal; bounded by the deadline
-        raise RuntimeError("slapd did not listen in time")
+        wait_listening(self.proc, self.port, "slapd", self.log, timeout)
+        return self
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
         self.proc = None
 
     def log(self) -> str:
