@@ -24,13 +24,17 @@ $(SSLYZE):
 	$(PY) -m venv .venv-sslyze
 	.venv-sslyze/bin/pip install -q sslyze
 
-# Real third-party clients for the end-to-end tests (Debian packages).
+# Real third-party clients and peers for the end-to-end tests (Debian packages). Postfix is
+# installed with "No configuration": the tests run private instances of it, as does bench/.
+TEST_PACKAGES := swaks msmtp apache2-utils fail2ban chromium slapd ldap-utils krb5-kdc \
+	krb5-admin-server krb5-user libkrb5-dev postfix redis-server haproxy
 test-deps:
-	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null || ! command -v htpasswd >/dev/null || ! command -v fail2ban-regex >/dev/null || ! command -v chromium >/dev/null || ! [ -x /usr/sbin/slapd ] || ! [ -x /usr/sbin/krb5kdc ] || ! command -v krb5-config >/dev/null; then \
+	@if ! command -v swaks >/dev/null || ! command -v msmtp >/dev/null || ! command -v htpasswd >/dev/null || ! command -v fail2ban-regex >/dev/null || ! command -v chromium >/dev/null || ! [ -x /usr/sbin/slapd ] || ! [ -x /usr/sbin/krb5kdc ] || ! command -v krb5-config >/dev/null || ! [ -x /usr/sbin/postfix ] || ! command -v redis-server >/dev/null || ! command -v haproxy >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq swaks msmtp apache2-utils fail2ban chromium slapd ldap-utils krb5-kdc krb5-admin-server krb5-user libkrb5-dev >/dev/null; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_PACKAGES) >/dev/null; \
 	  else \
-	    echo "needed: sudo apt-get install swaks msmtp apache2-utils fail2ban chromium slapd ldap-utils krb5-kdc krb5-admin-server krb5-user libkrb5-dev" >&2; exit 1; \
+	    echo "needed: sudo apt-get install $(TEST_PACKAGES)" >&2; exit 1; \
 	  fi; \
 	fi
 

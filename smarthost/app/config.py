@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,16 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class ServerConfig:
+    workers: int = 1  # processes serving the listeners; 0 = one per CPU core
+
+
+@attrs.frozen
+class FleetConfig:
+    redis: str = ""  # "redis://host:port/db": limits counted across every node and worker
+
+
+@attrs.frozen
 class PluginsConfig:
     enabled: tuple[str, ...] = ()
     settings: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
@@ -147,7 +158,11 @@ class Config:
     limits: LimitsConfig
     plugins: PluginsConfig
     http: HTTPConfig = attrs.field(factory=HTTPConfig)
+    server: ServerConfig = attrs.field(factory=ServerConfig)
+    fleet: FleetConfig = attrs.field(factory=FleetConfig)
 
+
+MAX_WORKERS = 64
 
 _DEFAULT_TRUSTED = ("127.0.0.1/32", "::1/128")
 
@@ -180,6 +195,8 @@ class _Loader:
             limits=self.limits(top.table("limits")),
             plugins=self.plugins(top.table("plugins")),
             http=self.http(top.table("http")),
+            server=self.server(top.table("server")),
+            fleet=self.fleet(top.table("fleet")),
         )
         top.check_unknown()
         return config
@@ -407,6 +424,20 @@ class _Loader:
         t.check_unknown()
         return result
 
+    def server(self, t: Table) -> ServerConfig:
+        result = ServerConfig(workers=t.integer("workers", ServerConfig().workers))
+        if result.workers > MAX_WORKERS:
+            raise ConfigError("server.workers", f"must be at most {MAX_WORKERS}")
+        t.check_unknown()
+        return result
+
+    def fleet(self, t: Table) -> FleetConfig:
+        result = FleetConfig(redis=t.get("redis", str, ""))
+        if result.redis:
+            _check_redis_url(result.redis)
+        t.check_unknown()
+        return result
+
     def limits(self, t: Table) -> LimitsConfig:
         d = LimitsConfig()
         result = LimitsConfig(
@@ -427,6 +458,19 @@ class _Loader:
             if name != "enabled":
                 settings[name] = dict(t.table(name)._data)
         return PluginsConfig(enabled=enabled, settings=settings)
+
+
+def _check_redis_url(url: str) -> None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "redis" or not parts.hostname:
+        raise ConfigError("fleet.redis", f"{url!r} is not a redis://host[:port][/db] URL")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"database {db!r} is not a number")
+    except ValueError as e:
+        raise ConfigError("fleet.redis", f"{url!r}: {e}") from None
 
 
 def _check_hostname(hostname: str) -> None:

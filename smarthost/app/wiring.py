@@ -30,7 +30,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
-from smarthost.app import control, credfactory, directory, http, servertls, tlscert
+from smarthost.app import control, credfactory, directory, fleet, http, servertls, tlscert
 from smarthost.app.checks import FD_RESERVE
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.live import Generation, Live, LiveServerTLS, LiveSessionFactory
@@ -289,12 +289,7 @@ def build_parts(
 
 
 def _limits(config: Config, reactor: Any, previous: Generation | None) -> Limits:
-    """The counters carry over a reload that leaves ``[limits]`` alone. New numbers mean new
-    counters (the connections already open count against the old ones until they close)."""
-    settings = limit_settings(config)
-    if previous is not None and previous.limits.settings == settings:
-        return previous.limits
-    return Limits(reactor, settings)
+    return fleet.make_limits(config, limit_settings(config), reactor, previous)
 
 
 def _server_tls(config: Config, maillog: MailLog) -> tuple[ssl.CertificateOptions, str]:
