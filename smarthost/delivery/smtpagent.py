@@ -429,34 +429,8 @@ class SMTPDelivery:
             if chunking:
                 reply = await self._chunks(conn, open_body, pipelining)
                 conn.between_transactions = True
-                for i in accepted:
-                    decided[i] = outcome(recipients[i], reply)
-                return _done(decided)
-            if not pipelining:
-                conn.send("DATA")
-            reply = await conn.read_reply(t.data_init, "DATA")
-            if reply.code != 354:
-                if accepted:
-                    if reply.positive:  # a 2xx to DATA is nonsense; do not call it delivered
-                        conn.reusable = False
-                        raise HostError(f"{host} answered DATA with {reply.text}")
-                    for i in accepted:
-                        decided[i] = outcome(recipients[i], reply)
-                return _done(decided)
-            conn.in_data = True
-            if not accepted:
-                # RFC 2920 3.1: DATA was accepted although every RCPT failed; end it empty.
-                conn.in_data = False
-                conn.send(".")
-                return _done(decided)
-            try:
-                with open_body() as body:
-                    await conn.send_body(body, t.data_block)
-            except OSError as e:
-                conn.abort()  # never end a message we could not read in full
-                raise HostError(f"cannot read the queued message: {e}", "4.3.0") from None
-            reply = await conn.read_reply(t.data_end, "end of data")
-            conn.between_transactions = True
+            else:
+                reply = await self._data(conn, host, open_body, pipelining, bool(accepted))
             for i in accepted:
                 decided[i] = outcome(recipients[i], reply)
         except HostError as e:
@@ -465,6 +439,39 @@ class SMTPDelivery:
                     decided[i] = Outcome(recipient, DEFERRED, e.reason, remote, e.status)
         return _done(decided)
 
+    async def _data(
+        self,
+        conn: ClientConnection,
+        host: Host,
+        open_body: Callable[[], BinaryIO],
+        pipelining: bool,
+        any_accepted: bool,
+    ) -> ServerReply:
+        """DATA, the body and its end; the reply that decides the accepted recipients (with
+        none accepted, nobody is decided by it). Pipelined, DATA went out with MAIL."""
+        t = self._timeouts
+        if not pipelining:
+            conn.send("DATA")
+        reply = await conn.read_reply(t.data_init, "DATA")
+        if reply.code != 354:
+            if any_accepted and reply.positive:  # a 2xx to DATA is nonsense: not delivered
+                conn.reusable = False
+                raise HostError(f"{host} answered DATA with {reply.text}")
+            return reply
+        if not any_accepted:
+            # RFC 2920 3.1: DATA was accepted although every RCPT failed; end it empty.
+            conn.send(".")
+            return reply
+        conn.in_data = True
+        try:
+            with open_body() as body:
+                await conn.send_body(body, t.data_block)
+        except OSError as e:
+            conn.abort()  # never end a message we could not read in full
+            raise HostError(f"cannot read the queued message: {e}", "4.3.0") from None
+        reply = await conn.read_reply(t.data_end, "end of data")
+        conn.between_transactions = True
+        return reply
 
     async def _chunks(
         self, conn: ClientConnection, open_body: Callable[[], BinaryIO], pipelining: bool
