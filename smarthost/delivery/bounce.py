@@ -107,20 +107,7 @@ def build_report(
     # reach the wire exactly as built.
     pol = pol.clone(refold_source="none", max_line_length=_FOLD_WIDTH)
 
-    report = EmailMessage(policy=pol)
-    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
-    # Written by us, not parsed: the header parser raises on what SMTPUTF8 lets through.
-    report.set_raw("To", _header_address(envelope.sender))
-    report["Subject"] = _SUBJECTS[kind]
-    report["Date"] = rfc5322_date(now)
-    report["Message-ID"] = f"<{int(now)}.{queue_id}.{secrets.token_hex(6)}@{reporting_mta}>"
-    report["Auto-Submitted"] = "auto-replied"  # RFC 3834 5: no auto-replies to this
-    _add_threading(report, headers)
-    report["MIME-Version"] = "1.0"
-    report["Content-Type"] = "multipart/report"
-    report.set_param("report-type", "delivery-status")
-    report.preamble = "This is a MIME-encapsulated message.\r\n"
-
+    report = _report_headers(pol, kind, reporting_mta, envelope, headers, now, queue_id)
     notice = MIMEPart(policy=pol)
     text = _explanation(
         kind, reporting_mta, told, queue_id, retry_until, full_wanted, truncated
@@ -144,6 +131,33 @@ def build_report(
     out = BytesIO()
     FaithfulGenerator(out, policy=pol.clone(linesep="\r\n")).flatten(report)
     return out.getvalue()
+
+
+def _report_headers(
+    pol: email_policy.EmailPolicy[EmailMessage],
+    kind: Kind,
+    reporting_mta: str,
+    envelope: Envelope,
+    original_headers: bytes,
+    now: float,
+    queue_id: str,
+) -> EmailMessage:
+    """The report's own header section: from the mailer daemon to the envelope sender, a
+    reply in the original's thread, marked auto-replied, a multipart/report."""
+    report = EmailMessage(policy=pol)
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    # Written by us, not parsed: the header parser raises on what SMTPUTF8 lets through.
+    report.set_raw("To", _header_address(envelope.sender))
+    report["Subject"] = _SUBJECTS[kind]
+    report["Date"] = rfc5322_date(now)
+    report["Message-ID"] = f"<{int(now)}.{queue_id}.{secrets.token_hex(6)}@{reporting_mta}>"
+    report["Auto-Submitted"] = "auto-replied"  # RFC 3834 5: no auto-replies to this
+    _add_threading(report, original_headers)
+    report["MIME-Version"] = "1.0"
+    report["Content-Type"] = "multipart/report"
+    report.set_param("report-type", "delivery-status")
+    report.preamble = "This is a MIME-encapsulated message.\r\n"
+    return report
 
 
 def report_envelope(report: bytes, envelope: Envelope, now: float) -> Envelope:
