@@ -4,6 +4,11 @@ A running daemon makes each change itself, through the control socket in its spo
 (:mod:`smarthost.app.control`), so nothing races a delivery in flight; with none running the
 spool is changed directly under its lock (:mod:`smarthost.app.queueadmin` says who does what).
 Listing and showing only read the spool.
+
+With ``[server] workers`` > 1 each worker has a spool of its own (``worker-<i>``, see
+:mod:`smarthost.app.workerspools`): every command works on all of them at once (list merges
+them; an id is looked up in each; each change goes to the worker whose spool holds the
+message, or to that spool directly when the worker is not running; flush asks every worker).
 """
 
 from __future__ import annotations
@@ -11,15 +16,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import heapq
 import json
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from smarthost.app import cli, control, queueadmin, salvaging
+from smarthost.app import cli, control, queueadmin, salvaging, workerspools
 from smarthost.app.cli import CLIError
 from smarthost.app.config import Config
 from smarthost.core.envelope import QueueEntry, QueueId
@@ -47,12 +53,51 @@ def _wait(d: Deferred[Any]) -> Any:
     return result
 
 
-def _spool(config: Config) -> Spool:
-    directory = config.queue.directory
-    if not (directory / "log").is_dir():
-        raise CLIError(f"no spool at {directory} (has the daemon ever run with this config?)")
-    # No recovery here: the daemon may be receiving into tmp/ right now.
-    return Spool(directory, clock=_WallClock(), run_blocking=_run_now)  # type: ignore[arg-type]
+class Spools:
+    """Every spool of the configuration (one per worker, :mod:`smarthost.app.workerspools`),
+    opened for reading: what ``smarthost queue`` shows and changes is their union. A spool
+    that does not exist yet (a worker that never ran) is left out."""
+
+    def __init__(self, spools: Sequence[Spool]) -> None:
+        self.all = list(spools)
+
+    @classmethod
+    def open(cls, config: Config) -> Spools:
+        found = [d for d in workerspools.spool_directories(config) if (d / "log").is_dir()]
+        if not found:
+            raise CLIError(f"no spool at {config.queue.directory} "
+                           "(has the daemon ever run with this config?)")
+        # No recovery here: the daemon may be receiving into tmp/ right now.
+        return cls([Spool(d, clock=_WallClock(), run_blocking=_run_now)  # type: ignore[arg-type]
+                    for d in found])
+
+    def close(self) -> None:
+        """Each one's lock, if a change took it."""
+        for spool in self.all:
+            spool.close()
+
+    def entries(self) -> list[tuple[Spool, QueueEntry]]:
+        """Every message with its spool, in arrival order (ids begin with the time)."""
+        merged = heapq.merge(*([(s, e) for e in s.entries()] for s in self.all),
+                             key=lambda pair: pair[1].queue_id.value)
+        return list(merged)
+
+    def find(self, text: str) -> tuple[Spool, QueueEntry]:
+        """The spool holding queue id ``text``, and its entry."""
+        queue_id = _queue_id(text)
+        found = []
+        for spool in self.all:
+            try:
+                found.append((spool, spool.load(queue_id)))
+            except KeyError:
+                continue
+        if not found:
+            raise CLIError(f"no message {text} in the queue")
+        if len(found) > 1:
+            where = ", ".join(s.directory for s, _ in found)
+            raise CLIError(f"{text} is queued in more than one spool ({where}); "
+                           "nothing was changed")
+        return found[0]
 
 
 def _age(seconds: float) -> str:
@@ -95,10 +140,10 @@ def _entry_json(entry: QueueEntry) -> dict[str, Any]:
     }
 
 
-def cmd_queue_list(args: argparse.Namespace, spool: Spool) -> int:
+def cmd_queue_list(args: argparse.Namespace, spools: Spools) -> int:
     selection = queueadmin.Selection(sender=args.sender, recipient=args.recipient,
                                      status=args.status)
-    entries = list(spool.entries())
+    entries = [entry for _, entry in spools.entries()]
     total = len(entries)
     if selection != queueadmin.Selection():
         entries = queueadmin.select(entries, selection)
@@ -127,15 +172,8 @@ def _queue_id(text: str) -> QueueId:
         raise CLIError(f"not a queue id: {text!r}") from None
 
 
-def _entry(spool: Spool, text: str) -> QueueEntry:
-    try:
-        return spool.load(_queue_id(text))
-    except KeyError:
-        raise CLIError(f"no message {text} in the queue") from None
-
-
-def cmd_queue_show(args: argparse.Namespace, spool: Spool) -> int:
-    entry = _entry(spool, args.id)
+def cmd_queue_show(args: argparse.Namespace, spools: Spools) -> int:
+    spool, entry = spools.find(args.id)
     env = entry.envelope
     print(f"id: {entry.queue_id}")
     print(f"queued: {_iso(entry.queued_at)}  size: {entry.size}  status: {_status(entry)}")
@@ -160,8 +198,8 @@ def cmd_queue_show(args: argparse.Namespace, spool: Spool) -> int:
 
 @contextlib.contextmanager
 def _changes(spool: Spool) -> Iterator[queueadmin.QueueChanges]:
-    """Through the running daemon when there is one (it holds the schedule, so no delivery in
-    flight races us), else on the spool itself."""
+    """Through the daemon (the worker) running on ``spool`` when there is one (it holds the
+    schedule, so no delivery in flight races us), else on the spool itself."""
     try:
         daemon = control.ControlClient.connect(spool.directory)
         try:
@@ -171,80 +209,120 @@ def _changes(spool: Spool) -> Iterator[queueadmin.QueueChanges]:
                 daemon.close()
     except control.ControlError as e:
         raise CLIError(f"daemon: {e}") from None
+    except BrokenPipeError:
+        raise
+    except OSError as e:  # e.g. the lock of a daemon whose control socket did not answer
+        raise CLIError(f"spool {spool.directory}: {e}") from None
 
 
-def _named(spool: Spool, texts: Sequence[str]) -> list[QueueId]:
+_Groups = list[tuple[Spool, list[QueueId]]]
+
+
+def _grouped(pairs: Iterable[tuple[Spool, QueueId]]) -> _Groups:
+    """The ids by the spool that holds them, spools in their configured order."""
+    groups: dict[int, tuple[Spool, list[QueueId]]] = {}
+    for spool, queue_id in pairs:
+        groups.setdefault(id(spool), (spool, []))[1].append(queue_id)
+    return list(groups.values())
+
+
+def _named(spools: Spools, texts: Sequence[str]) -> _Groups:
     """The ids given, each once, every one of them queued now (else nothing is changed)."""
-    return [_entry(spool, text).queue_id for text in dict.fromkeys(texts)]
+    found = [spools.find(text) for text in dict.fromkeys(texts)]
+    return _grouped((spool, entry.queue_id) for spool, entry in found)
 
 
-def _report(
-    changes: queueadmin.QueueChanges, answer: dict[str, list[str]], done: str, unchanged: str
-) -> None:
-    """What became of each id. The daemon's part is counted (``deleted 200``: its log names
-    each one), a change made here is named id by id; exceptions are always named."""
-    if changes.through_daemon:
-        print(f"{done} {len(answer[control.DONE])}")
-    else:
-        for queue_id in answer[control.DONE]:
-            print(f"{done} {queue_id}")
-    for queue_id in answer[control.UNCHANGED]:
-        print(f"{queue_id} {unchanged}")
-    for queue_id in answer[control.MISSING]:
-        print(f"{queue_id} was no longer queued")
+Change = Callable[[queueadmin.QueueChanges, list[QueueId]], dict[str, list[str]]]
 
 
-def cmd_queue_delete(args: argparse.Namespace, spool: Spool) -> int:
+def _each_spool(groups: _Groups, change: Change, done: str, unchanged: str) -> None:
+    """``change`` on each spool's ids, then what became of each id. A daemon's part is counted
+    (``deleted 200``: its log names each one), a change made here is named id by id;
+    exceptions are always named."""
+    counted: int | None = None
+    named: list[str] = []
+    others: list[str] = []
+    for spool, ids in groups:
+        with _changes(spool) as changes:
+            answer = change(changes, ids)
+        if changes.through_daemon:
+            counted = (counted or 0) + len(answer[control.DONE])
+        else:
+            named += [f"{done} {queue_id}" for queue_id in answer[control.DONE]]
+        others += [f"{queue_id} {unchanged}" for queue_id in answer[control.UNCHANGED]]
+        others += [f"{queue_id} was no longer queued" for queue_id in answer[control.MISSING]]
+    if counted is not None:
+        print(f"{done} {counted}")
+    for line in named + others:
+        print(line)
+
+
+def cmd_queue_delete(args: argparse.Namespace, spools: Spools) -> int:
     chosen = [args.sender is not None, args.user is not None, args.all]
     if bool(args.ids) == any(chosen) or (args.all and sum(chosen) > 1):
         raise CLIError("queue delete: give queue ids, or --sender and/or --user, or --all")
     if args.ids:
-        ids = _named(spool, args.ids)
+        groups = _named(spools, args.ids)
     else:
         selection = queueadmin.Selection(sender=args.sender, user=args.user)
-        ids = [e.queue_id for e in queueadmin.select(spool.entries(), selection)]
-    with _changes(spool) as changes:
-        _report(changes, changes.delete(ids), "deleted", "was not deleted")
-    if not ids:
+        groups = _grouped((spool, entry.queue_id) for spool, entry in spools.entries()
+                          if selection(entry))
+    if not groups:
         print("no message matches")
+        return 0
+    _each_spool(groups, lambda changes, ids: changes.delete(ids), "deleted", "was not deleted")
     return 0
 
 
-def cmd_queue_hold(args: argparse.Namespace, spool: Spool) -> int:
-    ids = _named(spool, args.ids)
-    with _changes(spool) as changes:
-        _report(changes, changes.hold(ids), "held", "was held already")
+def cmd_queue_hold(args: argparse.Namespace, spools: Spools) -> int:
+    _each_spool(_named(spools, args.ids), lambda changes, ids: changes.hold(ids), "held",
+                "was held already")
     return 0
 
 
-def cmd_queue_release(args: argparse.Namespace, spool: Spool) -> int:
+def cmd_queue_release(args: argparse.Namespace, spools: Spools) -> int:
     if bool(args.ids) == (args.user is not None):
         raise CLIError("queue release: give queue ids, or --user NAME")
-    with _changes(spool) as changes:
-        if args.ids:
-            answer = changes.release(_named(spool, args.ids))
-            _report(changes, answer, "released", "was not held")
-            return 0
-        count = changes.release_user(args.user)
-        later = "" if changes.through_daemon else " (delivered when the daemon next starts)"
+    if args.ids:
+        _each_spool(_named(spools, args.ids), lambda changes, ids: changes.release(ids),
+                    "released", "was not held")
+        return 0
+    count, later = 0, ""
+    for spool in spools.all:
+        with _changes(spool) as changes:
+            released = changes.release_user(args.user)
+        count += released
+        if released and not changes.through_daemon:
+            later = " (delivered when the daemon next starts)"
     print(f"released {count} message{'s' if count != 1 else ''} held for {args.user}{later}")
     return 0
 
 
-def cmd_queue_salvage(args: argparse.Namespace, spool: Spool) -> int:
-    with _changes(spool) as changes:
-        for line in changes.salvage(_run_now):
-            print(line)
+def cmd_queue_salvage(args: argparse.Namespace, spools: Spools) -> int:
+    for spool in spools.all:
+        with _changes(spool) as changes:
+            lines = changes.salvage(_run_now)
+        for line in lines:
+            print(line if len(spools.all) == 1 else f"{spool.directory}: {line}")
     return 0
 
 
-def cmd_queue_flush(args: argparse.Namespace, spool: Spool) -> int:
-    with _changes(spool) as changes:
-        count = changes.flush()
+def cmd_queue_flush(args: argparse.Namespace, spools: Spools) -> int:
+    count: int | None = None
+    idle: list[str] = []
+    for spool in spools.all:
+        with _changes(spool) as changes:
+            flushed = changes.flush()
+        if flushed is None:
+            idle.append(spool.directory)
+        else:
+            count = (count or 0) + flushed
     if count is None:
         print("no daemon is running on this spool; messages are retried when it starts")
         return 1
     print(f"flushed: {count} messages will be retried now")
+    for directory in idle:
+        print(f"no daemon is running on {directory}; its messages are retried when it starts")
     return 0
 
 
@@ -324,14 +402,14 @@ def _actions(qsub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the ``queue`` action ``args`` names on the spool of ``args.config``."""
-    spool = _spool(cli.load(args.config))
+    """Run the ``queue`` action ``args`` names on every spool of ``args.config``."""
+    spools = Spools.open(cli.load(args.config))
     try:
-        result: int = args.queue_func(args, spool)
+        result: int = args.queue_func(args, spools)
     except BrokenPipeError:
         raise
-    except OSError as e:  # e.g. the lock of a daemon whose control socket did not answer
-        raise CLIError(f"spool {spool.directory}: {e}") from None
+    except OSError as e:  # reading: a spool's segment vanished or is unreadable
+        raise CLIError(f"spool: {e}") from None
     finally:
-        spool.close()  # the lock, if a change took it
+        spools.close()
     return result
