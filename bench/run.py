@@ -86,9 +86,8 @@ class Run:
         return self.root / f"{self._n:03d}-{name}"
 
     @contextmanager
-    def server(self, kind: str, *, deliver: bool, profile: Path | None = None) -> Iterator[
-        tuple[Server, SmtpSink | None]
-    ]:
+    def server(self, kind: str, *, deliver: bool, profile: Path | None = None,
+               workers: int = 1) -> Iterator[tuple[Server, SmtpSink | None]]:
         """A fresh server (and, when it delivers, a fresh smtp-sink behind it)."""
         directory = self.directory(kind)
         sink = None
@@ -102,7 +101,7 @@ class Run:
         server: Server
         if kind == "smarthost":
             server = Smarthost(directory / "smarthost", next_hop, certs=self.certs,
-                               profile=profile)
+                               profile=profile, workers=workers)
         else:
             server = Postfix(directory / "postfix", next_hop, deliver=deliver)
         self.started.append(server)
@@ -161,32 +160,44 @@ def wait_queue(server: Server, predicate: Callable[[int], bool], timeout: float)
 
 
 def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
-               profile: Path | None = None) -> dict[str, Any]:
-    with run.server(kind, deliver=False, profile=profile) as (server, _):
-        cpu = servers.cpu_seconds(servers.process_tree(server.pid))
+               profile: Path | None = None, workers: int = 1) -> dict[str, Any]:
+    with run.server(kind, deliver=False, profile=profile, workers=workers) as (server, _):
+        pids = servers.process_tree(server.pid)
+        cpu = servers.cpu_seconds(pids)
         seconds = smtp_source(server.port, messages, sessions, size)
-        cpu = servers.cpu_seconds(servers.process_tree(server.pid)) - cpu
+        # Every process of the server (master and workers, Postfix's daemons), from /proc.
+        pids = servers.process_tree(server.pid)
+        cpu = servers.cpu_seconds(pids) - cpu
+        per_process = servers.cpu_by_process(pids)
         # Both answer 250 only after the message is on disk, so all of it is queued by now
         # (Postfix's queue manager may still be moving files between its queues).
         wait_queue(server, lambda n: n >= messages, 30)
     return {"value": messages / seconds, "seconds": seconds,
-            "cpu_ms_per_message": cpu * 1000 / messages}
+            "cpu_ms_per_message": cpu * 1000 / messages, "processes": len(pids),
+            "cpu_seconds_by_process": per_process}
 
 
-def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int) -> dict[str, Any]:
-    with run.server(kind, deliver=True) as (server, _):
+def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
+                workers: int = 1) -> dict[str, Any]:
+    """The production mode: the next hop (smtp-sink) is up from the start, so the server
+    delivers while it accepts. Two figures from one run: the accept rate while delivering
+    (the ``smtp-source`` wall clock) and the rate until the queue is empty."""
+    with run.server(kind, deliver=True, workers=workers) as (server, _):
         cpu = servers.cpu_seconds(servers.process_tree(server.pid))
         started = time.monotonic()
         accepted = smtp_source(server.port, messages, sessions, size)
         emptied = wait_queue(server, lambda n: n == 0, max(120, messages / 10))
-        cpu = servers.cpu_seconds(servers.process_tree(server.pid)) - cpu
+        pids = servers.process_tree(server.pid)
+        cpu = servers.cpu_seconds(pids) - cpu
         seconds = emptied - started
-        # Confirm with the operator's own tool that nothing is left (or stuck deferred).
+        # Confirm with the operator's own tool that nothing is left (or stuck deferred):
+        # `smarthost queue list` reads every worker's spool.
         left = server.queue_list() if isinstance(server, Smarthost) else server.postqueue_json()
         if left:
             raise RuntimeError(f"{kind}: {len(left)} messages still queued")
     return {"value": messages / seconds, "seconds": seconds, "accept_seconds": accepted,
-            "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages}
+            "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages,
+            "processes": len(pids)}
 
 
 def read_banner(sock: socket.socket, buffer: bytearray) -> bool:
@@ -202,10 +213,10 @@ def read_banner(sock: socket.socket, buffer: bytearray) -> bool:
     return any(line.startswith(b"220 ") for line in bytes(buffer).split(b"\r\n"))
 
 
-def idle_run(run: Run, kind: str, connections: int) -> dict[str, Any]:
+def idle_run(run: Run, kind: str, connections: int, workers: int = 1) -> dict[str, Any]:
     """``connections`` clients that read the greeting and then say nothing; the server's
     memory (all its processes) is measured while they sit there."""
-    with run.server(kind, deliver=False) as (server, _):
+    with run.server(kind, deliver=False, workers=workers) as (server, _):
         time.sleep(1)  # let start-up settle (Postfix starts qmgr, pickup... on demand)
         before = servers.memory_kib(servers.process_tree(server.pid))
         socks: list[socket.socket] = []
@@ -326,18 +337,72 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def print_table(workloads: list[dict[str, Any]]) -> None:
-    head = (f"{'workload':34} {'unit':10} {'smarthost med (min-max)':>28} "
-            f"{'postfix med (min-max)':>28} {'sh/pf':>6}")
-    print("\n" + head)
-    print("-" * len(head))
+# The goals of issue 15, against Postfix = 1: (row id, label, sign, goal).
+GOALS = (
+    ("accept20", "accept, 20 sessions", ">=", 4.0),
+    ("accept100", "accept, 100 sessions", ">=", 4.0),
+    ("while-delivering", "accept while delivering, 20 sessions", ">=", 3.0),
+    ("deliver", "accept + deliver until the queue is empty, 20 sessions", ">=", 2.5),
+    ("cpu20", "server CPU per message (accept, 20 sessions)", "<=", 0.3),
+)
+
+
+def _cell(s: dict[str, float], unit: str) -> str:
+    digits = 2 if unit == "ms" else 0 if unit == "msg/s" else 1
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+
+
+def table_lines(workloads: list[dict[str, Any]], labels: list[str], markdown: bool) -> list[str]:
+    """Every row: each server's median (min-max), then each smarthost's ratio to Postfix."""
+    smarthosts = [label for label in labels if label != "postfix"]
+    head = ["workload", "unit", *(f"{label} med (min-max)" for label in labels),
+            *(f"{label.removeprefix('smarthost ')} / postfix" for label in smarthosts)]
+    rows = []
     for w in workloads:
-        cells = []
-        for kind in ("smarthost", "postfix"):
-            s = w[kind]["summary"]
-            cells.append(f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})")
-        print(f"{w['name']:34} {w['unit']:10} {cells[0]:>28} {cells[1]:>28} "
-              f"{w['ratio']:>6.2f}")
+        cells = [w["name"], w["unit"]]
+        cells += [_cell(w["servers"][label]["summary"], w["unit"]) if label in w["servers"]
+                  else "-" for label in labels]
+        cells += [f"{w['ratios'][label]:.2f}" if label in w["ratios"] else "-"
+                  for label in smarthosts]
+        rows.append(cells)
+    return _layout(head, rows, markdown)
+
+
+def goal_lines(workloads: list[dict[str, Any]], labels: list[str], markdown: bool) -> list[str]:
+    """The issue's goals table: each smarthost's ratio to Postfix = 1, and whether it meets
+    the goal."""
+    by_id = {w["id"]: w for w in workloads if "id" in w}
+    smarthosts = [label for label in labels if label != "postfix"]
+    head = ["goal (Postfix = 1)", *smarthosts, "goal"]
+    rows = []
+    for row_id, label, sign, goal in GOALS:
+        w = by_id.get(row_id)
+        if w is None:
+            continue
+        cells = [label]
+        for server in smarthosts:
+            ratio = w["ratios"].get(server)
+            if ratio is None:
+                cells.append("-")
+                continue
+            met = ratio >= goal if sign == ">=" else ratio <= goal
+            cells.append(f"{ratio:.2f}x {'✔' if met else '✘'}")
+        cells.append(f"{'≥' if sign == '>=' else '≤'} {goal}x")
+        rows.append(cells)
+    return _layout(head, rows, markdown) if rows else []
+
+
+def _layout(head: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        return [f"| {' | '.join(head)} |", f"|{' --- |' * len(head)}",
+                *(f"| {' | '.join(r)} |" for r in rows)]
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])
+                         for i, c in enumerate(cells))
+
+    return [line(head), "-" * len(line(head)), *(line(r) for r in rows)]
 
 
 def machine() -> dict[str, Any]:
@@ -372,6 +437,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--messages", type=int, help="messages per run (default 5000)")
     p.add_argument("--size", type=int, default=4096, help="message payload bytes (4096)")
     p.add_argument("--sessions", default="1,20,100", help="accept workloads (1,20,100)")
+    p.add_argument("--workers", default="1",
+                   help="smarthost's [server] workers, one smarthost per value against the "
+                        "same Postfix runs (1; e.g. 1,2)")
+    p.add_argument("--no-postfix", action="store_true",
+                   help="smarthost alone (no ratios): for before/after figures of a change")
     p.add_argument("--idle", type=int, default=1000, help="idle connections (1000)")
     p.add_argument("--many-idle", type=int, default=10000,
                    help="idle connections for smarthost alone (10000; Postfix would need as "
@@ -379,7 +449,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--startup", help="start-up spool sizes (10000 quick, 10000,100000 full)")
     p.add_argument("--only", default="accept,deliver,idle,many-idle,startup,profile",
                    help="comma-separated subset of accept,deliver,idle,many-idle,startup,"
-                        "profile")
+                        "profile (deliver gives two rows: accept while delivering, and "
+                        "accept + deliver until the queue is empty)")
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
     a = p.parse_args()
@@ -388,12 +459,115 @@ def parse() -> argparse.Namespace:
     a.startup = [int(n) for n in (a.startup or ("10000" if a.quick else "10000,100000"))
                  .split(",") if n]
     a.sessions = [int(n) for n in a.sessions.split(",") if n]
+    a.workers = [int(n) for n in a.workers.split(",") if n]
+    if not a.workers or min(a.workers) < 1:
+        p.error("--workers: one or more counts of at least 1")
     a.only = set(a.only.split(","))
     return a
 
 
 def terminate(signum: int, frame: object) -> None:
     raise SystemExit(f"bench: signal {signum}, cleaning up")
+
+
+# (label, kind, workers): every server a comparative workload runs, in alternating order.
+Target = tuple[str, str, int]
+Once = Callable[[str, int], dict[str, Any]]
+
+
+class Bench:
+    """The workloads of one invocation and what they measured."""
+
+    def __init__(self, args: argparse.Namespace, run: Run) -> None:
+        self.args = args
+        self.run = run
+        self.workloads: list[dict[str, Any]] = []
+        self.targets: list[Target] = [(f"smarthost w={n}", "smarthost", n)
+                                      for n in args.workers]
+        if not args.no_postfix:
+            self.targets.append(("postfix", "postfix", 1))
+        self.labels = [label for label, _, _ in self.targets]
+
+    def workload(self, row_id: str, name: str, unit: str, better: str, once: Once,
+                 also: tuple[tuple[str, str, str, str, str], ...] = ()) -> None:
+        """Alternating runs (smarthost w=1, w=2, ..., Postfix, smarthost w=1, ...); ``also``
+        adds rows (id, name, unit, better, key) read from the same runs."""
+        runs: dict[str, list[dict[str, Any]]] = {label: [] for label in self.labels}
+        for r in range(self.args.rounds):
+            for label, kind, workers in self.targets:
+                load = os.getloadavg()
+                result = once(kind, workers)
+                result["loadavg_before"] = load
+                result["loadavg_after"] = os.getloadavg()
+                runs[label].append(result)
+                cpu = result.get("cpu_ms_per_message")
+                print(f"  {name} round {r + 1} {label}: {result['value']:.1f} {unit}"
+                      + (f" ({cpu:.2f} ms CPU per message)" if cpu is not None else "")
+                      + f" [load {load[0]:.2f}]", flush=True)
+        for rid, row, row_unit, row_better, key in ((row_id, name, unit, better, "value"),
+                                                     *also):
+            entry: dict[str, Any] = {"id": rid, "name": row, "unit": row_unit,
+                                     "better": row_better, "servers": {}, "ratios": {}}
+            for label, values in runs.items():
+                entry["servers"][label] = {"summary": summary([v[key] for v in values])}
+                if key == "value":
+                    entry["servers"][label]["runs"] = values
+            if "postfix" in runs:
+                base = entry["servers"]["postfix"]["summary"]["median"]
+                for label in runs:
+                    if label != "postfix":
+                        entry["ratios"][label] = (
+                            entry["servers"][label]["summary"]["median"] / base)
+            self.workloads.append(entry)
+
+    def comparisons(self) -> None:
+        args, run, m, size = self.args, self.run, self.args.messages, self.args.size
+        if "accept" in args.only:
+            for s in args.sessions:
+                def accept(kind: str, workers: int, s: int = s) -> dict[str, Any]:
+                    return accept_run(run, kind, m, s, size, workers=workers)
+
+                self.workload(f"accept{s}", f"accept {size} B, {s} session{'s' * (s > 1)}",
+                              "msg/s", "higher", accept,
+                              also=((f"cpu{s}", f"  server CPU per message, {s} sess.", "ms",
+                                     "lower", "cpu_ms_per_message"),))
+        if "deliver" in args.only:
+            self.workload("deliver", "accept+deliver until empty, 20 sess.", "msg/s",
+                          "higher", lambda k, w: deliver_run(run, k, m, 20, size, workers=w),
+                          also=(("while-delivering", "accept while delivering, 20 sess.",
+                                 "msg/s", "higher", "accept_rate"),
+                                ("cpu-deliver", "  server CPU per message, deliver", "ms",
+                                 "lower", "cpu_ms_per_message")))
+        if "idle" in args.only:
+            self.workload("idle", f"{args.idle} idle connections, RSS sum", "MiB", "lower",
+                          lambda k, w: idle_run(run, k, args.idle, workers=w),
+                          also=(("idle-pss", f"{args.idle} idle connections, PSS sum", "MiB",
+                                 "lower", "pss_mib"),))
+
+
+def smarthost_alone(args: argparse.Namespace, run: Run, results: dict[str, Any],
+                    stamp: str) -> None:
+    """The workloads without a Postfix counterpart: many idle connections, start-up and the
+    profile (one worker: twistd's profiler sees one process)."""
+    if "many-idle" in args.only:
+        r = idle_run(run, "smarthost", args.many_idle)
+        results["many_idle"] = {"connections": args.many_idle, **r}
+        print(f"  {args.many_idle} idle connections, smarthost: RSS {r['rss_mib']:.1f} MiB, "
+              f"PSS {r['pss_mib']:.1f} MiB", flush=True)
+    if "startup" in args.only:
+        results["startup"] = []
+        for count in args.startup:
+            rounds = 1 if count > 10000 or args.quick else args.rounds
+            for _ in range(rounds):
+                r = startup_run(run, count)
+                results["startup"].append(r)
+                print(f"  start-up with {count} queued: scheduler started "
+                      f"{r['scheduler_started_seconds']:.2f} s, ready "
+                      f"{r['ready_seconds']:.2f} s, RSS {r['rss_mib']:.0f} MiB", flush=True)
+    if "profile" in args.only:
+        prof = RESULTS / f"{stamp}-accept20.prof"
+        # 2000 messages give a stable profile; the profiler itself slows the run down.
+        results["profile"] = profile_run(run, min(args.messages, 2000), 20, args.size, prof)
 
 
 def main() -> None:
@@ -409,102 +583,63 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     began = time.monotonic()
-    workloads: list[dict[str, Any]] = []
-    results: dict[str, Any] = {
-        "started": stamp, "mode": "quick" if args.quick else "full", "rounds": args.rounds,
-        "messages": args.messages, "size": args.size, "machine": machine(),
-        "workloads": workloads,
-    }
     run = Run(args.keep)
+    bench = Bench(args, run)
+    results: dict[str, Any] = {
+        "started": stamp, "started_utc": datetime.datetime.now(datetime.UTC)
+        .isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full",
+        "rounds": args.rounds, "messages": args.messages, "size": args.size,
+        "workers": args.workers, "machine": machine(), "loadavg_start": os.getloadavg(),
+        "workloads": bench.workloads,
+    }
     load = os.getloadavg()[0]
     if load > 0.5:
         print(f"bench: note: load average {load:.1f} on {os.cpu_count()} CPUs before starting; "
               "other work on this machine makes the figures noisy", flush=True)
-
-    def workload(name: str, unit: str, better: str, once: Callable[[str], dict[str, Any]],
-                 also: tuple[tuple[str, str, str, str], ...] = ()) -> None:
-        """Alternating runs; ``also`` adds rows (name, unit, better, key) read from the same
-        runs."""
-        runs: dict[str, list[dict[str, Any]]] = {"smarthost": [], "postfix": []}
-        for r in range(args.rounds):
-            for kind in ("smarthost", "postfix"):  # alternating: A, B, A, B, ...
-                load = os.getloadavg()[0]
-                result = once(kind)
-                result["loadavg_before"] = load
-                runs[kind].append(result)
-                cpu = result.get("cpu_ms_per_message")
-                print(f"  {name} round {r + 1} {kind}: {result['value']:.1f} {unit}"
-                      + (f" ({cpu:.2f} ms CPU per message)" if cpu is not None else ""),
-                      flush=True)
-        for row, row_unit, row_better, key in ((name, unit, better, "value"), *also):
-            entry: dict[str, Any] = {"name": row, "unit": row_unit, "better": row_better}
-            for kind, values in runs.items():
-                entry[kind] = {"summary": summary([v[key] for v in values])}
-                if key == "value":
-                    entry[kind]["runs"] = values
-            entry["ratio"] = (entry["smarthost"]["summary"]["median"]
-                              / entry["postfix"]["summary"]["median"])
-            workloads.append(entry)
-
     try:
-        m, size = args.messages, args.size
-        if "accept" in args.only:
-            for s in args.sessions:
-                def accept(kind: str, s: int = s) -> dict[str, Any]:
-                    return accept_run(run, kind, m, s, size)
-
-                workload(f"accept {size} B, {s} session{'s' * (s > 1)}", "msg/s", "higher",
-                         accept,
-                         also=((f"  server CPU per message, {s} sess.", "ms", "lower",
-                                "cpu_ms_per_message"),))
-        if "deliver" in args.only:
-            workload("accept+deliver to smtp-sink, 20 sessions", "msg/s", "higher",
-                     lambda k: deliver_run(run, k, m, 20, size),
-                     also=(("  server CPU per message, deliver", "ms", "lower",
-                            "cpu_ms_per_message"),))
-        if "idle" in args.only:
-            workload(f"{args.idle} idle connections, RSS sum", "MiB", "lower",
-                     lambda k: idle_run(run, k, args.idle),
-                     also=((f"{args.idle} idle connections, PSS sum", "MiB", "lower",
-                            "pss_mib"),))
-        if "many-idle" in args.only:
-            r = idle_run(run, "smarthost", args.many_idle)
-            results["many_idle"] = {"connections": args.many_idle, **r}
-            print(f"  {args.many_idle} idle connections, smarthost: RSS {r['rss_mib']:.1f} MiB, "
-                  f"PSS {r['pss_mib']:.1f} MiB", flush=True)
-        if "startup" in args.only:
-            results["startup"] = []
-            for count in args.startup:
-                rounds = 1 if count > 10000 or args.quick else args.rounds
-                for _ in range(rounds):
-                    r = startup_run(run, count)
-                    results["startup"].append(r)
-                    print(f"  start-up with {count} queued: scheduler started "
-                          f"{r['scheduler_started_seconds']:.2f} s, ready "
-                          f"{r['ready_seconds']:.2f} s, RSS {r['rss_mib']:.0f} MiB", flush=True)
-        if "profile" in args.only:
-            prof = RESULTS / f"{stamp}-accept20.prof"
-            # 2000 messages give a stable profile; the profiler itself slows the run down.
-            results["profile"] = profile_run(run, min(m, 2000), 20, size, prof)
+        bench.comparisons()
+        smarthost_alone(args, run, results, stamp)
     finally:
         run.close()
         results["elapsed_seconds"] = time.monotonic() - began
+        results["loadavg_end"] = os.getloadavg()
         out = RESULTS / f"{stamp}.json"
         out.write_text(json.dumps(results, indent=2) + "\n")
+    report(args, bench, results, out)
 
-    print_table(workloads)
+
+def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out: Path) -> None:
+    """The tables on stdout, and in Markdown next to the JSON (``<stamp>.md``)."""
+    text = table_lines(bench.workloads, bench.labels, markdown=False)
+    goals = goal_lines(bench.workloads, bench.labels, markdown=False)
+    print("\n" + "\n".join(text))
+    if goals:
+        print("\n" + "\n".join(goals))
+    loads = [r["loadavg_before"][0] for w in bench.workloads
+             for v in w["servers"].values() for r in v.get("runs", ())]
+    if loads:
+        print(f"\nload average (1 min) before each run: median {statistics.median(loads):.2f}, "
+              f"min {min(loads):.2f}, max {max(loads):.2f} on {os.cpu_count()} CPUs")
+    md = [f"bench/run {' '.join(sys.argv[1:])} — {results['started_utc']}, "
+          f"commit {results['machine']['smarthost_commit']}, {results['rounds']} rounds of "
+          f"{results['messages']} messages", "",
+          *table_lines(bench.workloads, bench.labels, markdown=True)]
+    if goals:
+        md += ["", *goal_lines(bench.workloads, bench.labels, markdown=True)]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
     for r in results.get("startup", []):
         print(f"start-up, {r['messages']} deferred in the spool: "
               f"'scheduler started' {r['scheduler_started_seconds']:.2f} s, "
               f"'ready' {r['ready_seconds']:.2f} s, RSS {r['rss_mib']:.0f} MiB")
-    for w in workloads:
-        if w["name"].startswith(f"{args.idle} idle") and "runs" in w["smarthost"]:
-            for kind in ("smarthost", "postfix"):
-                last = w[kind]["runs"][-1]
-                print(f"idle, {kind}: PSS {last['pss_mib']:.1f} MiB in {last['processes']} "
-                      f"processes, {last['pss_per_connection_kib']:.1f} KiB PSS per "
-                      f"connection, all greeted in {last['seconds_to_greet_all']:.2f} s, "
-                      f"new client greeted in {last['new_client_banner_seconds']:.3f} s")
+    for w in bench.workloads:
+        if w["id"] != "idle":
+            continue
+        for label, values in w["servers"].items():
+            last = values["runs"][-1]
+            print(f"idle, {label}: PSS {last['pss_mib']:.1f} MiB in {last['processes']} "
+                  f"processes, {last['pss_per_connection_kib']:.1f} KiB PSS per "
+                  f"connection, all greeted in {last['seconds_to_greet_all']:.2f} s, "
+                  f"new client greeted in {last['new_client_banner_seconds']:.3f} s")
     if "many_idle" in results:
         r = results["many_idle"]
         print(f"idle, smarthost alone: {r['connections']} connections in "
@@ -519,7 +654,8 @@ def main() -> None:
         for order in ("cumulative", "tottime"):
             print(f"\n== top 25 by {order} ==")
             print(_stats_body(p["top"][order]))
-    print(f"\nresults: {out}  ({results['elapsed_seconds']:.0f} s)")
+    print(f"\nresults: {out} and {out.with_suffix('.md').name} "
+          f"({results['elapsed_seconds']:.0f} s)")
 
 
 def _stats_body(text: str) -> str:

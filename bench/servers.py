@@ -91,6 +91,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_process(pids: list[int]) -> dict[str, float]:
+    """Each process's own user + system CPU seconds so far, keyed ``name[pid]``: shows how
+    the work spreads over a master and its workers (or Postfix's daemons)."""
+    result = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index(b"(") + 1 : stat.rindex(b")")].decode(errors="replace")
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        result[f"{name}[{pid}]"] = sum(int(x) for x in fields[11:13]) / os.sysconf("SC_CLK_TCK")
+    return result
+
+
 def memory_kib(pids: list[int]) -> dict[str, int]:
     """Summed RSS and PSS (kB) of ``pids``. RSS counts shared pages once per process, which
     overstates a multi-process server; PSS splits each shared page between its sharers."""
@@ -147,10 +163,16 @@ class Smarthost:
 
     name = "smarthost"
 
+    @property
+    def label(self) -> str:
+        return f"smarthost w={self.workers}"
+
     def __init__(
-        self, directory: Path, next_hop: int, *, certs: Path, profile: Path | None = None
+        self, directory: Path, next_hop: int, *, certs: Path, profile: Path | None = None,
+        workers: int = 1,
     ) -> None:
         self.directory = directory
+        self.workers = workers
         self.port = free_port()
         self.next_hop = next_hop
         self.certs = certs
@@ -167,6 +189,8 @@ class Smarthost:
         # 5000 messages an hour from one trusted address is the workload, not abuse.
         self.config.write_text(f"""\
 hostname = "smarthost.bench.test"
+[server]
+workers = {self.workers}
 [listen]
 submission = ["tcp:{self.port}:interface={LOOPBACK}:backlog=1024"]
 submissions = []
@@ -206,7 +230,7 @@ hold_user_after_per_hour = 1000000000
         if not self.config.exists():
             self.write_config()
         self._seen: list[tuple[float, bytes]] = []  # (seconds since start, line)
-        self._log: BinaryIO | None = None
+        self._log = None
         self._pending = b""
         self.accepted = self.finished = 0  # messages, from the log (one recipient each)
         self.started_at = time.monotonic()
@@ -351,6 +375,7 @@ class Postfix:
     or changed. No chroot (Debian's default jails need a prepared copy of /etc)."""
 
     name = "postfix"
+    label = "postfix"
 
     def __init__(self, directory: Path, next_hop: int, *, deliver: bool) -> None:
         self.directory = directory
