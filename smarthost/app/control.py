@@ -37,7 +37,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IListeningPort
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
 from twisted.internet.protocol import Factory
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -260,17 +260,17 @@ class ControlFactory(Factory):
         return protocol
 
 
-class _ShortPath:
-    """A short path to ``<directory>/control.sock`` (see the module docstring), valid until
-    :meth:`close` closes the directory's descriptor it goes through."""
+class ShortPath:
+    """A short path to the unix socket ``<directory>/<name>`` (see the module docstring),
+    valid until :meth:`close` closes the directory's descriptor it goes through."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, name: str = SOCKET_NAME) -> None:
         self._fd: int | None = None
         if hasattr(os, "O_PATH") and os.path.isdir("/proc/self/fd"):
             self._fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            self.path = f"/proc/self/fd/{self._fd}/{SOCKET_NAME}"
+            self.path = f"/proc/self/fd/{self._fd}/{name}"
         else:
-            self.path = os.path.join(directory, SOCKET_NAME)
+            self.path = os.path.join(directory, name)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -279,11 +279,11 @@ class _ShortPath:
 
 
 @implementer(IListeningPort)
-class _ControlPort:
-    """The listening socket, plus the spool directory's descriptor its path goes through:
-    closed only after the port (which unlinks the socket by that path) has stopped."""
+class _UnixPort:
+    """The listening socket, plus the directory's descriptor its path goes through: closed
+    only after the port (which unlinks the socket by that path) has stopped."""
 
-    def __init__(self, port: IListeningPort, path: _ShortPath) -> None:
+    def __init__(self, port: IListeningPort, path: ShortPath) -> None:
         self._port = port
         self._path = path
 
@@ -309,32 +309,31 @@ async def _stop(port: IListeningPort) -> None:
         await stopped
 
 
-def listen_control(
-    reactor: Any, spool_dir: str, commands: ControlCommands
+def listen_unix(
+    reactor: Any, directory: str, name: str, factory: IProtocolFactory
 ) -> Deferred[IListeningPort]:
-    """Serve ``commands`` on ``<spool_dir>/control.sock`` (mode 0600) however long the path.
+    """Serve ``factory`` on the unix socket ``<directory>/<name>`` (mode 0600) however long
+    the path: the control socket, and a worker's ``http.sock`` the master scrapes.
 
     Fails with a :class:`ControlError` holding only the reason (the caller names the socket
-    and ``queue.directory``). A socket left by a daemon that was killed is replaced (Twisted's
-    pid lock beside it says so).
+    and its setting). A socket left by a process that was killed is replaced (Twisted's pid
+    lock beside it says so).
     """
 
     def failed(reason: str) -> Failure:
         return Failure(ControlError(reason))  # type: ignore[no-untyped-call]
 
     try:
-        path = _ShortPath(spool_dir)
+        path = ShortPath(directory, name)
     except OSError as e:
         return fail(failed(e.strerror or str(e)))
     endpoint = UNIXServerEndpoint(  # type: ignore[no-untyped-call]
         reactor, path.path, mode=0o600, wantPID=True
     )
-    d: Deferred[IListeningPort] = endpoint.listen(  # type: ignore[no-untyped-call]
-        ControlFactory(commands)
-    )
+    d: Deferred[IListeningPort] = endpoint.listen(factory)  # type: ignore[no-untyped-call]
 
     def listening(port: IListeningPort) -> IListeningPort:
-        return _ControlPort(port, path)
+        return _UnixPort(port, path)
 
     def not_listening(failure: Failure) -> Failure:
         path.close()
@@ -344,6 +343,13 @@ def listen_control(
         return failed(getattr(error, "strerror", None) or str(error))
 
     return d.addCallbacks(listening, not_listening)
+
+
+def listen_control(
+    reactor: Any, spool_dir: str, commands: ControlCommands
+) -> Deferred[IListeningPort]:
+    """Serve ``commands`` on ``<spool_dir>/control.sock`` (:func:`listen_unix`)."""
+    return listen_unix(reactor, spool_dir, SOCKET_NAME, ControlFactory(commands))
 
 
 # -- the admin tool's side ------------------------------------------------------------------
@@ -391,7 +397,7 @@ class ControlClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            path = _ShortPath(spool_dir)
+            path = ShortPath(spool_dir)
             try:
                 sock.connect(path.path)
             finally:

@@ -12,6 +12,7 @@ connection while mail is still being handed over.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -27,6 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from smarthost.app import control
 from smarthost.app.metrics import State
 from smarthost.app.queueview import QueueReader, QueueSnapshot, QueueView
 from smarthost.app.statuspage import CertificateInfo, StatusView, render
@@ -79,40 +81,39 @@ def leaf_of(options: Any) -> x509.Certificate | None:
     return None if certificate is None else certificate.to_cryptography()
 
 
-def make_http_service(reactor: Any, listen: Sequence[str], sources: StatusSources) -> Service:
+def make_http_service(
+    reactor: Any, listen: Sequence[str | Path], sources: StatusSources
+) -> Service:
     """The service of the ``[http] listen`` endpoints (none: nothing listens, nothing is
-    observed). Add it to the daemon before the other services: it stops after them."""
+    observed). Add it to the daemon before the other services: it stops after them. A
+    :class:`~pathlib.Path` is a unix socket (mode 0600, any path length): a worker's
+    ``http.sock``, which its master scrapes."""
     return HTTPService(reactor, listen, sources)
 
 
-class HTTPService(Service):
-    def __init__(self, reactor: Any, listen: Sequence[str], sources: StatusSources) -> None:
+class SiteService(Service):
+    """Serves ``site`` on the ``listen`` endpoints, opened before twistd drops privileges,
+    and reports the :data:`STEP` to ``startup``. Stays open while the other services stop
+    (:attr:`stopping` says so, for a 503) and closes in the reactor's "during shutdown".
+    The daemon's HTTP side and the master's (:mod:`smarthost.app.masterhttp`) are both one."""
+
+    def __init__(self, reactor: Any, listen: Sequence[str | Path], site: Site,
+                 startup: StartupSteps, maillog: MailLog) -> None:
         self._reactor = reactor
         self._listen = list(listen)
-        self._sources = sources
+        self.site = site
+        self.site.noisy = False  # no "Starting factory" lines in the operator log
+        self._startup = startup
+        self._maillog = maillog
         self._ports: list[IListeningPort] = []
         self._triggers: list[Any] = []
         self.stopping = False
         self._shutting_down = False
-        view = QueueView(sources.spool, reactor, deferToThread)
-        self.status = _Status(reactor, sources, view, self._health)
-        sources.watch.metrics.watch(self._state_from_thread)
-        metrics = MetricsResource(sources.watch.metrics.registry)  # type: ignore[no-untyped-call]
-        root = _root(self.status, metrics, sources.maillog)
-        self.site = Site(root)  # type: ignore[no-untyped-call]
-        self.site.noisy = False  # no "Starting factory" lines in the operator log
 
-    def _health(self) -> str:
+    def health(self, ready: bool) -> str:
         if self.stopping:
             return "stopping"
-        return "ready" if self._sources.ready() else "starting"
-
-    def _state_from_thread(self) -> State:
-        """prometheus_client collects in the thread pool; the live objects are read on the
-        reactor thread."""
-        read: Callable[[], Deferred[State]] = self.status.state
-        state: State = blockingCallFromThread(self._reactor, read)  # type: ignore[arg-type]
-        return state
+        return "ready" if ready else "starting"
 
     def privilegedStartService(self) -> None:
         # Before twistd drops to --uid/--gid, like the SMTP listeners.
@@ -128,26 +129,27 @@ class HTTPService(Service):
     async def _start(self) -> None:
         for i, description in enumerate(self._listen):
             try:
-                endpoint = serverFromString(  # type: ignore[no-untyped-call]
-                    self._reactor, description)
-                port = await endpoint.listen(self.site)
+                port = await self._listen_on(description)
             except Exception as e:
-                self._sources.startup.fail(f"http.listen[{i}]",
-                                           f"cannot listen on {description!r}: {e}")
+                self._startup.fail(f"http.listen[{i}]", f"cannot listen on {description!r}: {e}")
                 return
             self._ports.append(port)
             host = port.getHost()
-            self._sources.maillog.notice(
+            self._maillog.notice(
                 "{role} listening on {address} ({description})", role="http",
-                address=f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}",
-                description=description,
+                address=(str(description) if isinstance(description, Path)
+                         else f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}"),
+                description=str(description),
             )
-        self._sources.startup.done(STEP)
+        self._startup.done(STEP)
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
-        if self._listen:
-            globalLogPublisher.addObserver(self._sources.watch.activity)
+    async def _listen_on(self, description: str | Path) -> IListeningPort:
+        if isinstance(description, Path):
+            return await control.listen_unix(self._reactor, str(description.parent),
+                                             description.name, self.site)
+        endpoint = serverFromString(self._reactor, description)  # type: ignore[no-untyped-call]
+        port: IListeningPort = await endpoint.listen(self.site)
+        return port
 
     def _begin_stop(self) -> None:
         self._shutting_down = True
@@ -156,7 +158,6 @@ class HTTPService(Service):
     def stopService(self) -> Deferred[Any] | None:
         super().stopService()  # type: ignore[no-untyped-call]
         self.stopping = True
-        globalLogPublisher.removeObserver(self._sources.watch.activity)
         if self._shutting_down:
             return None  # the port answers 503 until the reactor's "during shutdown"
         for trigger in self._triggers:
@@ -173,6 +174,39 @@ async def _stop(port: IListeningPort) -> None:
     stopped = port.stopListening()
     if stopped is not None:
         await stopped
+
+
+class HTTPService(SiteService):
+    def __init__(
+        self, reactor: Any, listen: Sequence[str | Path], sources: StatusSources
+    ) -> None:
+        self._sources = sources
+        view = QueueView(sources.spool, reactor, deferToThread)
+        self.status = _Status(reactor, sources, view, self._health)
+        sources.watch.metrics.watch(self._state_from_thread)
+        metrics = MetricsResource(sources.watch.metrics.registry)  # type: ignore[no-untyped-call]
+        root = _root(self.status, metrics, sources.maillog)
+        super().__init__(reactor, listen, Site(root),  # type: ignore[no-untyped-call]
+                         sources.startup, sources.maillog)
+
+    def _health(self) -> str:
+        return self.health(self._sources.ready())
+
+    def _state_from_thread(self) -> State:
+        """prometheus_client collects in the thread pool; the live objects are read on the
+        reactor thread."""
+        read: Callable[[], Deferred[State]] = self.status.state
+        state: State = blockingCallFromThread(self._reactor, read)  # type: ignore[arg-type]
+        return state
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        if self._listen:
+            globalLogPublisher.addObserver(self._sources.watch.activity)
+
+    def stopService(self) -> Deferred[Any] | None:
+        globalLogPublisher.removeObserver(self._sources.watch.activity)
+        return super().stopService()
 
 
 class _Status:

@@ -18,6 +18,7 @@ from smarthost.app.config import Config
 from smarthost.queue.segment import LOG, SEGMENT_SUFFIX
 
 WORKER_PREFIX = "worker-"
+HTTP_SOCKET = "http.sock"  # a worker's /metrics, /healthz and status page, for the master
 _WORKER_DIR = re.compile(r"worker-([1-9][0-9]{0,3})")
 
 
@@ -36,6 +37,11 @@ def worker_spool(config: Config, i: int) -> Path:
     if i < 1:
         raise ValueError(f"worker index starts at 1, got {i}")
     return config.queue.directory / f"{WORKER_PREFIX}{i}"
+
+
+def http_socket(config: Config, i: int) -> Path:
+    """Where worker ``i`` serves its HTTP side for the master (inside its spool: mode 0700)."""
+    return worker_spool(config, i) / HTTP_SOCKET
 
 
 def worker_index(spool: Path) -> int | None:
