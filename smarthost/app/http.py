@@ -256,13 +256,15 @@ class _Status:
 
 def _root(status: _Status, metrics: IResource, maillog: MailLog) -> Resource:
     root = Resource()  # type: ignore[no-untyped-call]
-    root.putChild(b"", _StatusPage(status, maillog))
-    root.putChild(b"healthz", _Health(status.health))
+    root.putChild(b"", StatusPageResource(status.page, maillog))
+    root.putChild(b"healthz", HealthResource(status.health))
     root.putChild(b"metrics", metrics)
     return root
 
 
-class _Health(Resource):
+class HealthResource(Resource):
+    """``/healthz``: ``200 ok`` when ``health()`` says ready, else 503 and the state."""
+
     isLeaf = True
 
     def __init__(self, health: Callable[[], str]) -> None:
@@ -279,12 +281,14 @@ class _Health(Resource):
         return f"{state}\n".encode()
 
 
-class _StatusPage(Resource):
+class StatusPageResource(Resource):
+    """``/``: the HTML ``page()`` makes, with the headers that keep any script out."""
+
     isLeaf = True
 
-    def __init__(self, status: _Status, maillog: MailLog) -> None:
+    def __init__(self, page: Callable[[], Deferred[str]], maillog: MailLog) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._status = status
+        self._page = page
         self._log = maillog
 
     def render_GET(self, request: _Request) -> int:
@@ -309,5 +313,5 @@ class _StatusPage(Resource):
                 request.write(b"the queue could not be read; see the daemon's log\n")
                 request.finish()
 
-        self._status.page().addCallbacks(send, failed)
+        self._page().addCallbacks(send, failed)
         return NOT_DONE_YET

@@ -33,6 +33,21 @@ KNOWN_MECHANISMS = frozenset({
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                   5.0, 10.0)
 
+# How the master adds up its workers' samples ([server] workers > 1, smarthost.app.masterhttp).
+# Counters, histograms and summaries are summed; so is a gauge that counts things (queue
+# size, connections). A gauge whose sum means nothing is named here, with how to combine it.
+GAUGE_MERGE: Mapping[str, str] = {
+    "smarthost_queue_oldest_age_seconds": "max",  # the oldest message of any worker
+    "smarthost_tls_certificate_expiry_timestamp_seconds": "min",  # the first one to expire
+}
+# The same by the end of the name, for gauges this table does not know: prometheus_client's
+# "counting since" timestamps beside each counter and histogram, other timestamps, info.
+GAUGE_MERGE_SUFFIXES: Mapping[str, str] = {
+    "_created": "min",
+    "_timestamp_seconds": "max",
+    "_info": "max",
+}
+
 
 @attrs.frozen
 class State:

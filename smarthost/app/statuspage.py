@@ -76,16 +76,9 @@ def _short(text: str) -> str:
 
 
 def render(view: StatusView) -> str:
-    title = f"smarthost \u2014 {view.hostname}"
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f'<meta http-equiv="refresh" content="{REFRESH}">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)}</title>",
-        f"<style>{_STYLE}</style></head><body>",
-        _header(view),
-        _tiles(view),
+    return _document(view.hostname, [
+        _header(view.hostname, view.health, view.now),
+        _tiles(view.queue),
         _activity(view),
         _backlog(view),
         '<div class="columns">',
@@ -94,19 +87,84 @@ def render(view: StatusView) -> str:
         _listeners(view.listeners),
         _certificate(view.certificate, view.now),
         "</div></div>",
+    ])
+
+
+@attrs.frozen
+class WorkerStatus:
+    """One worker process as the master's page shows it (from the worker's /metrics)."""
+
+    name: str  # "worker 2"
+    answered: bool  # False: it did not answer the master in time; the numbers are unknown
+    queue: Mapping[str, int]  # messages in its spool by status
+    oldest_age: float  # seconds, 0 when its queue holds nothing but held mail
+    connections: int  # open SMTP connections
+
+
+@attrs.frozen
+class WorkersView:
+    """The master's page with ``[server] workers`` > 1: the workers and their queues."""
+
+    hostname: str
+    now: float
+    health: str
+    workers: Sequence[WorkerStatus]  # the running ones
+    down: int  # workers that should run and do not (being restarted)
+
+
+def render_workers(view: WorkersView) -> str:
+    answered = [w for w in view.workers if w.answered]
+    counts = {name: sum(w.queue.get(name, 0) for w in answered)
+              for name in ("queued", "deferred", "held")}
+    waiting = counts["queued"] + counts["deferred"]
+    oldest_age = max((w.oldest_age for w in answered), default=0.0)
+    queue = QueueSnapshot(view.now, counts, view.now - oldest_age if waiting else None, ())
+    return _document(view.hostname, [
+        _header(view.hostname, view.health, view.now),
+        _tiles(queue),
+        _workers(view),
+    ])
+
+
+def _workers(view: WorkersView) -> str:
+    rows = []
+    for w in view.workers:
+        if not w.answered:
+            rows.append([_e(w.name), '<span class="badge warn">not answering</span>',
+                         "", "", "", "", ""])
+            continue
+        rows.append([_e(w.name), '<span class="badge ok">running</span>',
+                     *(str(w.queue.get(name, 0)) for name in ("queued", "deferred", "held")),
+                     _e(age(w.oldest_age)), str(w.connections)])
+    down = (f' <small>{view.down} not running (being restarted)</small>' if view.down else "")
+    table = _table(["Worker", "State", "Queued", "Deferred", "Held", "Oldest", "Connections"],
+                   rows, "No worker is running.", narrow=range(1, 7))
+    return f'<section class="card"><h2>Worker processes{down}</h2>{table}</section>'
+
+
+def _document(hostname: str, parts: Sequence[str]) -> str:
+    title = f"smarthost \u2014 {hostname}"
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="refresh" content="{REFRESH}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        *parts,
         f'<footer>Refreshes every {REFRESH} s. For Prometheus: <a href="/metrics">/metrics</a>'
         ' \u00b7 for load balancers: <a href="/healthz">/healthz</a></footer>',
         "</body></html>",
     ])
 
 
-def _header(view: StatusView) -> str:
+def _header(hostname: str, health: str, now: float) -> str:
     badge = {"ready": ("ok", "Ready"), "starting": ("warn", "Starting"),
-             "stopping": ("bad", "Stopping")}.get(view.health, ("warn", view.health))
+             "stopping": ("bad", "Stopping")}.get(health, ("warn", health))
     return (
-        f'<header><h1>smarthost <span class="host">{_e(view.hostname)}</span></h1>'
+        f'<header><h1>smarthost <span class="host">{_e(hostname)}</span></h1>'
         f'<span class="badge {badge[0]}">{_e(badge[1])}</span>'
-        f'<span class="when">as of {_e(_local(view.now, "%Y-%m-%d %H:%M:%S %Z"))}</span>'
+        f'<span class="when">as of {_e(_local(now, "%Y-%m-%d %H:%M:%S %Z"))}</span>'
         "</header>"
     )
 
@@ -116,10 +174,10 @@ def _tile(label: str, value: str, note: str, tone: str = "") -> str:
             f'<div class="value">{_e(value)}</div><div class="note">{_e(note)}</div></div>')
 
 
-def _tiles(view: StatusView) -> str:
-    counts = view.queue.counts
+def _tiles(queue: QueueSnapshot) -> str:
+    counts = queue.counts
     deferred, held = counts.get("deferred", 0), counts.get("held", 0)
-    oldest = view.queue.oldest_age if view.queue.oldest is not None else None
+    oldest = queue.oldest_age if queue.oldest is not None else None
     stale = oldest is not None and oldest > 3600
     return '<section class="tiles">' + "".join([
         _tile("Queued", str(counts.get("queued", 0)), "waiting for a first try"),
