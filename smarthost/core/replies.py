@@ -77,6 +77,16 @@ BARE_LINE_ENDING = Reply(521, "5.5.2", "Bare CR or LF in message data; lines mus
 DATA_LINE_TOO_LONG = Reply(550, "5.6.0", "Message line longer than 1000 octets")
 # NUL is allowed in neither 7bit nor 8bit data (RFC 2045 2.7-2.8; RFC 6152 8BITMIME is 8bit).
 NUL_IN_DATA = Reply(554, "5.6.0", "NUL octets are not allowed in message data")
+# BDAT (RFC 3030): the chunk is framed by its size, so a bare CR/LF is refused without a close.
+BDAT_BARE_LINE_ENDING = Reply(
+    550, "5.6.0", "Bare CR or LF in message data; lines must end with CRLF"
+)
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA not allowed after BDAT in the same transaction")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not allowed after BDAT")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT command first")
+# RFC 8689: REQUIRETLS is offered only after TLS; X.7.10 is "Encryption needed" (RFC 5248).
+REQUIRETLS_NEEDS_TLS = Reply(530, "5.7.10", "REQUIRETLS needs TLS: issue STARTTLS first")
 SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 TIMEOUT = Reply(421, "4.4.2", "Timeout exceeded, closing connection")
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
@@ -97,7 +107,9 @@ UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
 ALREADY_TLS = Reply(503, "5.5.1", "TLS already active")
 NOT_ACCEPTED = Reply(502, "5.5.1", "Command not implemented")
 PROTOCOL_PROBE = Reply(500, "5.5.1", "This is an SMTP server; closing")
-HELP = Reply(214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY")
+HELP = Reply(
+    214, "2.0.0", "See RFC 5321; commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY"
+)
 
 # Abuse limits
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
@@ -136,6 +148,11 @@ def hello(hostname: str, extensions: Sequence[str] = ()) -> Reply:
 def queued(queue_id: str) -> Reply:
     """The end of DATA: the message is on disk and is ours now."""
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def chunk_received(size: int) -> Reply:
+    """A BDAT chunk (not the last) is read and kept (RFC 3030 2)."""
+    return Reply(250, "2.0.0", f"{size} octets received")
 
 
 def challenge(data: bytes) -> Reply:

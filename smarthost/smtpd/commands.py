@@ -7,8 +7,9 @@ RSET, EHLO and the end of each message clear the one, only STARTTLS clears the o
 The commands never touch bytes or timers: they answer through a
 :class:`~smarthost.smtpd.channel.Channel` (the transport), which keeps replies in command
 order and owns the connection. The AUTH exchange is delegated to
-:class:`~smarthost.smtpd.authdialog.AuthDialog` and each message in DATA to
-:class:`~smarthost.smtpd.reception.Reception`.
+:class:`~smarthost.smtpd.authdialog.AuthDialog`, each message in DATA to
+:class:`~smarthost.smtpd.reception.Reception`, and the chunks of a message sent with BDAT
+(RFC 3030) to :class:`~smarthost.smtpd.bdat.ChunkedMessage`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from smarthost.core.envelope import (
 from smarthost.core.maillog import MailLog
 from smarthost.core.replies import Reply
 from smarthost.smtpd.authdialog import AuthDialog, Login
+from smarthost.smtpd.bdat import ChunkedMessage, ChunkReader, parse_bdat, read_chunk
 from smarthost.smtpd.channel import Channel
 from smarthost.smtpd.dotreader import DataResult
 from smarthost.smtpd.hooks import Hooks
@@ -104,12 +106,14 @@ class Commands:
         self._intake = Intake(hooks, limits, policy, maillog, accepted)
         self._peer = Peer("")
         self._txn = Transaction()
+        self._chunks: ChunkedMessage | None = None  # the transaction's message, sent by BDAT
         self._admitted = False  # counted by the connection limiter
         self._auth: AuthDialog | None = None  # made at the first AUTH
         self._auth_step: Callable[[bytes], None] | None = None  # the AUTH dialog's next line
         self._verbs: dict[str, Callable[[str], None]] = {
             "EHLO": self.ehlo, "HELO": self.helo, "STARTTLS": self.starttls, "AUTH": self.auth,
-            "MAIL": self.mail, "RCPT": self.rcpt, "DATA": self.data, "RSET": self.rset,
+            "MAIL": self.mail, "RCPT": self.rcpt, "DATA": self.data, "BDAT": self.bdat,
+            "RSET": self.rset,
             "NOOP": self.noop, "QUIT": self.quit, "VRFY": self.vrfy, "EXPN": self.expn,
             "HELP": self.help,
         }
@@ -131,6 +135,7 @@ class Commands:
         )
 
     def connection_lost(self) -> None:
+        self._new_transaction()  # a message half sent by BDAT is dropped
         if self._admitted:
             self._admitted = False
             self._limits.connections.release(self._peer.address)
@@ -229,6 +234,14 @@ class Commands:
             return self._limits.address_key(self._peer.address)
         return None
 
+    def _new_transaction(self) -> None:
+        """Forget the transaction (RSET, EHLO, STARTTLS, the end of a message), dropping a
+        message whose chunks had started to arrive."""
+        self._txn = Transaction()
+        if self._chunks is not None:
+            self._chunks.abort()
+            self._chunks = None
+
     def _rate_allowed(self, rate_key: str | None) -> bool:
         if rate_key is None:
             return self._limits.anonymous.allowed(self._peer.address)
@@ -249,7 +262,7 @@ class Commands:
 
         def greet() -> Reply:
             self._peer.helo, self._peer.esmtp = arg, esmtp
-            self._txn = Transaction()
+            self._new_transaction()
             return reply.hello(self._settings.hostname, self._extensions() if esmtp else ())
 
         client = self._client()
@@ -264,7 +277,10 @@ class Commands:
             ext.append("STARTTLS")
         if self._auth_available():
             ext.append("AUTH " + " ".join(m.name for m in s.mechanisms))
-        return [*ext, "SMTPUTF8", "DSN"]
+        ext += ["SMTPUTF8", "DSN", "CHUNKING"]
+        if self._channel.encrypted:
+            ext.append("REQUIRETLS")  # RFC 8689 2: offered only once TLS is up
+        return ext
 
     def _auth_available(self) -> bool:
         s = self._settings
@@ -286,7 +302,7 @@ class Commands:
             # RFC 3207 4.2: the client must start over with EHLO; the transport forgets
             # whatever was pipelined behind STARTTLS.
             self._peer = Peer(self._peer.address)
-            self._txn = Transaction()
+            self._new_transaction()
             self._channel.start_tls()
 
     def auth(self, arg: str) -> None:
@@ -335,12 +351,13 @@ class Commands:
             self._channel.send(reply.PARAM_SYNTAX)
             return
         path, text = split_path(arg[5:])
-        parsed = mail_params(text, self._settings.max_size)
+        parsed = mail_params(text, self._settings.max_size, tls=self._channel.encrypted)
         if isinstance(parsed, Reply):
             self._channel.send(parsed)
             return
         txn = Transaction(
-            smtputf8=parsed.smtputf8, body=parsed.body, ret=parsed.ret, envid=parsed.envid
+            smtputf8=parsed.smtputf8, body=parsed.body, ret=parsed.ret, envid=parsed.envid,
+            requiretls=parsed.requiretls,
         )
         try:
             sender = parse_path(path, utf8=txn.smtputf8, allow_null=True)
@@ -370,6 +387,9 @@ class Commands:
     def rcpt(self, arg: str) -> None:
         if not self._txn.sender_given:
             self._channel.send(reply.NEED_MAIL)
+            return
+        if self._chunks is not None:
+            self._channel.send(reply.RCPT_AFTER_BDAT)
             return
         if not arg[:3].upper() == "TO:":
             self._channel.send(reply.PARAM_SYNTAX)
@@ -416,23 +436,33 @@ class Commands:
         if not self._txn.sender_given:
             self._channel.send(reply.NEED_MAIL)
             return
+        if self._chunks is not None:  # RFC 3030 2: DATA and BDAT are not mixed
+            self._channel.send(reply.DATA_AFTER_BDAT)
+            return
         if not self._txn.recipients:
             self._channel.send(reply.NO_RECIPIENTS)
             return
+        reception = self._begin_message()
+        if isinstance(reception, Reply):
+            self._channel.send(reception)
+            return
+        self._channel.read_data(reception, lambda result: self._end_of_data(reception, result))
+        self._channel.send(reply.START_DATA)
+
+    def _begin_message(self) -> Reception | Reply:
+        """A new message in the spool, our Received: header first; NO_STORAGE if the spool
+        cannot take even that."""
         incoming = self._spool.receive()
         try:
             incoming.write(self._received_header(incoming.queue_id.value))
         except OSError as e:
             incoming.abort()
             storage_error(self._log, incoming.queue_id.value, e)
-            self._channel.send(reply.NO_STORAGE)
-            return
-        reception = Reception(
+            return reply.NO_STORAGE
+        return Reception(
             incoming, self._settings.max_size, self._log,
             capture_headers=bool(self._hooks.data or self._hooks.headers),
         )
-        self._channel.read_data(reception, lambda result: self._end_of_data(reception, result))
-        self._channel.send(reply.START_DATA)
 
     def _received_header(self, queue_id: str) -> bytes:
         hop = Hop(
@@ -458,6 +488,11 @@ class Commands:
             else:
                 self._channel.send(error)
             return
+        self._take(txn, reception, result.size)
+
+    def _take(self, txn: Transaction, reception: Reception, size: int) -> None:
+        """A complete message (DATA's end, or BDAT LAST): the last checks and the commit
+        (:class:`~smarthost.smtpd.reception.Intake`), answered in command order."""
         rate_key = self._rate_key()
         envelope = txn.envelope(
             client_address=self._peer.address, client_name=self._peer.helo,
@@ -465,13 +500,50 @@ class Commands:
             received_at=self._clock.seconds(),
         )
         self._channel.answer_later(
-            self._intake.accept(reception, envelope, result.size, self._client(), rate_key)
+            self._intake.accept(reception, envelope, size, self._client(), rate_key)
         )
+
+    def bdat(self, arg: str) -> None:
+        """RFC 3030 2. Whatever the answer, a well-formed BDAT's octets are read first (they
+        could be anything, commands included); only a malformed one is answered at once, as
+        its size is unknown (as Postfix does: what follows is read as commands)."""
+        parsed = parse_bdat(arg)
+        if parsed is None:
+            self._channel.send(reply.BDAT_SYNTAX)
+            return
+        size, last = parsed
+        if self._chunks is None:
+            refusal = (reply.NEED_MAIL if not self._txn.sender_given
+                       else reply.NEED_RCPT if not self._txn.recipients else None)
+            if refusal is not None:  # no transaction to end, not even after LAST
+                read_chunk(self._channel, ChunkReader(size),
+                           lambda _: self._channel.send(refusal))
+                return
+            started = self._begin_message()
+            if isinstance(started, Reply):
+                self._chunks = ChunkedMessage(None, self._settings.max_size, started)
+            else:
+                self._chunks = ChunkedMessage(started, self._settings.max_size)
+        chunks = self._chunks
+        read_chunk(self._channel, chunks.chunk(size),
+                   lambda _: self._end_of_chunk(chunks, size, last))
+
+    def _end_of_chunk(self, chunks: ChunkedMessage, size: int, last: bool) -> None:
+        error = chunks.verdict(last=last)
+        if not last:
+            self._channel.send(error or reply.chunk_received(size))
+            return
+        txn, self._txn, self._chunks = self._txn, Transaction(), None
+        if error is not None:
+            self._channel.send(error)
+        else:
+            assert chunks.reception is not None  # no reception: refused from the start
+            self._take(txn, chunks.reception, chunks.size)
 
     # -- RSET, NOOP, QUIT, VRFY, EXPN, HELP ------------------------------------------------
 
     def rset(self, arg: str) -> None:
-        self._txn = Transaction()
+        self._new_transaction()
         self._channel.send(reply.RESET)
 
     def noop(self, arg: str) -> None:

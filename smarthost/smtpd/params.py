@@ -1,5 +1,5 @@
 """MAIL and RCPT parameters: RFC 5321 4.1.2 paths, SIZE (RFC 1870), BODY (RFC 6152),
-SMTPUTF8 (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), AUTH (RFC 4954).
+SMTPUTF8 (RFC 6531), RET/ENVID/NOTIFY/ORCPT (RFC 3461), AUTH (RFC 4954), REQUIRETLS (RFC 8689).
 
 Pure functions from the command's text to values or a Reply, so they can be fuzzed alone.
 """
@@ -25,9 +25,11 @@ class MailParams:
     body: str | None = None
     ret: str | None = None
     envid: str | None = None
+    requiretls: bool = False
 
 
-def mail_params(text: str, max_size: int) -> MailParams | Reply:
+def mail_params(text: str, max_size: int, *, tls: bool = False) -> MailParams | Reply:
+    """``tls``: the session is encrypted (STARTTLS done, or implicit TLS)."""
     try:
         options = parse_params(text)
     except ValueError:
@@ -54,6 +56,14 @@ def mail_params(text: str, max_size: int) -> MailParams | Reply:
             if decoded is None or len(decoded) > MAX_ENVID or not _printable(decoded):
                 return reply.PARAM_SYNTAX
             params = attrs.evolve(params, envid=decoded)
+        elif key == "REQUIRETLS":
+            # RFC 8689 2: a keyword without a value, offered (and meaningful) only on a TLS
+            # session; before STARTTLS the client is told what would make it acceptable.
+            if value is not None:
+                return reply.PARAM_SYNTAX
+            if not tls:
+                return reply.REQUIRETLS_NEEDS_TLS
+            params = attrs.evolve(params, requiretls=True)
         elif key == "AUTH":
             pass  # RFC 4954 5: accepted and not trusted; Postfix relays send AUTH=<>
         else:

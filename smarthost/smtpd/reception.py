@@ -1,8 +1,9 @@
-"""One message arriving in DATA: its bytes streamed into the spool through the DATA reader,
-its header section kept for plugins, and a full disk (while writing or at the commit) turned
-into ``452 4.3.1`` at the end of DATA instead of a dead session or a ``451`` with a traceback
-(RFC 5321 4.2.5: the client must learn the message was not taken); then, for a complete
-message, the last checks and the spool's commit point.
+"""One message arriving in DATA or as BDAT chunks (:mod:`smarthost.smtpd.bdat`): its bytes
+streamed into the spool through the DATA reader (or the chunks' checks), its header section
+kept for plugins, and a full disk (while writing or at the commit) turned into ``452 4.3.1`` at
+the end of the message instead of a dead session or a ``451`` with a traceback (RFC 5321
+4.2.5: the client must learn the message was not taken); then, for a complete message, the
+last checks and the spool's commit point.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Reception:
     ) -> None:
         self.incoming = incoming
         self._log = log
-        self._reader = DataReader(self._write, max_size)
+        self._reader = DataReader(self.write, max_size)
         # Always kept (it stops at the end of the header section): the From: check reads it.
         self._headers = HeaderCapture(HEADER_LIMIT)
         self._plugins_see_headers = capture_headers
@@ -69,7 +70,13 @@ class Reception:
         value = self._headers.value
         return None if len(value) >= HEADER_LIMIT else value
 
-    def _write(self, data: bytes) -> None:
+    @property
+    def write_failed(self) -> bool:
+        """The spool could not take the bytes (a full disk): answer NO_STORAGE, not 250."""
+        return self._write_failed
+
+    def write(self, data: bytes) -> None:
+        """Message bytes as they are to be stored (DATA's reader calls it; BDAT directly)."""
         if self._write_failed:
             return
         self._headers.feed(data)

@@ -1,4 +1,5 @@
-"""Per-transaction state (MAIL ... DATA), and the envelope it becomes at the end of DATA."""
+"""Per-transaction state (MAIL ... DATA or BDAT LAST), and the envelope it becomes at the end
+of the message."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class Transaction:
     body: str | None = None
     ret: str | None = None
     envid: str | None = None
+    requiretls: bool = False  # RFC 8689, given on a TLS session
     recipients: list[Recipient] = attrs.Factory(list)
 
     def envelope(
@@ -36,6 +38,7 @@ class Transaction:
             envid=self.envid,
             body=self.body,
             smtputf8=self.smtputf8,
+            requiretls=self.requiretls,
             received_at=received_at,
         )
 
