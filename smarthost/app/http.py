@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import attrs
 from cryptography import x509
-from prometheus_client.twisted import MetricsResource
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
@@ -184,7 +185,9 @@ class HTTPService(SiteService):
         view = QueueView(sources.spool, reactor, deferToThread)
         self.status = _Status(reactor, sources, view, self._health)
         sources.watch.metrics.watch(self._state_from_thread)
-        metrics = MetricsResource(sources.watch.metrics.registry)  # type: ignore[no-untyped-call]
+        registry = sources.watch.metrics.registry
+        metrics = MetricsPage(lambda accept: deferToThread(_exposition, registry, accept),
+                              sources.maillog)
         root = _root(self.status, metrics, sources.maillog)
         super().__init__(reactor, listen, Site(root),  # type: ignore[no-untyped-call]
                          sources.startup, sources.maillog)
@@ -260,6 +263,49 @@ def _root(status: _Status, metrics: IResource, maillog: MailLog) -> Resource:
     root.putChild(b"healthz", HealthResource(status.health))
     root.putChild(b"metrics", metrics)
     return root
+
+
+def _exposition(registry: CollectorRegistry, accept: str) -> tuple[str, bytes]:
+    """In a thread (the collectors read the live objects through the reactor thread): the
+    Prometheus text, or OpenMetrics when the scraper asks for it."""
+    encoder, content_type = choose_encoder(accept)
+    return content_type, encoder(registry)
+
+
+class MetricsPage(Resource):
+    """``/metrics``: ``render(accept header)`` gives the content type and the text.
+
+    Not prometheus_client's ``MetricsResource``: that is a WSGI application, and Twisted's
+    WSGI container needs a client address with a host, which a unix socket (a worker's
+    ``http.sock``, scraped by the master) does not have."""
+
+    isLeaf = True
+
+    def __init__(self, render: Callable[[str], Deferred[tuple[str, bytes]]],
+                 maillog: MailLog) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._render = render
+        self._log = maillog
+
+    def render_GET(self, request: Any) -> int:
+        gone: list[Failure] = []
+        request.notifyFinish().addErrback(gone.append)
+
+        def send(answer: tuple[str, bytes]) -> None:
+            if not gone:
+                request.setHeader(b"content-type", answer[0].encode())
+                request.write(answer[1])
+                request.finish()
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("/metrics could not be made", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        accept = request.getHeader(b"accept")
+        self._render(accept.decode("latin-1") if accept else "").addCallbacks(send, failed)
+        return NOT_DONE_YET
 
 
 class HealthResource(Resource):

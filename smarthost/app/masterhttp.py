@@ -33,20 +33,29 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, readBody
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Site
+from twisted.web.server import Site
 from zope.interface import implementer
 
 from smarthost.app import control, workerspools
-from smarthost.app.http import HealthResource, SiteService, StartupSteps, StatusPageResource
+from smarthost.app.http import (
+    HealthResource,
+    MetricsPage,
+    SiteService,
+    StartupSteps,
+    StatusPageResource,
+)
 from smarthost.app.metrics import GAUGE_MERGE, GAUGE_MERGE_SUFFIXES
 from smarthost.app.statuspage import WorkerStatus, WorkersView, render_workers
 from smarthost.core.maillog import MailLog
 
 SCRAPE_TIMEOUT = 2.0  # seconds a worker has to answer; Prometheus' own default timeout is 10
+MAX_BODY = 16 * 1024 * 1024  # a worker's metrics are a few KB: more is a bug, not data
 _ADDITIVE_TYPES = frozenset({"counter", "histogram", "summary", "gaugehistogram"})
 _COMBINE: dict[str, Callable[[float, float], float]] = {"sum": lambda a, b: a + b,
                                                        "max": max, "min": min}
@@ -106,15 +115,48 @@ class _Only:
         return self._endpoint
 
 
+class _Body(Protocol):
+    """Collects a response's body, at most :data:`MAX_BODY` bytes. Not ``readBody``: it
+    warns that the proxy transport it sees has no ``abortConnection``; cancelling this one
+    stops the transport (the connection is closed)."""
+
+    def __init__(self) -> None:
+        self.done: Deferred[bytes] = Deferred(lambda _d: self._stop())
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def _stop(self) -> None:
+        transport: Any = self.transport  # the response's TransportProxyProducer
+        if transport is not None:
+            transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        self._parts.append(data)
+        if self._size > MAX_BODY and not self.done.called:
+            self.done.errback(OSError(f"more than {MAX_BODY} bytes"))
+            self._stop()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):  # type: ignore[no-untyped-call]
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(reason)
+
+
 async def _get(reactor: Any, socket: Path, path: bytes, timeout: float) -> bytes:
     endpoint = UnixSocketEndpoint(reactor, socket, timeout)
     agent = Agent.usingEndpointFactory(  # type: ignore[no-untyped-call]
         reactor, _Only(endpoint))
     response = await agent.request(b"GET", b"http://worker" + path)
-    body: bytes = await readBody(response)
+    body = _Body()
+    response.deliverBody(body)
+    data = await body.done
     if response.code != 200:
         raise OSError(f"{socket}: HTTP {response.code}")
-    return body
+    return data
 
 
 def fetch(reactor: Any, socket: Path, path: bytes,
@@ -256,34 +298,13 @@ def worker_status(scrape: Scrape) -> WorkerStatus:
 # -- the service --------------------------------------------------------------------------------
 
 
-class _Metrics(Resource):
-    isLeaf = True
-
-    def __init__(self, service: MasterHTTPService) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self._service = service
-
-    def render_GET(self, request: Any) -> int:
-        gone: list[Failure] = []
-        request.notifyFinish().addErrback(gone.append)
-
-        def send(text: bytes) -> None:
-            if not gone:
-                request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-                request.write(text)
-                request.finish()
-
-        self._service.metrics().addCallback(send)
-        return NOT_DONE_YET
-
-
 class MasterHTTPService(SiteService):
     def __init__(self, reactor: Any, listen: Sequence[str], sources: MasterSources) -> None:
         self._sources = sources
         root = Resource()  # type: ignore[no-untyped-call]
         root.putChild(b"", StatusPageResource(self.page, sources.maillog))
         root.putChild(b"healthz", HealthResource(self._health))
-        root.putChild(b"metrics", _Metrics(self))
+        root.putChild(b"metrics", MetricsPage(self._metrics, sources.maillog))
         super().__init__(reactor, listen, Site(root),  # type: ignore[no-untyped-call]
                          sources.startup, sources.maillog)
 
@@ -294,8 +315,13 @@ class MasterHTTPService(SiteService):
         return None if self._sources.expected is None else self._sources.expected()
 
     def metrics(self) -> Deferred[bytes]:
+        """Every running worker's metrics, added up (never fails: see :func:`scrape`)."""
         d = scrape(self._reactor, list(self._sources.sockets()))
         return d.addCallback(exposition, self._expected())
+
+    def _metrics(self, accept: str) -> Deferred[tuple[str, bytes]]:
+        # Always the Prometheus text: what the workers send is parsed in that format.
+        return self.metrics().addCallback(lambda text: (CONTENT_TYPE_LATEST, text))
 
     def page(self) -> Deferred[str]:
         def render(scrapes: list[Scrape]) -> str:
