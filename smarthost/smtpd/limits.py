@@ -3,6 +3,20 @@
 All counters are in memory, keyed by client address or user, on the injected clock. They are
 shared by every listener of one daemon (one :class:`Limits` per process).
 
+With ``[fleet] redis`` the per-user hourly rate, the compromised-account brake and the AUTH
+failure throttle are counted across every node as well, through :class:`SharedCounts`. The
+checks stay synchronous (a session never waits for Redis): each node counts locally as
+always, tells the fleet of every event in the background, and checks against the larger of
+its own count and the fleet's count as last learnt. Every check also learns that key's count
+again in the background, and some learn ahead of need: a new connection learns its
+address's AUTH state (block included) while the client reads the greeting and says EHLO, and
+the session may call :meth:`SendingRate.prefetch` at AUTH success, before its MAIL. So the
+brake, judged at the end of DATA, sees the fleet as of the MAIL; the overshoot left is the
+check made before its key's count came back: a node may accept one message (or answer one
+AUTH attempt) beyond the fleet's limit for a key whose count it learnt before other nodes
+reached the limit; that event's own answer brings the fleet's count and it refuses from
+then on. (Transactions open at once on one node are counted at their commit, as ever.)
+
 Every per-address limit counts a client by :func:`address_key`: an IPv4 address alone, an
 IPv6 address by its ``/ipv6_prefix`` network (64 by default), because one IPv6 client holds a
 whole /64 and would otherwise be a new client at every connection.
@@ -15,6 +29,7 @@ import ipaddress
 import resource
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -42,6 +57,46 @@ class LimitSettings:
     auth_failures_per_connection: int = 3
     soft_errors: int = 10  # Postfix smtpd_soft_error_limit: from here, replies slow down
     hard_errors: int = 20  # Postfix smtpd_hard_error_limit: then 421 and close
+
+
+@attrs.frozen
+class Tally:
+    """What one limit counts with the rest of the fleet. ``name`` keeps its keys apart from
+    the other limits'; events count over the last ``span`` seconds; at most ``cap`` are kept
+    per key (enough to tell "over the limit", so a flood costs bounded memory); and, when
+    ``block_at`` > 0, that many events block the key for ``span`` and start its count afresh,
+    as :class:`AuthThrottle` does on its own."""
+
+    name: str
+    span: float
+    cap: int
+    block_at: int = 0
+
+
+@attrs.frozen
+class Known:
+    """What a node knows of one key's fleet-wide state now: the count in the window (0 when
+    not known) and until when the key is blocked (0.0: it is not)."""
+
+    count: int = 0
+    blocked_until: float = 0.0
+
+
+class SharedCounts(Protocol):
+    """Counts shared with the rest of the fleet (``smarthost.app.fleet`` keeps them in
+    Redis). Every method answers at once from what this node has learnt; the exchanges with
+    the shared store run in the background, and when it does not answer the answers are what
+    was learnt before (nothing, after a while), so the limits fall back to the local counts."""
+
+    def known(self, tally: Tally, key: str) -> Known:
+        """What is known of ``key``; learnt again in the background when not lately."""
+
+    def learn(self, tally: Tally, key: str) -> None:
+        """Learn ``key``'s fleet-wide state again now, ahead of a check that will need it."""
+
+    def add(self, tally: Tally, key: str) -> Known:
+        """Count one event under ``key`` fleet-wide; what is known now, this event included
+        (the fleet's answer, with the count it reached, comes in the background)."""
 
 
 @functools.lru_cache(maxsize=8192)
@@ -80,12 +135,17 @@ def raise_nofile_limit() -> tuple[int, int]:
 
 
 class ConnectionLimiter:
-    """Concurrent connections, whole server and per client address (IPv6: per prefix)."""
+    """Concurrent connections, whole server and per client address (IPv6: per prefix).
+
+    Always counted per process: open connections are this node's resource. ``on_admit`` is
+    told of each admitted address (the fleet learns its AUTH state then, see the module)."""
 
     def __init__(
-        self, total: int, per_address: int, key: Callable[[str], str] = address_key
+        self, total: int, per_address: int, key: Callable[[str], str] = address_key,
+        on_admit: Callable[[str], None] | None = None,
     ) -> None:
         self._total, self._per_address, self._key = total, per_address, key
+        self._on_admit = on_admit
         self._count = 0
         self._by_address: dict[str, int] = {}
 
@@ -97,6 +157,8 @@ class ConnectionLimiter:
             return TOO_MANY_FROM_YOU
         self._count += 1
         self._by_address[key] = self._by_address.get(key, 0) + 1
+        if self._on_admit is not None:
+            self._on_admit(address)
         return None
 
     def release(self, address: str) -> None:
@@ -161,18 +223,31 @@ class AuthThrottle:
     """Per-address failed AUTH counting: a growing delay, then 454 for a while.
 
     Keyed by address only (IPv6: by prefix), so an attacker elsewhere never locks the real
-    user out.
+    user out. With ``shared``, failures count across the fleet, and a block one node decides
+    (in Redis, with the count) holds on every node.
     """
 
     def __init__(
-        self, clock: IReactorTime, limit: int, key: Callable[[str], str] = address_key
+        self, clock: IReactorTime, limit: int, key: Callable[[str], str] = address_key,
+        shared: SharedCounts | None = None,
     ) -> None:
         self._clock, self._limit, self._key = clock, limit, key
+        self._shared, self._tally = shared, Tally("auth", AUTH_WINDOW, limit + 1, limit)
         self._failures = _Windows(clock, AUTH_WINDOW, limit + 1)
         self._blocked_until: dict[str, float] = {}
 
+    def prefetch(self, address: str) -> None:
+        """Learn the fleet's failures and block for ``address`` now (at connect, before the
+        client can say AUTH)."""
+        if self._shared is not None:
+            self._shared.learn(self._tally, self._key(address))
+
     def blocked(self, address: str) -> bool:
         key = self._key(address)
+        if self._shared is not None and key not in self._blocked_until:
+            fleet = self._shared.known(self._tally, key).blocked_until
+            if fleet > self._clock.seconds():
+                self._blocked_until[key] = fleet
         until = self._blocked_until.get(key)
         if until is None:
             return False
@@ -186,24 +261,42 @@ class AuthThrottle:
         """Record a failure; the delay (seconds) before answering it."""
         key = self._key(address)
         failures = self._failures.add(key)
+        if self._shared is not None:
+            failures = max(failures, self._shared.add(self._tally, key).count)
         if failures >= self._limit:
             self._blocked_until[key] = self._clock.seconds() + AUTH_WINDOW
         return float(min(failures, 5))  # 1 s, 2 s, ... capped: slows guessing, not users
 
 
 class SendingRate:
-    """Messages per user (or trusted address) per hour: the rate limit and the brake."""
+    """Messages per user (or trusted address) per hour: the rate limit and the brake. With
+    ``shared``, counted across the fleet (see the module for how far behind it may be)."""
 
-    def __init__(self, clock: IReactorTime, limit: int, hold_after: int) -> None:
+    def __init__(
+        self, clock: IReactorTime, limit: int, hold_after: int,
+        shared: SharedCounts | None = None,
+    ) -> None:
         self._limit, self._hold_after = limit, hold_after
-        self._windows = _Windows(clock, HOUR, max(limit, hold_after) + 1)
+        self._shared, self._tally = shared, Tally("rate", HOUR, max(limit, hold_after) + 1)
+        self._windows = _Windows(clock, HOUR, self._tally.cap)
+
+    def prefetch(self, key: str) -> None:
+        """Learn the fleet's count for ``key`` now (at AUTH success, before its MAIL)."""
+        if self._shared is not None:
+            self._shared.learn(self._tally, key)
 
     def allowed(self, key: str) -> bool:
-        return self._windows.count(key) < self._limit
+        count = self._windows.count(key)
+        if self._shared is not None:
+            count = max(count, self._shared.known(self._tally, key).count)
+        return count < self._limit
 
     def accepted(self, key: str) -> bool:
         """Count one accepted message; True when it is past the hold threshold."""
-        return self._windows.add(key) > self._hold_after
+        count = self._windows.add(key)
+        if self._shared is not None:
+            count = max(count, self._shared.add(self._tally, key).count)
+        return count > self._hold_after
 
 
 class AnonymousRate:
@@ -225,17 +318,23 @@ class AnonymousRate:
 
 
 class Limits:
-    """The per-process limit state every session shares."""
+    """The per-process limit state every session shares; ``shared``: the fleet's counts
+    (``[fleet] redis``), or None to count on this process alone."""
 
-    def __init__(self, clock: IReactorTime, settings: LimitSettings) -> None:
-        self.settings = settings
+    def __init__(
+        self, clock: IReactorTime, settings: LimitSettings, shared: SharedCounts | None = None
+    ) -> None:
+        self.settings, self.shared = settings, shared
         key = functools.partial(address_key, ipv6_prefix=settings.ipv6_prefix)
         self.address_key: Callable[[str], str] = key
+        self.auth = AuthThrottle(clock, settings.auth_failures_per_ip, key, shared)
         self.connections = ConnectionLimiter(
-            settings.connections, settings.connections_per_ip, key
+            settings.connections, settings.connections_per_ip, key,
+            self.auth.prefetch if shared is not None else None,
         )
-        self.auth = AuthThrottle(clock, settings.auth_failures_per_ip, key)
         self.rate = SendingRate(
-            clock, settings.messages_per_user_per_hour, settings.hold_user_after_per_hour
+            clock, settings.messages_per_user_per_hour, settings.hold_user_after_per_hour,
+            shared,
         )
+        # Anonymous mail stays per node: what it bounds is this node's disk and delivery work.
         self.anonymous = AnonymousRate(clock, settings.messages_per_ip_per_hour, key)
