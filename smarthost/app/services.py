@@ -60,17 +60,26 @@ class Listener:
 
 class ListenerService(Service):
     """Opens every configured listener on start (all of them, or the start fails) and closes
-    them on stop."""
+    them on stop.
+
+    A master of worker processes (:mod:`smarthost.app.master`) opens them with ``accept``
+    False: the sockets listen (the kernel queues connections) but this process never
+    accepts; its workers, which inherit the sockets, do. :attr:`opened` fires with the
+    ports, in the order of ``listeners``, once every one listens.
+    """
 
     def __init__(
-        self, reactor: Any, maillog: MailLog, listeners: list[Listener], starting: Startup
+        self, reactor: Any, maillog: MailLog, listeners: list[Listener], starting: Startup,
+        *, accept: bool = True,
     ) -> None:
         self._reactor = reactor
         self._log = maillog
         self._listeners = listeners
         self._startup = starting
+        self._accept = accept
         self._ports: list[IListeningPort] = []
         self._stopped = False
+        self.opened: Deferred[list[IListeningPort]] = Deferred()
 
     def privilegedStartService(self) -> None:
         # Before twistd drops to --uid/--gid: ports below 1024 (25, 465, 587) need root.
@@ -92,6 +101,9 @@ class ListenerService(Service):
             if self._stopped:  # the start failed elsewhere while this port was opening
                 await _stop(port)
                 return
+            if not self._accept:
+                # Before the reactor runs (privilegedStartService): nothing was accepted.
+                port.stopReading()  # type: ignore[attr-defined]
             self._ports.append(port)
             host = port.getHost()
             self._log.notice(
@@ -101,6 +113,7 @@ class ListenerService(Service):
                 description=listener.description,
             )
         self._startup.done(startup.LISTENERS)
+        self.opened.callback(list(self._ports))
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()

@@ -101,6 +101,7 @@ class Durable:
     scheduler: Scheduler
     hosts: HostCache
     watch: Watch  # the counters: a reload keeps them
+    state_dir: Path  # beside the spool(s): what is kept that is not mail (MTA-STS policies)
 
 
 def make_service(
@@ -111,10 +112,18 @@ def make_service(
     load: Callable[[], Config] | None = None,
     environ: Mapping[str, str] = os.environ,
     log_file: LogFile | None = None,
+    log_observer: ILogObserver | None = None,
+    http_listen: Sequence[str | Path] | None = None,
+    state_dir: Path | None = None,
 ) -> MultiService:
     """The whole daemon as one twistd service. ``load`` reads the config again for a reload
     (by default the same config: only the files it names are read again); ``log_file`` is
-    twistd's log, which SIGUSR1 reopens."""
+    twistd's log, which SIGUSR1 reopens.
+
+    A worker of a master (:mod:`smarthost.app.workerconfig`) passes its own ``log_observer``
+    (lines for the master to re-emit), ``http_listen`` (its ``http.sock`` instead of
+    ``[http] listen``) and ``state_dir`` (where the MTA-STS cache lives, by default beside
+    the spool)."""
     events = EventFile(str(config.log.events)) if config.log.events else None
     maillog = MailLog(reactor, events)
     # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
@@ -131,11 +140,13 @@ def make_service(
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
-    steps = (*STEPS, http.STEP) if config.http.listen else STEPS
+    http_listen = config.http.listen if http_listen is None else http_listen
+    steps = (*STEPS, http.STEP) if http_listen else STEPS
     starting = Startup(reactor, maillog, notify, ExitStatus(), steps)
-    top = DaemonService(observer_for(log_file))
+    top = DaemonService(log_observer or observer_for(log_file))
     live = Live()
-    durable = _durable(config, reactor, maillog, live)
+    state = config.queue.directory.parent if state_dir is None else state_dir
+    durable = _durable(config, reactor, maillog, live, state)
 
     def build(new: Config, previous: Generation | None) -> Generation:
         return build_generation(new, reactor, checkers, durable, previous)
@@ -147,7 +158,7 @@ def make_service(
         return top
     commands = control.ControlCommands(durable.spool, durable.scheduler, maillog)
     # First, so that it stops last: /healthz answers 503 while the rest stops.
-    http.make_http_service(reactor, config.http.listen, http.StatusSources(
+    http.make_http_service(reactor, http_listen, http.StatusSources(
         watch=durable.watch, spool=durable.spool, maillog=maillog, startup=starting,
         ready=lambda: starting.ready, hostname=lambda: live.current.config.hostname,
         certificate=lambda: http.leaf_of(live.current.server_tls),
@@ -202,7 +213,9 @@ def _listeners(config: Config, live: Live, watch: Watch) -> list[Listener]:
     return found
 
 
-def _durable(config: Config, reactor: Any, maillog: MailLog, live: Live) -> Durable:
+def _durable(
+    config: Config, reactor: Any, maillog: MailLog, live: Live, state_dir: Path
+) -> Durable:
     from twisted.internet.threads import deferToThread
 
     # Recovery (which creates the directories) waits for startService, after twistd has
@@ -218,7 +231,7 @@ def _durable(config: Config, reactor: Any, maillog: MailLog, live: Live) -> Dura
         config, reactor, spool, maillog, hosts, policy, resolve=live.resolve,
         observe=live.observe,
     )
-    return Durable(spool, maillog, scheduler, hosts, Watch(reactor))
+    return Durable(spool, maillog, scheduler, hosts, Watch(reactor), state_dir)
 
 
 def build_generation(
@@ -237,7 +250,7 @@ def build_generation(
         previous.config.delivery.nameservers == config.delivery.nameservers
     ) else make_resolver(list(config.delivery.nameservers), reactor)
     parts = build_parts(config, reactor, checkers, durable, server_tls, users, dns, previous)
-    routing = _routing(config, dns, durable.hosts, reactor)
+    routing = _routing(config, dns, durable.hosts, reactor, durable.state_dir)
     return Generation(
         config=config,
         factories={role: session_factory(parts, role, reactor) for role in Role},
@@ -395,14 +408,16 @@ def retry_policy(config: Config) -> RetryPolicy:
     )
 
 
-def _routing(config: Config, dns: DNSLookups, hosts: HostCache, reactor: Any) -> NextHopResolver:
+def _routing(
+    config: Config, dns: DNSLookups, hosts: HostCache, reactor: Any, state_dir: Path
+) -> NextHopResolver:
     delivery = config.delivery
     # MTA-STS policies are cached beside the spool, so a reload or a restart keeps them. The
     # policy host is found through the same DNS client as its _mta-sts record and the MX hosts.
     mta_sts = PolicySource(
         txt_lookup(dns),
         HTTPSFetcher(reactor, directory.trust_root(config.tls.ca_file), resolver=dns),
-        PolicyStore(config.queue.directory.parent / "mta-sts"),
+        PolicyStore(state_dir / "mta-sts"),
         reactor,
     ) if delivery.mta_sts else None
     return NextHopResolver(
