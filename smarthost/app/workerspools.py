@@ -50,6 +50,17 @@ def worker_index(spool: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def id_origin(spool: Path) -> str:
+    """What ends every queue id a worker's spool makes (``worker-3`` → ``03``; the root: "").
+
+    Each worker checks new ids only against its own spool; without this two workers could
+    draw the same id (40 random bits in the same millisecond), and ``smarthost queue`` would
+    not know which message an id means.
+    """
+    index = worker_index(spool)
+    return "" if index is None else f"{index:02X}"
+
+
 def holds_spool_files(directory: Path) -> bool:
     """Whether ``directory`` has at least one segment (``log/*.seg``): mail may be there."""
     try:

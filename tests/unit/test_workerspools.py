@@ -58,3 +58,10 @@ def test_spools_nobody_serves_any_more_stay_visible(tmp_path: Path) -> None:
     # Back to one worker: the root first, then what the workers left.
     assert workerspools.spool_directories(config(tmp_path, 1)) == [
         root, root / "worker-1", root / "worker-4", root / "worker-12"]
+
+
+def test_each_worker_ends_its_ids_with_its_own_number(tmp_path: Path) -> None:
+    """So two workers never mint the same queue id (each checks only its own spool)."""
+    assert workerspools.id_origin(tmp_path / "spool") == ""
+    assert workerspools.id_origin(tmp_path / "spool" / "worker-3") == "03"
+    assert workerspools.id_origin(tmp_path / "spool" / "worker-64") == "40"
