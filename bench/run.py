@@ -61,6 +61,16 @@ def ensure_tools(install: bool) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def use_source(run: Run, rev: str) -> None:
+    """smarthost from ``rev`` (``git archive`` into the run's directory), not the work tree."""
+    source = run.root / "source"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(servers.REPO), "archive", rev],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive, check=True)
+    servers.SOURCE = source
+
+
 def raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
@@ -291,7 +301,8 @@ def startup_run(run: Run, count: int) -> dict[str, Any]:
     server.write_config()
     t = time.monotonic()
     subprocess.run([str(servers.PYTHON), str(HERE / "genspool.py"), str(server.spool),
-                    str(count)], check=True, cwd=servers.REPO)
+                    str(count)], check=True, cwd=servers.SOURCE or servers.REPO,
+                   env=servers.smarthost_env())
     generated = time.monotonic() - t
     run.started.append(server)
     try:
@@ -371,7 +382,9 @@ def table_lines(workloads: list[dict[str, Any]], labels: list[str], markdown: bo
 def goal_lines(workloads: list[dict[str, Any]], labels: list[str], markdown: bool) -> list[str]:
     """The issue's goals table: each smarthost's ratio to Postfix = 1, and whether it meets
     the goal."""
-    by_id = {w["id"]: w for w in workloads if "id" in w}
+    if "postfix" not in labels:
+        return []
+    by_id = {w["id"]: w for w in workloads}
     smarthosts = [label for label in labels if label != "postfix"]
     head = ["goal (Postfix = 1)", *smarthosts, "goal"]
     rows = []
@@ -405,7 +418,7 @@ def _layout(head: list[str], rows: list[list[str]], markdown: bool) -> list[str]
     return [line(head), "-" * len(line(head)), *(line(r) for r in rows)]
 
 
-def machine() -> dict[str, Any]:
+def machine(source: str | None) -> dict[str, Any]:
     def output(*argv: str) -> str:
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=30,
@@ -419,9 +432,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "postfix": output(servers.POSTCONF, "-d", "-h", "mail_version"),
         "twisted": output(str(servers.PYTHON), "-c", "import twisted; print(twisted.__version__)"),
-        "smarthost_commit": output("git", "rev-parse", "--short", "HEAD"),
-        "uncommitted_changes": bool(output("git", "status", "--porcelain", "--untracked-files=no",
-                                           "smarthost")),
+        "smarthost_commit": output("git", "rev-parse", "--short", f"{source or 'HEAD'}^{{commit}}"),
+        "smarthost_source": "work tree" if source is None else f"git archive {source}",
+        "uncommitted_changes": source is None and bool(output(
+            "git", "status", "--porcelain", "--untracked-files=no", "smarthost")),
         "tmp_filesystem": output("df", "-T", tempfile.gettempdir()).splitlines()[-1:],
     }
 
@@ -451,6 +465,9 @@ def parse() -> argparse.Namespace:
                    help="comma-separated subset of accept,deliver,idle,many-idle,startup,"
                         "profile (deliver gives two rows: accept while delivering, and "
                         "accept + deliver until the queue is empty)")
+    p.add_argument("--source", metavar="REV",
+                   help="run smarthost from a copy of this commit (git archive) instead of the "
+                        "work tree: a fixed version while the tree changes under the run")
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
     a = p.parse_args()
@@ -584,12 +601,14 @@ def main() -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     began = time.monotonic()
     run = Run(args.keep)
+    if args.source:
+        use_source(run, args.source)
     bench = Bench(args, run)
     results: dict[str, Any] = {
         "started": stamp, "started_utc": datetime.datetime.now(datetime.UTC)
         .isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full",
         "rounds": args.rounds, "messages": args.messages, "size": args.size,
-        "workers": args.workers, "machine": machine(), "loadavg_start": os.getloadavg(),
+        "workers": args.workers, "machine": machine(args.source), "loadavg_start": os.getloadavg(),
         "workloads": bench.workloads,
     }
     load = os.getloadavg()[0]

@@ -30,6 +30,18 @@ PYTHON = VENV_BIN / "python"
 
 LOOPBACK = "127.0.0.1"
 
+# Where smarthost's code comes from: the work tree (None) or a copy of one commit
+# (bench/run --source REV), put first on PYTHONPATH for every smarthost process.
+SOURCE: Path | None = None
+
+
+def smarthost_env() -> dict[str, str]:
+    env = dict(os.environ)
+    if SOURCE is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(SOURCE), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
 
 def free_port() -> int:
     """A port nothing listens on right now (the kernel's pick for port 0)."""
@@ -238,6 +250,7 @@ hold_user_after_per_hour = 1000000000
             self.proc = subprocess.Popen(
                 self.argv(), cwd=self.directory, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                env=smarthost_env(),
             )
         self.wait_log("] ready", timeout)
         return self
@@ -321,7 +334,7 @@ hold_user_after_per_hour = 1000000000
     def queue_list(self) -> list[object]:
         out = subprocess.run(
             [str(SMARTHOST), "queue", "--config", str(self.config), "list", "--json"],
-            capture_output=True, text=True, timeout=300, check=True,
+            capture_output=True, text=True, timeout=300, check=True, env=smarthost_env(),
         ).stdout
         import json
 
