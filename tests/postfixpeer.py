@@ -14,7 +14,7 @@ written and the system's own instance (port 25) is never touched.
   127.0.0.1, which is in ``mynetworks``).
 - It logs to a file of its own (``maillog_file``, Postfix >= 3.4) with ``debug_peer_list``
   covering 127.0.0.1, so smtpd logs every command it receives (``< ...: BDAT 4711 LAST``) and
-  the smtp client every command it sends (``> ...: DATA``): :meth:`PostfixPeer.dialog` shows
+  the smtp client every command it sends (``> ...: DATA``): :meth:`PostfixPeer.session` shows
   which verbs carried a message, the proof that BDAT was (or was not) used.
 
 Postfix's master must start as root (it binds the port, then its daemons drop to the
@@ -84,13 +84,35 @@ _CHAT = re.compile(
 
 @dataclass
 class Dialog:
-    """One SMTP session as Postfix logged it: command lines and reply lines (message data
-    is not logged, neither DATA's nor BDAT's)."""
+    """An SMTP session, or a part of one, as Postfix logged it: command and reply lines in
+    log order (message data is not logged, neither DATA's nor BDAT's)."""
 
     program: str  # "smtpd" or "smtp"
     pid: int
-    client: list[str] = field(default_factory=list)  # commands, in order
-    server: list[str] = field(default_factory=list)  # reply lines, in order
+    lines: list[tuple[bool, str]] = field(default_factory=list)  # (from the client, line)
+
+    @property
+    def client(self) -> list[str]:
+        return [line for from_client, line in self.lines if from_client]
+
+    @property
+    def server(self) -> list[str]:
+        return [line for from_client, line in self.lines if not from_client]
+
+    def names(self, recipient: str) -> bool:
+        rcpt = f"RCPT TO:<{recipient}>".upper()
+        return any(line.upper().startswith(rcpt) for line in self.client)
+
+    def transaction(self, recipient: str) -> Dialog:
+        """The transaction for ``recipient``: from its MAIL to the next MAIL or the end (a
+        reused connection carries several)."""
+        starts = [i for i, (from_client, line) in enumerate(self.lines)
+                  if from_client and line.upper().startswith("MAIL FROM:")]
+        for start, end in zip(starts, [*starts[1:], len(self.lines)], strict=True):
+            part = Dialog(self.program, self.pid, self.lines[start:end])
+            if part.names(recipient):
+                return part
+        raise LookupError(f"no transaction for {recipient} in {self.lines}")
 
     def verbs(self) -> list[str]:
         return [line.split(" ", 1)[0].upper() for line in self.client]
@@ -275,14 +297,13 @@ class PostfixPeer:
                 mine.append(Dialog(program, pid))
                 ordered.append(mine[-1])
             if mine:
-                (mine[-1].client if from_client else mine[-1].server).append(line)
+                mine[-1].lines.append((from_client, line))
         return ordered
 
-    def dialog(self, program: str, recipient: str) -> Dialog:
-        """The one session of ``program`` that carried mail for ``recipient``."""
-        rcpt = f"RCPT TO:<{recipient}>".upper()
-        found = [d for d in self.dialogs(program)
-                 if any(line.upper().startswith(rcpt) for line in d.client)]
+    def session(self, program: str, recipient: str) -> Dialog:
+        """The one session of ``program`` that carried mail for ``recipient`` (see
+        :meth:`Dialog.transaction` for that message's part of it)."""
+        found = [d for d in self.dialogs(program) if d.names(recipient)]
         assert len(found) == 1, f"{len(found)} {program} sessions for {recipient}"
         return found[0]
 

@@ -68,7 +68,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     d.add_user("alice", PASSWORD)
     try:
         d.start()
-        with postfix_peer(relayhost=f"[127.0.0.1]:{d.ports['smtp']}", port=port) as pf:
+        with postfix_peer(relayhost=f"[127.0.0.1]:{d.ports['smtp']}", port=port,
+                          mailboxes=("bob", "frank")) as pf:
             yield World(d, pf)
     finally:
         d.stop()
@@ -120,18 +121,34 @@ def lf(message: bytes) -> bytes:
 
 
 def submit(world: World, sender: str, recipient: str, message: bytes) -> None:
-    """As alice, over STARTTLS on the submission port: a real authenticated relay."""
+    """As alice, over STARTTLS on the submission port, by DATA: a real authenticated relay."""
     with smtplib.SMTP("127.0.0.1", world.smarthost.ports["submission"], timeout=30) as s:
         s.starttls(context=client_tls())
         s.login("alice", PASSWORD)
         s.sendmail(sender, [recipient], message, mail_options=["BODY=8BITMIME"])
 
 
-def test_smarthost_relays_to_postfix_by_bdat_byte_identical(world: World) -> None:
-    recipient = f"bob@{DOMAIN}"
-    sent = tricky_message("Alice <alice@example.test>", recipient, "to postfix")
-    submit(world, "alice@example.test", recipient, sent)
-    delivered = world.postfix.wait_message("bob")
+def submit_bdat(world: World, sender: str, recipient: str, chunks: list[bytes]) -> None:
+    """As :func:`submit`, but by BDAT, one chunk at a time (smtplib knows no BDAT: its
+    socket carries our commands and chunks, and it reads the replies)."""
+    with smtplib.SMTP("127.0.0.1", world.smarthost.ports["submission"], timeout=30) as s:
+        s.starttls(context=client_tls())
+        s.login("alice", PASSWORD)
+        assert s.has_extn("chunking"), s.esmtp_features
+        assert s.mail(sender, ["BODY=8BITMIME"])[0] == 250
+        assert s.rcpt(recipient)[0] == 250
+        for i, chunk in enumerate(chunks):
+            last = " LAST" if i == len(chunks) - 1 else ""
+            s.send(f"BDAT {len(chunk)}{last}\r\n".encode() + chunk)
+            code, reply = s.getreply()
+            assert code == 250, reply
+
+
+def assert_bdat_to_postfix(world: World, local: str, sent: bytes) -> None:
+    """``sent`` went from smarthost to Postfix by BDAT, in more than one chunk, and arrived
+    in ``local``'s Maildir byte for byte."""
+    recipient = f"{local}@{DOMAIN}"
+    delivered = world.postfix.wait_message(local)
     world.smarthost.wait_for(re.compile(
         rf"to=<{re.escape(recipient)}> relay=\S+ result=delivered"), timeout=30)
 
@@ -143,7 +160,7 @@ def test_smarthost_relays_to_postfix_by_bdat_byte_identical(world: World) -> Non
                      b"received"]
     assert b"by mx.smarthost.test" in trace[-1]
 
-    dialog = world.postfix.dialog("smtpd", recipient)
+    dialog = world.postfix.session("smtpd", recipient).transaction(recipient)
     assert "DATA" not in dialog.verbs(), dialog.client
     [mail] = [line for line in dialog.client if line.upper().startswith("MAIL FROM:")]
     assert "BODY=8BITMIME" in mail.upper()
@@ -159,6 +176,25 @@ def test_smarthost_relays_to_postfix_by_bdat_byte_identical(world: World) -> Non
                for line in dialog.server), dialog.server
 
 
+def test_smarthost_relays_to_postfix_by_bdat_byte_identical(world: World) -> None:
+    sent = tricky_message("Alice <alice@example.test>", f"bob@{DOMAIN}", "to postfix")
+    submit(world, "alice@example.test", f"bob@{DOMAIN}", sent)
+    assert_bdat_to_postfix(world, "bob", sent)
+
+
+def test_bdat_in_bdat_out_cut_at_awkward_places(world: World) -> None:
+    """Received by BDAT (chunks cut inside CRLF, inside CRLF.CRLF, before a dot-led line, and
+    an empty LAST), sent on by BDAT: Postfix gets exactly what the client sent."""
+    sent = tricky_message("Alice <alice@example.test>", f"frank@{DOMAIN}", "bdat both ways")
+    dot_line = sent.index(b"\r\n.\r\n")
+    cuts = sorted({sent.index(b"\r\n") + 1, dot_line + 1, dot_line + 3,
+                   sent.index(b"\r\n..x") + 2, len(sent) // 2, len(sent)})
+    chunks = [sent[a:b] for a, b in zip([0, *cuts], [*cuts, len(sent)], strict=True)]
+    assert b"".join(chunks) == sent and chunks[-1] == b""
+    submit_bdat(world, "alice@example.test", f"frank@{DOMAIN}", chunks)
+    assert_bdat_to_postfix(world, "frank", sent)
+
+
 def relay_through_postfix(world: World, local: str) -> tuple[Dialog, bytes, bytes]:
     """A message injected into Postfix for ``local``@example.test, relayed by Postfix to
     smarthost's smtp listener and delivered to its Maildir: (Postfix's client session, the
@@ -172,11 +208,12 @@ def relay_through_postfix(world: World, local: str) -> tuple[Dialog, bytes, byte
     world.smarthost.wait_for(re.compile(
         rf"to=<{re.escape(recipient)}> relay=maildir result=delivered"), timeout=30)
     [file] = (world.smarthost.directory / "var/maildir/example.test" / local / "new").iterdir()
-    return world.postfix.dialog("smtp", recipient), sent, file.read_bytes()
+    return world.postfix.session("smtp", recipient), sent, file.read_bytes()
 
 
 def test_postfix_relays_to_smarthost_byte_identical(world: World) -> None:
-    dialog, sent, delivered = relay_through_postfix(world, "carol")
+    session, sent, delivered = relay_through_postfix(world, "carol")
+    dialog = session.transaction("carol@example.test")
     trace, rest = split_trace(delivered)
     assert rest == lf(sent)
     names = [f.split(b":", 1)[0].lower() for f in trace]
@@ -191,8 +228,8 @@ def test_postfix_relays_to_smarthost_byte_identical(world: World) -> None:
 def test_smarthost_offers_chunking_to_postfix_on_the_smtp_listener(world: World) -> None:
     """SPEC: BDAT is accepted on every listener and advertised in EHLO. A client that does
     not use it (Postfix's) must be unaffected by the offer."""
-    dialog, sent, delivered = relay_through_postfix(world, "erin")
-    ehlo = [line[4:].upper() for line in dialog.server if line.startswith("250")]
-    assert "CHUNKING" in ehlo, dialog.server
+    session, sent, delivered = relay_through_postfix(world, "erin")
+    ehlo = [line[4:].upper() for line in session.server if line.startswith("250")]
+    assert "CHUNKING" in ehlo, session.server
     assert split_trace(delivered)[1] == lf(sent)
-    assert "DATA" in dialog.verbs(), dialog.client
+    assert "DATA" in session.transaction("erin@example.test").verbs(), session.client
