@@ -182,7 +182,7 @@ class PostfixPeer:
             "maillog_file": str(self.logfile),
             "maillog_file_prefixes": str(self.directory),
             "myhostname": HOSTNAME,
-            "mydomain": "postfix.test",
+            "mydomain": DOMAIN,
             "mydestination": "",
             "alias_maps": "",
             "alias_database": "",
