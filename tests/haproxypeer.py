@@ -7,7 +7,9 @@ HAProxy runs in the foreground (``-db``) with a generated configuration: one TCP
 port. The frontend's socket is opened here and inherited (``bind fd@N``), so its port is known
 before HAProxy starts and no other process can take it in between. A stats socket (unix, in a
 short private directory: a socket path holds at most 107 bytes) lets the test read each
-server's state. Usage::
+server's state. ``retries`` with ``option redispatch`` send a connection that a stopping node
+refuses (its listeners close before HAProxy's checks mark it DOWN) on to another node, as a
+production configuration would. Usage::
 
     with haproxy(tmp_path, {"a": Node(port_a, http_a), "b": Node(port_b, http_b)}) as lb:
         lb.wait_servers({"a": "UP", "b": "UP"})
