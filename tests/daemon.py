@@ -22,6 +22,9 @@ from pathlib import Path
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SMARTHOST = str(Path(sys.executable).with_name("smarthost"))
 LISTENING = re.compile(r"(submission|submissions|smtp) listening on ([\d.:a-f]+):(\d+)")
+# The daemon's own "ready": with [server] workers > 1 the master's, not a worker's (whose
+# lines the master re-emits as "[worker-<i> smarthost#info] ready").
+READY = re.compile(r"\[smarthost#info\] ready$")
 
 BASE_CONFIG = """\
 hostname = "mx.smarthost.test"
@@ -51,7 +54,7 @@ class Daemon:
 
     def start(self, timeout: float = 30.0) -> Daemon:
         self.launch()
-        self.wait_for("ready", timeout)
+        self.wait_for(READY, timeout)
         return self
 
     def launch(self) -> Daemon:
