@@ -22,7 +22,10 @@ The master is what twistd runs (and what systemd supervises). It
   is refused by the master, with nothing sent on), warns about what only a restart of the
   master applies (listeners, workers, ``[http]``, the spool root) and sends SIGHUP to every
   worker, which reloads as one daemon does; SIGUSR1 reopens the master's log and is sent on;
-- re-emits every worker's log lines into its own log (:mod:`smarthost.app.workerlog`).
+- re-emits every worker's log lines into its own log (:mod:`smarthost.app.workerlog`);
+- serves ``[http] listen`` itself (:mod:`smarthost.app.masterhttp`): ``/metrics`` adds up
+  what each ready worker serves on its ``http.sock``, ``/healthz`` is 200 while the master
+  is ready.
 
 Spools no worker serves (``workers`` lowered, or raised from 1 with mail still in the root
 spool) are named at start with the number of messages they hold: that mail waits until a
@@ -50,7 +53,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
-from smarthost.app import checks, reload, startup, tlscert, workerspools
+from smarthost.app import checks, http, masterhttp, reload, startup, tlscert, workerspools
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.logfiles import LogReopener, observer_for
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
@@ -211,6 +214,10 @@ class Supervisor:
         slot.restart = self._clock.callLater(delay, self._spawn, slot)
 
     # -- signals ---------------------------------------------------------------------------
+
+    def serving(self) -> list[int]:
+        """The workers that run and said they are ready (their HTTP side listens)."""
+        return [slot.index for slot in self.slots if slot.process is not None and slot.ready]
 
     def send(self, signum: int) -> None:
         for slot in self.slots:
@@ -472,8 +479,8 @@ def make_master_service(
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
-    starting = Startup(reactor, maillog, notify, ExitStatus(),
-                       (startup.LISTENERS, WORKERS))
+    steps = (startup.LISTENERS, WORKERS, *((http.STEP,) if config.http.listen else ()))
+    starting = Startup(reactor, maillog, notify, ExitStatus(), steps)
     top = DaemonService(observer_for(log_file))
     _self_signed(config, maillog)
     keys = [Listener(key, role, description, _NoSessions(), None)
@@ -482,9 +489,15 @@ def make_master_service(
     emit: Emit = globalLogPublisher
     workers = WorkersService(reactor, config, command, listeners, keys, maillog, starting,
                              notify, emit)
+    supervisor = workers.supervisor
+    # First, so that it stops last: /healthz answers 503 while the workers stop.
+    masterhttp.make_master_http_service(reactor, config.http.listen, masterhttp.MasterSources(
+        sockets=lambda: [workerspools.http_socket(config, i) for i in supervisor.serving()],
+        ready=lambda: starting.ready, startup=starting, hostname=lambda: config.hostname,
+        maillog=maillog, expected=lambda: count,
+    )).setServiceParent(top)  # type: ignore[no-untyped-call]
     for service in (listeners, workers):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
-    supervisor = workers.supervisor
     reopener = LogReopener(log_file, maillog)
 
     def hangup() -> None:

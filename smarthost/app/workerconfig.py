@@ -42,7 +42,9 @@ from smarthost.smtpd.listen import HAPROXY_PREFIX
 SPEC_VARIABLE = "SMARTHOST_WORKER"
 FIRST_LISTEN_FD = 3  # systemd's SD_LISTEN_FDS_START: the sockets start right after stderr
 ROLES = ("submission", "submissions", "smtp")  # the [listen] keys, in the config's order
-_DOMAINS: dict[int, str] = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+_DOMAINS: dict[int, str] = {
+    socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX",
+}
 
 
 class WorkerSpecError(ValueError):

@@ -15,6 +15,7 @@ import re
 import signal
 import smtplib
 import threading
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,6 +133,16 @@ def test_both_workers_accept_and_deliver_from_their_spools(two: Daemon, mx: MXPe
     assert sorted(tokens.values()) == [1] * len(ids)
     for i in (1, 2):
         assert (two.directory / "var" / "spool" / f"worker-{i}" / "log").is_dir()
+
+
+def test_the_master_serves_http_for_all_workers(two: Daemon) -> None:
+    listening = re.compile(r"\[smarthost#info\] http listening on 127.0.0.1:(\d+)")
+    port = int(listening.search(two.wait_for(listening)).group(1))  # type: ignore[union-attr]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as answer:
+        assert answer.status == 200
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        metrics = answer.read().decode()
+    assert 'smarthost_workers{state="running"} 2.0' in metrics, metrics
 
 
 def test_sighup_reaches_every_worker(two: Daemon) -> None:
