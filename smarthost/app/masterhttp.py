@@ -299,6 +299,9 @@ def worker_status(scrape: Scrape) -> WorkerStatus:
 
 
 class MasterHTTPService(SiteService):
+    """``/metrics``, ``/healthz`` and ``/`` of the master: each request asks the workers
+    afresh (a scrape is a few KB from each; Prometheus asks every 15 s or so)."""
+
     def __init__(self, reactor: Any, listen: Sequence[str], sources: MasterSources) -> None:
         self._sources = sources
         root = Resource()  # type: ignore[no-untyped-call]
