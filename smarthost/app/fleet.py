@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -41,6 +42,8 @@ TIMEOUT = 0.25  # seconds for any one exchange with Redis: then counted locally
 CONNECT_TIMEOUT = 2.0  # a background probe's connect, AUTH/SELECT and PING
 PROBE_FIRST, PROBE_MAX = 0.5, 8.0  # the probe's delays after an outage starts: doubling
 PRUNE_AT = 10000  # keys learnt before the stale ones are swept (then twice the live count)
+
+PROBE = Tally("probe", 1.0, 1)  # the key the probe counts (nothing) under
 
 _log = Logger(namespace="smarthost.fleet")
 
@@ -94,8 +97,9 @@ class RedisStore:
         self._endpoint = HostnameEndpoint(reactor, host, port, timeout=CONNECT_TIMEOUT)
         self._protocol: Any = None  # the RedisProtocol made last, ready or not
 
-    def connect(self) -> Deferred[None]:
-        """Drop any connection, connect anew, log in, select the database and PING."""
+    def connect(self, lost: Callable[[str], None]) -> Deferred[None]:
+        """Drop any connection, connect anew, log in, select the database and PING. ``lost``
+        is told (with why) if this connection, once made, is lost without :meth:`drop`."""
         self.drop()
 
         async def connect() -> None:
@@ -107,6 +111,13 @@ class RedisStore:
             if self._db:
                 await protocol.select(self._db)
             await protocol.ping()
+
+            def disconnected(_: object) -> None:
+                if self._protocol is protocol:  # not one this store dropped itself
+                    self._protocol = None
+                    lost("connection lost")
+
+            protocol.whenDisconnected().addCallback(disconnected)
 
         return Deferred.fromCoroutine(connect())
 
@@ -179,6 +190,7 @@ class FleetCounts:
         self.state = self.STARTING
         self._delay = PROBE_FIRST
         self._probe_call: IDelayedCall | None = None
+        self._probing: Deferred[None] | None = None
         self._in_flight = 0
         self._waiting: list[Deferred[None]] = []
         self.shutdown: object = None  # the reactor's trigger that closes it, if any
@@ -232,20 +244,19 @@ class FleetCounts:
             self._store.tally, redis_keys(tally, key), int(now * 1000), int(tally.span * 1000),
             member, tally.cap, tally.block_at,
         )
-        self._track(d.addTimeout(TIMEOUT, self._clock).addCallbacks(
-            self._answered, self._failed, (entry, added), errbackArgs=(entry, added),
-        ))
+        d.addTimeout(TIMEOUT, self._clock).addCallback(self._answered, entry, added)
+        self._track(d.addErrback(self._failed, entry, added))
 
     def _answered(self, answer: list[int], entry: _Entry, added: bool) -> None:
+        count, leaves, block = (int(x) for x in answer)  # else a failure, as any other
         self._settle(entry, added)
-        count, leaves, block = (int(x) for x in answer)
         now = self._clock.seconds()
         entry.count, entry.counted_until = count, leaves / 1000
         entry.blocked_until = now + block / 1000 if block > 0 else 0.0
 
     def _failed(self, failure: Failure, entry: _Entry, added: bool) -> None:
         self._settle(entry, added)
-        self._lost(failure)
+        self._lost(_reason(failure))
 
     @staticmethod
     def _settle(entry: _Entry, added: bool) -> None:
@@ -256,11 +267,11 @@ class FleetCounts:
 
     # -- the outage --------------------------------------------------------------------------
 
-    def _lost(self, failure: Failure) -> None:
+    def _lost(self, reason: str) -> None:
         if self.state in (self.UP, self.STARTING):
             self._log.warn(
                 "fleet: redis unreachable, counting locally ({where}: {reason})",
-                where=self._store.where, reason=_reason(failure),
+                where=self._store.where, reason=reason,
             )
             self.state = self.DOWN
             self._store.drop()
@@ -272,11 +283,21 @@ class FleetCounts:
         self._delay = min(self._delay * 2, PROBE_MAX)
 
     def _probe(self) -> None:
+        """Connect, and run the script once: a Redis that answers PING but cannot run it (a
+        replica, Lua disabled) stays an outage rather than flapping at every event."""
         self._probe_call = None
-        d = maybeDeferred(self._store.connect).addTimeout(CONNECT_TIMEOUT, self._clock)
+
+        async def probe() -> None:
+            await self._store.connect(self._lost)
+            now = int(self._clock.seconds() * 1000)
+            await self._store.tally(redis_keys(PROBE, ""), now, 1000, "", 1, 0)
+
+        d = Deferred.fromCoroutine(probe()).addTimeout(CONNECT_TIMEOUT, self._clock)
+        self._probing = d
         self._track(d.addCallbacks(self._reached, self._unreached))
 
     def _reached(self, _: object) -> None:
+        self._probing = None
         if self.state == self.CLOSED:
             self._store.close()
             return
@@ -289,9 +310,10 @@ class FleetCounts:
         self.state = self.UP
 
     def _unreached(self, failure: Failure) -> None:
+        self._probing = None
         self._store.drop()
         if self.state == self.STARTING:
-            self._lost(failure)
+            self._lost(_reason(failure))
         elif self.state == self.DOWN:
             self._probe_later()
 
@@ -319,13 +341,15 @@ class FleetCounts:
         return d
 
     def close(self) -> Deferred[None]:
-        """Stop probing; once the exchanges in flight are answered, close the connection.
-        Afterwards every answer comes from what was learnt (an old generation's limits may
-        still be read by its last sessions)."""
+        """Stop probing; once the exchanges in flight are answered (each within TIMEOUT),
+        close the connection. Afterwards every answer comes from what was learnt (an old
+        generation's limits may still be read by its last sessions)."""
         self.state = self.CLOSED
         if self._probe_call is not None and self._probe_call.active():
             self._probe_call.cancel()
         self._probe_call = None
+        if self._probing is not None:
+            self._probing.cancel()
         return self.settled().addCallback(lambda _: self._store.close())
 
 
