@@ -1,10 +1,7 @@
 """CHUNKING (RFC 3030) and REQUIRETLS (RFC 8689) on the way in, through real loopback sockets:
 our :class:`Session` listening on the reactor with a real spool (fsync in a thread) and a real
 TLS certificate, driven by Python's ``smtplib`` and by raw sockets (in threads, so the blocking
-clients never stall the reactor that serves them).
-
-Raw sockets let a test put several BDAT chunks and their octets in one write (pipelined), and
-octets that would mean something in DATA (``<CRLF>.<CRLF>``, ``QUIT``) inside a chunk.
+clients never stall the reactor that serves them; tests/smtpwire.py is the raw one).
 """
 
 from __future__ import annotations
@@ -12,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import shutil
 import smtplib
-import socket
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -38,10 +34,10 @@ from smarthost.smtpd.limits import Limits, LimitSettings
 from smarthost.smtpd.listen import server_tls_options
 from smarthost.smtpd.policy import RelayPolicy
 from smarthost.smtpd.session import Session, SessionSettings
+from smtpwire import TIMEOUT, Wire, bdat, without_trace
 
 T = TypeVar("T")
 MAX_SIZE = 10_000
-TIMEOUT = 15.0  # seconds any one socket read may take
 
 # Octets that mean something in DATA or to a command parser, and 8-bit ones: in a chunk they
 # are only content.
@@ -50,72 +46,8 @@ TRICKY = (b"From: alice@example.test\r\nSubject: chunks\r\n\r\n"
           b"..leading dots stay doubled\r\n\xc3\xa9t\xc3\xa9 \xff\xfe 8-bit\r\n")
 
 
-class Wire:
-    """A blocking SMTP client on a raw socket: send any bytes, read whole replies."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        self.file = self.sock.makefile("rb")
-
-    def starttls(self) -> None:
-        assert self.command(b"STARTTLS")[0].startswith(b"220 ")
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        self.sock = context.wrap_socket(self.sock, server_hostname="mx.smarthost.test")
-        self.file = self.sock.makefile("rb")
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def reply(self) -> list[bytes]:
-        """One reply, every line of it (CRLF removed)."""
-        lines: list[bytes] = []
-        while True:
-            line = self.file.readline()
-            assert line.endswith(b"\r\n"), f"connection ended mid-reply: {[*lines, line]}"
-            lines.append(line[:-2])
-            if line[3:4] == b" ":
-                return lines
-
-    def replies(self, n: int) -> list[bytes]:
-        """The last line of each of the next ``n`` replies."""
-        return [self.reply()[-1] for _ in range(n)]
-
-    def command(self, line: bytes) -> list[bytes]:
-        self.send(line + b"\r\n")
-        return self.reply()
-
-    def closed(self) -> bool:
-        return self.file.read() == b""
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
-def bdat(*chunks: bytes, last: bool = True) -> bytes:
-    """The chunks as pipelined ``BDAT`` commands with their octets, the final one ``LAST``."""
-    out = b""
-    for i, chunk in enumerate(chunks):
-        marker = b" LAST" if last and i == len(chunks) - 1 else b""
-        out += b"BDAT %d%s\r\n" % (len(chunk), marker) + chunk
-    return out
-
-
 def envelope_lines(sender: bytes = b"alice@example.test", extra: bytes = b"") -> bytes:
     return (b"MAIL FROM:<%s>%s\r\nRCPT TO:<bob@example.test>\r\n" % (sender, extra))
-
-
-def without_trace(body: bytes) -> bytes:
-    """The message as the client sent it: our Received: header (first line and its tab
-    continuations) removed."""
-    lines = body.splitlines(keepends=True)
-    assert lines[0].startswith(b"Received: ")
-    i = 1
-    while lines[i].startswith(b"\t"):
-        i += 1
-    return b"".join(lines[i:])
 
 
 class Sessions(ServerFactory):
