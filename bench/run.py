@@ -173,18 +173,19 @@ def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
                profile: Path | None = None, workers: int = 1) -> dict[str, Any]:
     with run.server(kind, deliver=False, profile=profile, workers=workers) as (server, _):
         pids = servers.process_tree(server.pid)
-        cpu = servers.cpu_seconds(pids)
+        cpu, before = servers.cpu_seconds(pids), servers.cpu_by_process(pids)
         seconds = smtp_source(server.port, messages, sessions, size)
         # Every process of the server (master and workers, Postfix's daemons), from /proc.
         pids = servers.process_tree(server.pid)
         cpu = servers.cpu_seconds(pids) - cpu
-        per_process = servers.cpu_by_process(pids)
+        per_process = servers.cpu_delta(before, servers.cpu_by_process(pids))
+        share = root_share(per_process, server.pid)
         # Both answer 250 only after the message is on disk, so all of it is queued by now
         # (Postfix's queue manager may still be moving files between its queues).
         wait_queue(server, lambda n: n >= messages, 30)
     return {"value": messages / seconds, "seconds": seconds,
             "cpu_ms_per_message": cpu * 1000 / messages, "processes": len(pids),
-            "cpu_seconds_by_process": per_process}
+            "cpu_seconds_by_process": per_process, "root_cpu_share": share}
 
 
 def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
@@ -193,12 +194,15 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
     delivers while it accepts. Two figures from one run: the accept rate while delivering
     (the ``smtp-source`` wall clock) and the rate until the queue is empty."""
     with run.server(kind, deliver=True, workers=workers) as (server, _):
-        cpu = servers.cpu_seconds(servers.process_tree(server.pid))
+        pids = servers.process_tree(server.pid)
+        cpu, before = servers.cpu_seconds(pids), servers.cpu_by_process(pids)
         started = time.monotonic()
         accepted = smtp_source(server.port, messages, sessions, size)
         emptied = wait_queue(server, lambda n: n == 0, max(120, messages / 10))
         pids = servers.process_tree(server.pid)
         cpu = servers.cpu_seconds(pids) - cpu
+        per_process = servers.cpu_delta(before, servers.cpu_by_process(pids))
+        share = root_share(per_process, server.pid)
         seconds = emptied - started
         # Confirm with the operator's own tool that nothing is left (or stuck deferred):
         # `smarthost queue list` reads every worker's spool.
@@ -207,7 +211,16 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
             raise RuntimeError(f"{kind}: {len(left)} messages still queued")
     return {"value": messages / seconds, "seconds": seconds, "accept_seconds": accepted,
             "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages,
-            "processes": len(pids)}
+            "processes": len(pids), "cpu_seconds_by_process": per_process,
+            "root_cpu_share": share}
+
+
+def root_share(per_process: dict[str, float], root: int) -> float:
+    """The share of the server's CPU (reaped children aside) spent in its first process:
+    smarthost's master with workers, Postfix's master."""
+    total = sum(per_process.values())
+    mine = sum(v for k, v in per_process.items() if k.endswith(f"[{root}]"))
+    return mine / total if total > 0 else 0.0
 
 
 def read_banner(sock: socket.socket, buffer: bytearray) -> bool:
@@ -636,6 +649,12 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
         print("\n" + "\n".join(goals))
     loads = [r["loadavg_before"][0] for w in bench.workloads
              for v in w["servers"].values() for r in v.get("runs", ())]
+    for w in bench.workloads:
+        for label, values in w["servers"].items():
+            shares = [r["root_cpu_share"] for r in values.get("runs", ()) if "root_cpu_share" in r]
+            if shares and label != "postfix" and not label.endswith("w=1"):
+                print(f"{w['name'].strip()}, {label}: the master's share of the server's CPU "
+                      f"{100 * statistics.median(shares):.0f}% (median)")
     if loads:
         print(f"\nload average (1 min) before each run: median {statistics.median(loads):.2f}, "
               f"min {min(loads):.2f}, max {max(loads):.2f} on {os.cpu_count()} CPUs")

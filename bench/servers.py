@@ -119,6 +119,12 @@ def cpu_by_process(pids: list[int]) -> dict[str, float]:
     return result
 
 
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Each process's CPU seconds between two :func:`cpu_by_process` readings (a process
+    started in between counts from zero)."""
+    return {name: round(seconds - before.get(name, 0.0), 3) for name, seconds in after.items()}
+
+
 def memory_kib(pids: list[int]) -> dict[str, int]:
     """Summed RSS and PSS (kB) of ``pids``. RSS counts shared pages once per process, which
     overstates a multi-process server; PSS splits each shared page between its sharers."""
@@ -252,19 +258,23 @@ hold_user_after_per_hour = 1000000000
                 stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
                 env=smarthost_env(),
             )
-        self.wait_log("] ready", timeout)
+        # With workers, the master says "ready" once every worker has; the workers' own
+        # lines come through its log too, as "[worker-<i> ...] ...".
+        self.wait_log("] ready", timeout, skip="[worker-")
         return self
 
-    def wait_log(self, text: str, timeout: float) -> float:
-        """Seconds from start until ``text`` first appeared in the log. The log file is polled
-        every 10 ms, so that is the resolution (twistd's own timestamps have whole seconds)."""
+    def wait_log(self, text: str, timeout: float, skip: str | None = None) -> float:
+        """Seconds from start until ``text`` first appeared in the log (on a line without
+        ``skip``). The log file is polled every 10 ms, so that is the resolution (twistd's own
+        timestamps have whole seconds)."""
         assert self.proc is not None
         needle = text.encode()
+        unwanted = skip.encode() if skip else None
         deadline = time.monotonic() + timeout
         checked = 0
         while True:
             for at, line in self._seen[checked:]:
-                if needle in line:
+                if needle in line and (unwanted is None or unwanted not in line):
                     return at
             checked = len(self._seen)
             if self._read_log():
