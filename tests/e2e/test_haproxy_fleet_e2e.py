@@ -215,7 +215,7 @@ def test_a_stopped_node_hands_new_mail_to_the_other_and_keeps_its_own(fleet: Fle
         for s in held_by_a:  # tried once and deferred: in node a's spool when it stops
             a.wait_for(re.compile(rf"{s.queue_id}: to=<{RECIPIENT}> .* result=deferred"))
 
-        a.stop()  # SIGTERM: /healthz answers 503, then the ports close
+        a.stop()  # SIGTERM: /healthz answers 503 and the listeners close; HAProxy notices
         fleet.lb.wait_servers({"a": "DOWN", "b": "UP"})
         after = [fleet.send("erin", "127.0.0.3") for _ in range(LIMIT)]
         assert [(s.node, s.code) for s in after] == [("b", 250)] * LIMIT, after
