@@ -14,6 +14,9 @@ import os
 import re
 import signal
 import smtplib
+import socket
+import stat
+import sys
 import threading
 import urllib.request
 from collections import Counter
@@ -21,8 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_systemd_socket_e2e import FAKE_SYSTEMD, SNIPPET
 
-from daemon import Daemon
+import daemon
+from daemon import Daemon, client_tls
 from mxpeer import MXPeer
 
 STARTED = re.compile(r"worker-(\d+) started \(pid (\d+)\)")
@@ -145,11 +150,19 @@ def test_the_master_serves_http_for_all_workers(two: Daemon) -> None:
     assert 'smarthost_workers{state="running"} 2.0' in metrics, metrics
 
 
-def test_sighup_reaches_every_worker(two: Daemon) -> None:
+def test_sighup_and_sigusr1_reach_every_worker(two: Daemon) -> None:
+    # A change of the worker count is only for a restart of the master: said, not applied.
+    two.config_path.write_text(two.config_path.read_text().replace("workers = 2",
+                                                                    "workers = 3"))
     two.send_signal(signal.SIGHUP)
+    two.wait_for("reload: server.workers changed; it needs a restart of the master")
     for i in (1, 2):
         two.wait_for(re.compile(rf"\[worker-{i} smarthost#info\] reloaded the configuration"))
-    assert any("reload: SIGHUP sent to the workers" in line for line in two.log)
+    two.send_signal(signal.SIGUSR1)
+    two.wait_for(re.compile(r"\[smarthost#info\] reopened the log files"))
+    for i in (1, 2):
+        two.wait_for(re.compile(rf"\[worker-{i} smarthost#info\] reopened the log files"))
+    assert sorted(worker_pids(two)) == [1, 2]
 
 
 def test_kill_9_of_a_worker_under_load_loses_nothing(tmp_path: Path, mx: MXPeer) -> None:
@@ -196,6 +209,28 @@ def test_kill_9_of_a_worker_under_load_loses_nothing(tmp_path: Path, mx: MXPeer)
                            for r in mx.messages)
         assert set(received) >= set(acked), f"lost: {sorted(set(acked) - set(received))}"
         assert all(received[t] == 1 for t in acked), "a message was delivered twice"
+    finally:
+        d.stop()
+
+
+def test_a_socket_activated_master_hands_systemds_sockets_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrapper = tmp_path / "fake-systemd"
+    wrapper.write_text(f"#!{sys.executable}\nTWISTD = {daemon.TWISTD!r}\n{FAKE_SYSTEMD}")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(daemon, "TWISTD", str(wrapper))
+    d = Daemon(tmp_path)
+    d.config_path.write_text('hostname = "mx.smarthost.test"\n' + SNIPPET.read_text()
+                             + '[server]\nworkers = 2\n[http]\nlisten = []\n')
+    try:
+        d.start()
+        assert sorted(worker_pids(d)) == [1, 2]
+        with smtplib.SMTP_SSL("127.0.0.1", d.ports["submissions"], timeout=30,
+                              context=client_tls()) as client:
+            assert client.ehlo("client.test")[0] == 250  # implicit TLS, applied by a worker
+        with socket.create_connection(("127.0.0.1", d.ports["smtp"]), timeout=30) as raw:
+            assert raw.recv(512).startswith(b"220 mx.smarthost.test")
     finally:
         d.stop()
 
