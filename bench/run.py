@@ -140,9 +140,11 @@ class Run:
 # -- load -------------------------------------------------------------------------------------
 
 
-def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
+def smtp_source(port: int, messages: int, sessions: int, size: int) -> tuple[float, float]:
     """Postfix's load generator: ``sessions`` parallel sessions, each sending message after
-    message (-d) until ``messages`` are sent. Returns the wall-clock seconds."""
+    message (-d) until ``messages`` are sent. Returns the wall-clock seconds and the CPU
+    seconds ``smtp-source`` itself used (on the same cores as the server)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     argv = [servers.SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
             "-d", "-M", "bench.test", "-f", "bench@src.test", "-t", "rcpt@dst.test",
             f"{LOOPBACK}:{port}"]
@@ -153,7 +155,9 @@ def smtp_source(port: int, messages: int, sessions: int, size: int) -> float:
     if result.returncode != 0:
         raise RuntimeError(f"smtp-source failed ({result.returncode}): "
                            f"{result.stdout[-500:]}{result.stderr[-500:]}")
-    return elapsed
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    return elapsed, cpu
 
 
 def wait_queue(server: Server, predicate: Callable[[int], bool], timeout: float) -> float:
@@ -174,7 +178,7 @@ def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
     with run.server(kind, deliver=False, profile=profile, workers=workers) as (server, _):
         pids = servers.process_tree(server.pid)
         cpu, before = servers.cpu_seconds(pids), servers.cpu_by_process(pids)
-        seconds = smtp_source(server.port, messages, sessions, size)
+        seconds, client_cpu = smtp_source(server.port, messages, sessions, size)
         # Every process of the server (master and workers, Postfix's daemons), from /proc.
         pids = servers.process_tree(server.pid)
         cpu = servers.cpu_seconds(pids) - cpu
@@ -185,7 +189,8 @@ def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
         wait_queue(server, lambda n: n >= messages, 30)
     return {"value": messages / seconds, "seconds": seconds,
             "cpu_ms_per_message": cpu * 1000 / messages, "processes": len(pids),
-            "cpu_seconds_by_process": per_process, "root_cpu_share": share}
+            "cpu_seconds_by_process": per_process, "root_cpu_share": share,
+            "client_cpu_ms_per_message": client_cpu * 1000 / messages}
 
 
 def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
@@ -197,7 +202,7 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
         pids = servers.process_tree(server.pid)
         cpu, before = servers.cpu_seconds(pids), servers.cpu_by_process(pids)
         started = time.monotonic()
-        accepted = smtp_source(server.port, messages, sessions, size)
+        accepted, client_cpu = smtp_source(server.port, messages, sessions, size)
         emptied = wait_queue(server, lambda n: n == 0, max(120, messages / 10))
         pids = servers.process_tree(server.pid)
         cpu = servers.cpu_seconds(pids) - cpu
@@ -212,7 +217,7 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
     return {"value": messages / seconds, "seconds": seconds, "accept_seconds": accepted,
             "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages,
             "processes": len(pids), "cpu_seconds_by_process": per_process,
-            "root_cpu_share": share}
+            "root_cpu_share": share, "client_cpu_ms_per_message": client_cpu * 1000 / messages}
 
 
 def root_share(per_process: dict[str, float], root: int) -> float:
@@ -651,10 +656,16 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
              for v in w["servers"].values() for r in v.get("runs", ())]
     for w in bench.workloads:
         for label, values in w["servers"].items():
-            shares = [r["root_cpu_share"] for r in values.get("runs", ()) if "root_cpu_share" in r]
+            runs = values.get("runs", ())
+            shares = [r["root_cpu_share"] for r in runs if "root_cpu_share" in r]
+            client = [r["client_cpu_ms_per_message"] for r in runs
+                      if "client_cpu_ms_per_message" in r]
             if shares and label != "postfix" and not label.endswith("w=1"):
                 print(f"{w['name'].strip()}, {label}: the master's share of the server's CPU "
                       f"{100 * statistics.median(shares):.0f}% (median)")
+            if client:
+                print(f"{w['name'].strip()}, {label}: smtp-source's own CPU "
+                      f"{statistics.median(client):.2f} ms per message (median)")
     if loads:
         print(f"\nload average (1 min) before each run: median {statistics.median(loads):.2f}, "
               f"min {min(loads):.2f}, max {max(loads):.2f} on {os.cpu_count()} CPUs")

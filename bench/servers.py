@@ -229,6 +229,8 @@ nameservers = ["127.0.0.1:9"]   # never a real resolver: every route below is st
 local = "maildir:maildir"
 [delivery.routes]
 "*" = "smtp:{LOOPBACK}:{self.next_hop}"
+[http]
+listen = ["tcp:{free_port()}:interface={LOOPBACK}"]   # not the default 2580: may be taken
 [limits]
 connections = 100000
 connections_per_ip = 100000
