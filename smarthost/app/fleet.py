@@ -103,7 +103,9 @@ class RedisStore:
         self.drop()
 
         async def connect() -> None:
-            await self._endpoint.connect(Factory.forProtocol(self._made))
+            factory = Factory.forProtocol(self._made)
+            factory.noisy = False  # no "Starting factory" line at each (re)connection
+            await self._endpoint.connect(factory)
             protocol = self._protocol
             await protocol.whenConnected()
             if self._password is not None:

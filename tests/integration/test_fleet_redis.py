@@ -154,6 +154,30 @@ class FleetRedisTests(TestCase):
         self.assertTrue(590_000 < ttl <= 600_000, ttl)
         self.assertEqual(command(self.redis.port, "EXISTS", window), b":0")  # counted afresh
 
+    @inlineCallbacks
+    def test_the_script_slides_caps_and_blocks(self) -> Generator[Deferred[Any], Any, None]:
+        """The Lua script alone, at chosen times (ms): the window slides, a key keeps at most
+        ``cap`` events, and ``block_at`` events block it for the span and start afresh."""
+        store = RedisStore(reactor, self.redis.url)
+        self.addCleanup(store.close)
+        yield store.connect(lambda reason: None)
+        keys = redis_keys(Tally("rate", 10, 3), "x")
+        answers = []
+        for now, member in [(0, "a"), (4000, "b"), (9000, "c"), (9500, "d"), (10000, "")]:
+            answers.append((yield store.tally(keys, now, 10_000, member, 3, 0)))
+        self.assertEqual(answers, [
+            [1, 10_000, -2], [2, 10_000, -2], [3, 10_000, -2],
+            [3, 14_000, -2],  # capped: the oldest ("a") made room
+            [3, 14_000, -2],  # at 10 s "a" would have left anyway
+        ])
+        self.assertEqual((yield store.tally(keys, 14_000, 10_000, "", 3, 0)), [2, 19_000, -2])
+        keys = redis_keys(Tally("auth", 10, 3, 2), "y")
+        yield store.tally(keys, 0, 10_000, "a", 3, 2)
+        count, _, block = yield store.tally(keys, 0, 10_000, "b", 3, 2)
+        self.assertEqual(count, 2)
+        self.assertTrue(9_000 < block <= 10_000)
+        self.assertEqual((yield store.tally(keys, 0, 10_000, "", 3, 2))[0], 0)  # afresh
+
     def test_keys_are_bounded_whatever_the_name(self) -> None:
         odd = "\r\n*3\r\n$3\r\nDEL" + "x" * 10_000 + "\udcff"
         window, block = redis_keys(Tally("rate", 3600, 10), odd)
