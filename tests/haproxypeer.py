@@ -9,7 +9,8 @@ before HAProxy starts and no other process can take it in between. A stats socke
 short private directory: a socket path holds at most 107 bytes) lets the test read each
 server's state. ``retries`` with ``option redispatch`` send a connection that a stopping node
 refuses (its listeners close before HAProxy's checks mark it DOWN) on to another node, as a
-production configuration would. Usage::
+production configuration would. Checks run every 200 ms, but a node slow to answer on a busy
+machine gets 2 s (``timeout check``) before the check counts as failed. Usage::
 
     with haproxy(tmp_path, {"a": Node(port_a, http_a), "b": Node(port_b, http_b)}) as lb:
         lb.wait_servers({"a": "UP", "b": "UP"})
@@ -51,6 +52,7 @@ defaults
     timeout connect 2s
     timeout client 60s
     timeout server 60s
+    timeout check 2s
     retries 2
     option redispatch 1
 
