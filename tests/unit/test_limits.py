@@ -17,9 +17,11 @@ from smarthost.smtpd.limits import (
     AnonymousRate,
     AuthThrottle,
     ConnectionLimiter,
+    Known,
     Limits,
     LimitSettings,
     SendingRate,
+    Tally,
     address_key,
     raise_nofile_limit,
 )
@@ -153,3 +155,66 @@ def test_raise_nofile_limit_reaches_the_hard_limit() -> None:
     soft, hard = raise_nofile_limit()
     assert (soft, hard) == resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft == hard or hard == resource.RLIM_INFINITY
+
+
+# -- counted with the fleet ([fleet] redis; the real Redis in tests/integration/test_fleet_redis.py)
+
+
+class Fleet:
+    """What the rest of the fleet has counted, as this node last learnt it (set by the test),
+    and what the limits asked of it."""
+
+    def __init__(self) -> None:
+        self.known_: dict[tuple[str, str], Known] = {}
+        self.learnt: list[tuple[str, str]] = []
+        self.added: list[tuple[str, str]] = []
+
+    def known(self, tally: Tally, key: str) -> Known:
+        self.learnt.append((tally.name, key))
+        return self.known_.get((tally.name, key), Known())
+
+    def learn(self, tally: Tally, key: str) -> None:
+        self.learnt.append((tally.name, key))
+
+    def add(self, tally: Tally, key: str) -> Known:
+        self.added.append((tally.name, key))
+        known = self.known_.get((tally.name, key), Known())
+        known = self.known_[(tally.name, key)] = Known(known.count + 1, known.blocked_until)
+        return known
+
+
+def test_the_rate_and_the_brake_take_the_larger_of_local_and_fleet_counts() -> None:
+    fleet = Fleet()
+    limits = Limits(Clock(), LimitSettings(messages_per_user_per_hour=3,
+                                           hold_user_after_per_hour=4), fleet)
+    assert limits.rate.allowed("alice") and limits.rate.accepted("alice") is False
+    fleet.known_[("rate", "alice")] = Known(3)  # two more elsewhere
+    assert not limits.rate.allowed("alice")
+    fleet.known_.clear()  # the fleet's count unknown (Redis away): the local one decides
+    assert limits.rate.allowed("alice")  # one here
+    fleet.known_[("rate", "alice")] = Known(4)
+    assert limits.rate.accepted("alice") is True  # the fleet's fifth: held
+    limits.rate.prefetch("bob")
+    assert ("rate", "bob") in fleet.learnt
+    assert fleet.added == [("rate", "alice")] * 2
+
+
+def test_a_fleet_block_holds_here_and_a_connection_learns_it_first() -> None:
+    clock, fleet = Clock(), Fleet()
+    limits = Limits(clock, LimitSettings(auth_failures_per_ip=3), fleet)
+    assert limits.connections.admit("2001:db8:0:9::1") is None
+    assert fleet.learnt == [("auth", "2001:db8:0:9::/64")]  # before the client says AUTH
+    fleet.known_[("auth", "2001:db8:0:9::/64")] = Known(0, AUTH_WINDOW)
+    assert limits.auth.blocked("2001:db8:0:9::2")
+    fleet.known_.clear()
+    clock.advance(AUTH_WINDOW)
+    assert not limits.auth.blocked("2001:db8:0:9::2")
+    fleet.known_[("auth", "192.0.2.5")] = Known(1)  # one failure elsewhere
+    assert [limits.auth.failed("192.0.2.5") for _ in range(2)] == [2.0, 3.0]
+    assert limits.auth.blocked("192.0.2.5")  # the fleet's third (local: two)
+
+
+def test_without_the_fleet_nothing_learns_on_connect() -> None:
+    limits = Limits(Clock(), LimitSettings())
+    assert limits.shared is None
+    assert limits.connections.admit("192.0.2.1") is None
