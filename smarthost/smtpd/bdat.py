@@ -65,16 +65,16 @@ class ChunkReader:
                  on_abort: Callable[[], None] = lambda: None) -> None:
         """``take`` None: the octets are discarded (a chunk refused outright)."""
         self.size = size
-        self._remaining = size
+        self.remaining = size  # the transport hands it no more (channel.DataSink)
         self._take = take if take is not None else _discard
         self._on_abort = on_abort
 
     def feed(self, data: bytes) -> DataResult | None:
-        n = min(self._remaining, len(data))
+        n = min(self.remaining, len(data))
         if n:
             self._take(data[:n] if n < len(data) else data)
-            self._remaining -= n
-        if self._remaining:
+            self.remaining -= n
+        if self.remaining:
             return None
         return DataResult(None, fatal=False, leftover=data[n:], size=self.size)
 

@@ -17,7 +17,12 @@ from smarthost.smtpd.dotreader import DataResult
 
 class DataSink(Protocol):
     """Takes the message bytes after ``354`` (the DATA reader, through
-    :class:`~smarthost.smtpd.reception.Reception`)."""
+    :class:`~smarthost.smtpd.reception.Reception`) or a BDAT chunk's octets
+    (:class:`~smarthost.smtpd.bdat.ChunkReader`).
+
+    A sink that takes a known number of bytes (a chunk) has an int attribute ``remaining``
+    and is handed no more than that: a stream of small pipelined chunks then never copies the
+    rest of the buffer back and forth for each one."""
 
     def feed(self, data: bytes) -> DataResult | None:
         """Bytes from the client; a result once the end of data (or a fatal error) is seen,

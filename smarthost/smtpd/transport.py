@@ -4,7 +4,7 @@ It buffers input, splits it into command lines (with a length limit), and hands 
 commands one at a time: while one command is being answered asynchronously (a policy check,
 a password check, the spool commit), later pipelined commands wait in the buffer, so replies
 always go out in command order. It also owns the STARTTLS switch (anything pipelined behind
-STARTTLS is discarded: RFC 3207 4.2, CVE-2011-0411), the DATA phase's raw byte stream, the
+STARTTLS is discarded: RFC 3207 4.2, CVE-2011-0411), the raw byte stream of DATA and BDAT, the
 deadlines, the stalls and the close after too many errors, flow control in both directions,
 and closing with a final reply.
 
@@ -19,9 +19,9 @@ Deadlines, none of which a client can push back by trickling bytes:
   reply could not reach it anyway;
 * each command line gets ``command_timeout`` seconds from the moment we wait for it (RFC 5321
   4.5.3.2; Postfix's ``smtpd_per_record_deadline``); bytes of an unfinished line do not count;
-* DATA starts with ``command_timeout`` seconds of credit, and every byte received earns
-  ``1/min_data_rate`` seconds more, never beyond ``command_timeout`` ahead (Postfix's
-  ``smtpd_min_data_rate``): a client slower than the rate runs out.
+* DATA (and each BDAT chunk) starts with ``command_timeout`` seconds of credit, and every
+  byte received earns ``1/min_data_rate`` seconds more, never beyond ``command_timeout``
+  ahead (Postfix's ``smtpd_min_data_rate``): a client slower than the rate runs out.
 
 Time we spend answering (a plugin, a password check, the spool commit, an error stall) is never
 counted against the client. A client that does not read its replies is: once the transport's
@@ -328,12 +328,17 @@ class SMTPTransport(Protocol):
         return None
 
     def _feed_data(self, sink: DataSink, done: Callable[[DataResult], None]) -> None:
-        data = bytes(self._buffer)
-        self._buffer.clear()
+        remaining: int | None = getattr(sink, "remaining", None)  # see DataSink
+        if remaining is None or remaining >= len(self._buffer):
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        else:
+            data = bytes(self._buffer[:remaining])
+            del self._buffer[:remaining]  # cheap from the front of a bytearray
         result = sink.feed(data)
         if result is not None:
             self._data = None
-            self._buffer += result.leftover  # pipelined commands after DATA
+            self._buffer[:0] = result.leftover  # pipelined commands after DATA
             self._restart_deadline()
             done(result)
 
