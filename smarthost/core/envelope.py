@@ -165,9 +165,11 @@ class QueueId:
             raise ValueError(f"invalid queue id: {value!r}")
 
     @classmethod
-    def new(cls, now: float) -> QueueId:
-        # Time first (hex, fixed width) so ids sort by arrival, then randomness for uniqueness.
-        return cls(f"{int(now * 1000):012X}{secrets.token_hex(5).upper()}")
+    def new(cls, now: float, origin: str = "") -> QueueId:
+        # Time first (hex, fixed width) so ids sort by arrival, then randomness for uniqueness,
+        # then the worker that made it (``origin``, two hex digits with [server] workers > 1):
+        # each worker checks only its own spool, so two could otherwise draw the same id.
+        return cls(f"{int(now * 1000):012X}{secrets.token_hex(5).upper()}{origin}")
 
     def __str__(self) -> str:
         return self.value

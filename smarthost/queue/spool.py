@@ -106,8 +106,10 @@ class Spool:
         spill_threshold: int = SPILL_THRESHOLD,
         segment_bytes: int = SEGMENT_BYTES,
         maillog: MailLog | None = None,
+        id_origin: str = "",
     ) -> None:
         self._paths = SpoolPaths(os.path.abspath(os.fspath(directory)))
+        self._id_origin = id_origin  # ends every id this spool makes (QueueId.new)
         self._clock = clock
         self._run_blocking = run_blocking
         self._spill_threshold = spill_threshold
@@ -148,11 +150,12 @@ class Spool:
         spill_threshold: int = SPILL_THRESHOLD,
         segment_bytes: int = SEGMENT_BYTES,
         maillog: MailLog | None = None,
+        id_origin: str = "",
     ) -> tuple[Spool, RecoveryReport]:
         """Daemon start-up: create the directories if needed, then recover."""
         spool = cls(
             directory, clock=clock, run_blocking=run_blocking, spill_threshold=spill_threshold,
-            segment_bytes=segment_bytes, maillog=maillog,
+            segment_bytes=segment_bytes, maillog=maillog, id_origin=id_origin,
         )
         return spool, spool.recover()
 
@@ -213,7 +216,7 @@ class Spool:
         """No file is made here (see the module docstring). Ids carry 40 random bits per
         millisecond; one that is queued already is drawn again."""
         for _ in range(5):
-            queue_id = QueueId.new(self._clock.seconds())
+            queue_id = QueueId.new(self._clock.seconds(), self._id_origin)
             if queue_id not in self._live and queue_id not in self._ensure_index().slots:
                 self._live.add(queue_id)
                 return IncomingMessage(queue_id, self._paths, self._spill_threshold,
