@@ -23,7 +23,7 @@ import hashlib
 import secrets
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import txredisapi
@@ -79,6 +79,22 @@ def redis_keys(tally: Tally, key: str) -> tuple[str, str]:
     digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
     window = f"smarthost:{tally.name}:{{{digest}}}"
     return window, window + ":block"
+
+
+class Store(Protocol):
+    """Where :class:`FleetCounts` keeps the counts (:class:`RedisStore`)."""
+
+    where: str  # for the log: host, port and database, never a password
+
+    def connect(self, lost: Callable[[str], None]) -> Deferred[None]: ...
+
+    def tally(
+        self, keys: tuple[str, str], now: int, span: int, member: str, cap: int, block_at: int
+    ) -> Deferred[list[int]]: ...
+
+    def drop(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RedisStore:
@@ -182,7 +198,7 @@ class FleetCounts:
 
     STARTING, UP, DOWN, CLOSED = "starting", "up", "down", "closed"
 
-    def __init__(self, clock: IReactorTime, store: Any, url: str, log: Logger = _log) -> None:
+    def __init__(self, clock: IReactorTime, store: Store, url: str, log: Logger = _log) -> None:
         self.url = url
         self._clock, self._store, self._log = clock, store, log
         self._node = secrets.token_hex(6)  # makes each event's member unique in the window
@@ -321,7 +337,7 @@ class FleetCounts:
 
     # -- in flight, and the end --------------------------------------------------------------
 
-    def _track(self, d: Deferred[None]) -> None:
+    def _track(self, d: Deferred[Any]) -> None:
         self._in_flight += 1
 
         def done(_: object) -> None:
