@@ -62,7 +62,11 @@ def ensure_tools(install: bool) -> None:
 
 
 def use_source(run: Run, rev: str) -> None:
-    """smarthost from ``rev`` (``git archive`` into the run's directory), not the work tree."""
+    """smarthost from ``rev`` (``git archive`` into the run's directory), or from a directory
+    holding a copy of the tree (a patched one, say), not the work tree."""
+    if os.path.isdir(rev):
+        servers.SOURCE = Path(rev).resolve()
+        return
     source = run.root / "source"
     source.mkdir()
     archive = subprocess.run(["git", "-C", str(servers.REPO), "archive", rev],
@@ -450,8 +454,9 @@ def machine(source: str | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "postfix": output(servers.POSTCONF, "-d", "-h", "mail_version"),
         "twisted": output(str(servers.PYTHON), "-c", "import twisted; print(twisted.__version__)"),
-        "smarthost_commit": output("git", "rev-parse", "--short", f"{source or 'HEAD'}^{{commit}}"),
-        "smarthost_source": "work tree" if source is None else f"git archive {source}",
+        "smarthost_commit": output("git", "rev-parse", "--short", "HEAD" if source is None
+                                   or os.path.isdir(source) else f"{source}^{{commit}}"),
+        "smarthost_source": source or "work tree",
         "uncommitted_changes": source is None and bool(output(
             "git", "status", "--porcelain", "--untracked-files=no", "smarthost")),
         "tmp_filesystem": output("df", "-T", tempfile.gettempdir()).splitlines()[-1:],
@@ -483,9 +488,10 @@ def parse() -> argparse.Namespace:
                    help="comma-separated subset of accept,deliver,idle,many-idle,startup,"
                         "profile (deliver gives two rows: accept while delivering, and "
                         "accept + deliver until the queue is empty)")
-    p.add_argument("--source", metavar="REV",
-                   help="run smarthost from a copy of this commit (git archive) instead of the "
-                        "work tree: a fixed version while the tree changes under the run")
+    p.add_argument("--source", metavar="REV|DIR",
+                   help="run smarthost from a copy of this commit (git archive), or from this "
+                        "directory (a copy of the tree), instead of the work tree: a fixed "
+                        "version while the tree changes under the run")
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--keep", action="store_true", help="keep the temporary directories")
     a = p.parse_args()
