@@ -37,6 +37,15 @@ def twistd_log_file(twistd_options: Mapping[str, Any] | None) -> LogFile | None:
     return log_file
 
 
+def twistd_logs_to_stdout(twistd_options: Mapping[str, Any] | None) -> bool:
+    """Whether twistd, with these options, logs to its standard output (``-n`` without
+    ``--logfile``, or ``--logfile=-``)."""
+    if twistd_options is None or twistd_options.get("syslog") or twistd_options.get("logger"):
+        return False
+    name = twistd_options.get("logfile") or ""
+    return name == "-" or (not name and bool(twistd_options.get("nodaemon")))
+
+
 def observer_for(log_file: LogFile | None) -> ILogObserver | None:
     # A LogFile is file-like enough for the observer (write and flush), as twistd uses it.
     return textFileLogObserver(cast(IO[Any], log_file)) if log_file is not None else None

@@ -49,13 +49,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import globalLogPublisher
+from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from smarthost.app import checks, http, masterhttp, reload, startup, tlscert, workerspools
 from smarthost.app.config import Config, ConfigError
-from smarthost.app.logfiles import LogReopener, observer_for
+from smarthost.app.logfiles import LogReopener
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
 from smarthost.app.services import DaemonService, Listener, ListenerService
 from smarthost.app.signals import SignalService
@@ -67,7 +67,7 @@ from smarthost.app.workerconfig import (
     adopted_description,
     listen_environment,
 )
-from smarthost.app.workerlog import Emit, LineRelay
+from smarthost.app.workerlog import Emit, FileSink, LineRelay, PublisherSink, Sink
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.queue.segment import DIR_MODE
 from smarthost.queue.spool import Spool
@@ -299,12 +299,11 @@ class WorkerProtocol(ProcessProtocol):
     """One worker process: its log lines (standard output and error) and its sd_notify pipe
     to the master, and its end."""
 
-    def __init__(self, index: int, supervisor: Supervisor, emit: Emit, clock: Any,
-                 notify_fd: int) -> None:
+    def __init__(self, index: int, supervisor: Supervisor, sink: Sink, notify_fd: int) -> None:
         self._index = index
         self._supervisor = supervisor
         self._notify_fd = notify_fd
-        self._relays = {1: LineRelay(index, emit, clock), 2: LineRelay(index, emit, clock, True)}
+        self._relays = {1: LineRelay(index, sink), 2: LineRelay(index, sink, raw=True)}
         self._notes = b""
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -366,7 +365,7 @@ class WorkersService(Service):
 
     def __init__(self, reactor: Any, config: Config, command: WorkerCommand,
                  listeners: ListenerService, keys: list[Listener], maillog: MailLog,
-                 starting: Startup, notify: SystemdNotify, emit: Emit) -> None:
+                 starting: Startup, notify: SystemdNotify, sinks: Callable[[int], Sink]) -> None:
         self._reactor = reactor
         self._config = config
         self._command = command
@@ -374,7 +373,7 @@ class WorkersService(Service):
         self._keys = keys
         self._log = maillog
         self._startup = starting
-        self._emit = emit
+        self._sinks = sinks
         self.supervisor = Supervisor(reactor, command.count, self._launch, maillog, starting,
                                      notify)
         self._fds: list[int] = []
@@ -421,7 +420,7 @@ class WorkersService(Service):
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r", notify_fd: "r"}
         for k, fd in enumerate(self._fds):
             child_fds[FIRST_LISTEN_FD + k] = fd
-        protocol = WorkerProtocol(index, self.supervisor, self._emit, self._reactor, notify_fd)
+        protocol = WorkerProtocol(index, self.supervisor, self._sinks(index), notify_fd)
         argv = self._command.argv(index)
         env = self._command.environment(index, self._listen, self._names, notify_fd,
                                         os.environ)
@@ -472,8 +471,11 @@ def make_master_service(
     load: Callable[[], Config],
     environ: Mapping[str, str] = os.environ,
     log_file: LogFile | None = None,
+    log_stdout: bool = False,
 ) -> MultiService:
-    """The master as one twistd service (see the module docstring)."""
+    """The master as one twistd service (see the module docstring). ``log_file`` is twistd's
+    log file, ``log_stdout`` says twistd logs to standard output instead: in both cases the
+    master holds the file its workers' lines are written to."""
     events = EventFile(str(config.log.events)) if config.log.events else None
     maillog = MailLog(reactor, events)
     notify = SystemdNotify.from_environment(
@@ -481,14 +483,20 @@ def make_master_service(
     )
     steps = (startup.LISTENERS, WORKERS, *((http.STEP,) if config.http.listen else ()))
     starting = Startup(reactor, maillog, notify, ExitStatus(), steps)
-    top = DaemonService(observer_for(log_file))
+    out: Any = log_file if log_file is not None else sys.stdout if log_stdout else None
+    top = DaemonService(None if out is None else textFileLogObserver(out))
     _self_signed(config, maillog)
     keys = [Listener(key, role, description, _NoSessions(), None)
             for role, key, description in checks.listeners(config)]
     listeners = ListenerService(reactor, maillog, keys, starting, accept=False)
-    emit: Emit = globalLogPublisher
+    shared = FileSink(out, reactor) if out is not None else None
+
+    def sinks(index: int) -> Sink:
+        emit: Emit = globalLogPublisher
+        return shared or PublisherSink(emit, reactor, f"worker-{index}")
+
     workers = WorkersService(reactor, config, command, listeners, keys, maillog, starting,
-                             notify, emit)
+                             notify, sinks)
     supervisor = workers.supervisor
     # First, so that it stops last: /healthz answers 503 while the workers stop.
     masterhttp.make_master_http_service(reactor, config.http.listen, masterhttp.MasterSources(

@@ -23,7 +23,7 @@ from twisted.python import usage
 
 from smarthost.app import master, workerconfig, workerlog, workerspools
 from smarthost.app.config import Config, ConfigError, load_config
-from smarthost.app.logfiles import twistd_log_file
+from smarthost.app.logfiles import twistd_log_file, twistd_logs_to_stdout
 from smarthost.app.wiring import make_service
 from smarthost.auth import sasl
 
@@ -110,6 +110,7 @@ def _master(options: Options, reactor: object, count: int) -> MultiService:
     return master.make_master_service(
         config, reactor, count=count, command=command, load=options.load,
         log_file=twistd_log_file(options.parent),
+        log_stdout=twistd_logs_to_stdout(options.parent),
     )
 
 

@@ -8,7 +8,8 @@ its own log with its own timestamp and the system prefixed with ``worker-<i>``::
     2026-12-06T07:04:30+0000 [worker-2 smarthost#info] Q1A2: accepted from 192.0.2.7 ...
 
 so the master's ``--logfile`` (or its standard output, or syslog) holds every process's lines
-in one place, each stamped once. ``[log] events`` is not involved: each worker appends its
+in one place, each stamped once (with the time the master read it: a few milliseconds after
+the worker wrote it). ``[log] events`` is not involved: each worker appends its
 JSON lines to that file itself (one ``write`` per line, ``O_APPEND``), and the re-emitted
 events are in a namespace of their own (``worker-<i>``), which
 :meth:`~smarthost.core.maillog.MailLog.forward` never copies there a second time.
@@ -20,7 +21,7 @@ lines a second.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from twisted.logger import (
@@ -29,6 +30,7 @@ from twisted.logger import (
     InvalidLogLevelError,
     LogLevel,
     eventAsText,
+    formatTime,
 )
 
 Emit = Callable[[dict[str, Any]], None]  # a twisted.logger observer (the global publisher)
@@ -45,13 +47,55 @@ def _format_line(event: Any) -> str:
     return text.replace("\n", "\n\t") + "\n"
 
 
-class LineRelay:
-    """Splits what worker ``index`` writes on one descriptor into lines and re-emits each."""
+Line = tuple[str, str, Any]  # (system, text, LogLevel) of one re-emitted line
+Sink = Callable[[Sequence[Line]], None]  # takes the lines of one read, in order
 
-    def __init__(self, index: int, emit: Emit, clock: Any, raw: bool = False) -> None:
-        self._name = f"worker-{index}"
+
+class PublisherSink:
+    """Re-emits each line as a twisted.logger event (namespace ``worker-<i>``): for a master
+    whose log twistd holds (syslog, a ``--logger`` of its own)."""
+
+    def __init__(self, emit: Emit, clock: Any, namespace: str) -> None:
         self._emit = emit
         self._clock = clock
+        self._namespace = namespace
+
+    def __call__(self, lines: Sequence[Line]) -> None:
+        now = self._clock.seconds()
+        for system, text, level in lines:
+            self._emit({
+                "log_namespace": self._namespace, "log_level": level, "log_system": system,
+                "log_format": "{line}", "line": text, "log_time": now,
+            })
+
+
+class FileSink:
+    """Writes the lines of one read straight into the master's log file (or its standard
+    output), formatted as twistd's observer formats an event, in one write: at thousands of
+    lines a second the observer's per-event formatting and flush cost the master a tenth of
+    the server's CPU (measured with bench/run --workers 2)."""
+
+    def __init__(self, out: Any, clock: Any) -> None:
+        self._out = out  # the file the master's own observer writes to
+        self._clock = clock
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, lines: Sequence[Line]) -> None:
+        now = self._clock.seconds()
+        if int(now) != self._second:
+            self._second, self._stamp = int(now), formatTime(now)
+        stamp = self._stamp
+        self._out.write("".join(f"{stamp} [{system}] {text}\n" for system, text, _ in lines))
+        self._out.flush()
+
+
+class LineRelay:
+    """Splits what worker ``index`` writes on one descriptor into lines for ``sink``."""
+
+    def __init__(self, index: int, sink: Sink, raw: bool = False) -> None:
+        self._name = f"worker-{index}"
+        self._sink = sink
         self._raw = raw  # standard error: lines in no format of ours
         self._pending = b""
         self._system = f"{self._name} smarthost#info"  # for continuation lines
@@ -63,34 +107,24 @@ class LineRelay:
                 self.flush()
             return
         *lines, self._pending = self._pending.split(b"\n")
-        for line in lines:
-            self._line(line.decode("utf-8", "replace"))
+        self._sink([self._line(line.decode("utf-8", "replace")) for line in lines])
 
     def flush(self) -> None:
         """What is left without a newline (the worker has ended)."""
         pending, self._pending = self._pending, b""
         if pending:
-            self._line(pending.decode("utf-8", "replace"))
+            self._sink([self._line(pending.decode("utf-8", "replace"))])
 
-    def _line(self, line: str) -> None:
-        level: Any = LogLevel.info
+    def _line(self, line: str) -> Line:
         if self._raw:
-            system, text, level = f"{self._name} stderr", line, LogLevel.warn
-        elif line.startswith("\t"):
-            system, text = self._system, line
-        else:
-            system, text, level = self._parse(line)
-            self._system = system
-        self._emit({
-            "log_namespace": self._name,
-            "log_level": level,
-            "log_system": system,
-            "log_format": "{line}",
-            "line": text,
-            "log_time": self._clock.seconds(),
-        })
+            return f"{self._name} stderr", line, LogLevel.warn
+        if line.startswith("\t"):
+            return self._system, line, LogLevel.info
+        parsed = self._parse(line)
+        self._system = parsed[0]
+        return parsed
 
-    def _parse(self, line: str) -> tuple[str, str, Any]:
+    def _parse(self, line: str) -> Line:
         end = line.find("] ") if line.startswith("[") else -1
         if end < 0:
             return self._name, line, LogLevel.info

@@ -5,6 +5,7 @@ real processes."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, formatEvent
+from twisted.logger import LogLevel, formatEvent, formatTime
 from twisted.python.failure import Failure
 
 from smarthost.app import master, workerconfig
@@ -21,7 +22,7 @@ from smarthost.app.config import Config, ConfigError, parse_config
 from smarthost.app.master import STABLE_AFTER, STOP_TIMEOUT, Supervisor, restart_delay
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
 from smarthost.app.workerconfig import WorkerSpec, WorkerSpecError
-from smarthost.app.workerlog import LineRelay
+from smarthost.app.workerlog import FileSink, LineRelay, PublisherSink
 from smarthost.core.maillog import MailLog
 
 
@@ -282,7 +283,7 @@ def test_the_worker_command_line_and_environment(tmp_path: Path) -> None:
 
 def test_worker_lines_are_re_emitted_under_the_worker_name() -> None:
     events: list[dict[str, object]] = []
-    relay = LineRelay(2, events.append, Clock())
+    relay = LineRelay(2, PublisherSink(events.append, Clock(), "worker-2"))
     relay.feed(b"[smarthost#info] rea")
     assert events == []
     relay.feed(b"dy\n[smarthost.delivery#error] it broke\n\tTraceback\n[-] plain\n")
@@ -298,7 +299,7 @@ def test_worker_lines_are_re_emitted_under_the_worker_name() -> None:
 
 def test_standard_error_lines_are_warnings() -> None:
     events: list[dict[str, object]] = []
-    relay = LineRelay(1, events.append, Clock(), raw=True)
+    relay = LineRelay(1, PublisherSink(events.append, Clock(), "worker-1"), raw=True)
     relay.feed(b"ModuleNotFoundError: x")
     relay.flush()
     assert [(e["log_system"], e["log_level"], formatEvent(e)) for e in events] == [
@@ -320,3 +321,14 @@ def test_a_worker_notifies_its_master_through_a_pipe() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_lines_go_straight_into_the_masters_log_file_in_one_write() -> None:
+    out = io.StringIO()
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    relay = LineRelay(1, FileSink(out, clock))
+    relay.feed(b"[smarthost#info] Q1: accepted\n[smarthost#warn] slow\n")
+    stamp = formatTime(clock.seconds())
+    assert out.getvalue() == (f"{stamp} [worker-1 smarthost#info] Q1: accepted\n"
+                              f"{stamp} [worker-1 smarthost#warn] slow\n")
