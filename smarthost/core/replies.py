@@ -20,6 +20,9 @@ class Reply:
     text: str
     # Further lines of a multi-line reply (RFC 5321 4.2.1), such as the EHLO extensions.
     lines: tuple[str, ...] = attrs.field(default=(), kw_only=True)
+    # A refusal the client already had, repeated for the BDAT chunks it had pipelined behind
+    # the refused one (RFC 3030 2): the session's error limits count the failure only once.
+    repeated: bool = attrs.field(default=False, kw_only=True, eq=False)
 
     @property
     def is_positive(self) -> bool:
@@ -28,6 +31,9 @@ class Reply:
     @property
     def is_temporary(self) -> bool:
         return 400 <= self.code < 500
+
+    def repeat(self) -> Reply:
+        return attrs.evolve(self, repeated=True)
 
     def to_bytes(self) -> bytes:
         """Wire form: one line, or a multi-line reply when there are further ``lines``."""

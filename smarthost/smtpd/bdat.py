@@ -25,8 +25,10 @@ RFC 3030 2: every chunk's octets are read before it is answered, whatever the an
 chunk of a transaction is refused, the message is dropped (the spool file goes at once), and
 every later chunk of that transaction (a pipelining client may have sent them already) is
 still read by its declared size, discarded as it streams past and answered with the same
-refusal, until ``BDAT ... LAST`` or RSET ends the transaction. A message the client leaves
-without a final CRLF is stored as it came: delivery completes its last line, as for DATA.
+refusal, until ``BDAT ... LAST`` or RSET ends the transaction. The session's error limits
+count that refusal once (a client pipelining a big message may have dozens of chunks in
+flight). A message the client leaves without a final CRLF is stored as it came: delivery
+completes its last line, as for DATA.
 """
 
 from __future__ import annotations
@@ -185,6 +187,7 @@ class ChunkedMessage:
         self.reception = reception
         write = reception.write if reception is not None else _discard
         self._body = ChunkedBody(write, max_size)
+        self._told = False  # the client has had the refusal once
         if initial_error is not None:
             self._body.fail(initial_error)
 
@@ -199,14 +202,19 @@ class ChunkedMessage:
         return ChunkReader(size, self._body.feed, self.abort)
 
     def verdict(self, *, last: bool) -> Reply | None:
-        """After a chunk: the refusal of the whole message, if it has one by now. A refused
-        message is dropped from the spool at once."""
+        """After a chunk: the refusal of the whole message, if it has one by now (after the
+        first time, marked ``repeated``). A refused message is dropped from the spool at
+        once."""
         error = self._body.finish() if last else self._body.error
         if error is None and self.reception is not None and self.reception.write_failed:
             self._body.fail(reply.NO_STORAGE)
             error = reply.NO_STORAGE
-        if error is not None:
-            self.abort()
+        if error is None:
+            return None
+        self.abort()
+        if self._told:
+            return error.repeat()
+        self._told = True
         return error
 
     def abort(self) -> None:

@@ -51,7 +51,7 @@ class Channel(Protocol):
 
     def send(self, r: Reply) -> None:
         """Answer now. A 421 closes the connection (RFC 5321 3.8); other errors count
-        towards the error limits."""
+        towards the error limits (but a ``repeated`` one)."""
 
     def answer_later(self, work: Coroutine[Any, Any, Reply | None]) -> None:
         """Answer with what ``work`` returns (nothing for None); until then, later pipelined

@@ -107,6 +107,7 @@ class Commands:
         self._peer = Peer("")
         self._txn = Transaction()
         self._chunks: ChunkedMessage | None = None  # the transaction's message, sent by BDAT
+        self._bdat_refused = False  # a BDAT had no transaction since the last MAIL or RSET
         self._admitted = False  # counted by the connection limiter
         self._auth: AuthDialog | None = None  # made at the first AUTH
         self._auth_step: Callable[[bytes], None] | None = None  # the AUTH dialog's next line
@@ -238,6 +239,7 @@ class Commands:
         """Forget the transaction (RSET, EHLO, STARTTLS, the end of a message), dropping a
         message whose chunks had started to arrive."""
         self._txn = Transaction()
+        self._bdat_refused = False
         if self._chunks is not None:
             self._chunks.abort()
             self._chunks = None
@@ -376,7 +378,7 @@ class Commands:
 
         def accept() -> Reply:
             txn.sender, txn.sender_given = sender, True
-            self._txn = txn
+            self._txn, self._bdat_refused = txn, False
             return reply.SENDER_OK
 
         self._gate(
@@ -516,6 +518,10 @@ class Commands:
             refusal = (reply.NEED_MAIL if not self._txn.sender_given
                        else reply.NEED_RCPT if not self._txn.recipients else None)
             if refusal is not None:  # no transaction to end, not even after LAST
+                # Chunks pipelined behind a refused MAIL or RCPT: one error, not one each.
+                if self._bdat_refused:
+                    refusal = refusal.repeat()
+                self._bdat_refused = True
                 read_chunk(self._channel, ChunkReader(size),
                            lambda _: self._channel.send(refusal))
                 return

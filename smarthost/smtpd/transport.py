@@ -197,7 +197,7 @@ class SMTPTransport(Protocol):
         self._write(r)
         if r.code == 421:  # RFC 5321 3.8: 421 means the server is closing the channel
             self.close()
-        elif r.code >= 400:
+        elif r.code >= 400 and not r.repeated:
             self._count_error()
 
     def answer_later(self, work: Coroutine[Any, Any, Reply | None]) -> None:

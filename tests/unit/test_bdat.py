@@ -285,3 +285,21 @@ def test_a_client_that_does_not_read_its_replies_is_held_to_a_bounded_buffer(
     assert len(replies) == 2 + 900
     assert len(h.committed()) == 1
     assert MAX_BUFFER == 65536
+
+
+def test_chunks_pipelined_behind_a_refusal_count_as_one_error(tmp_path: Path) -> None:
+    """A client that pipelines a big message (our own delivery does, in 64 KiB chunks) gets
+    the refusal for every chunk after the refused one, but the error limits (a stall from
+    the 10th error, 421 at the 20th) count it once: the verdict stays the 5xx, not a 421."""
+    h = trusted(tmp_path)
+    chunks = [b"bare\n", *([b"x\r\n"] * 40)]
+    replies = h.feed(ENVELOPE + bdat(*chunks) + b"NOOP\r\n")
+    assert codes(replies) == [250, 250] + [550] * 41 + [250]
+    assert not h.transport.disconnecting
+    now = h.clock.seconds()  # no stall pending: only the command deadline
+    assert all(call.getTime() - now == 300 for call in h.clock.getDelayedCalls())
+    # The same when the RCPT was refused: no transaction for any of the chunks.
+    replies = h.feed(b"MAIL FROM:<a@remote.test>\r\nRCPT TO:<x@elsewhere.test>\r\n"
+                     + bdat(*([b"y\r\n"] * 40)) + b"RSET\r\n")
+    assert codes(replies) == [250, 554] + [503] * 40 + [250]
+    assert not h.transport.disconnecting
