@@ -214,12 +214,14 @@ class FleetRedisTests(TestCase):
                 slowest = max(slowest, self.timed(limits))
             yield deferLater(reactor, TIMEOUT, lambda: None)
         yield self.settled()
-        self.assertLess(slowest, 0.05)  # answers come from memory, never from Redis
+        # Answers come from memory, never from Redis (a slack for a busy machine, still far
+        # below the exchange's timeout).
+        self.assertLess(slowest, TIMEOUT / 2)
         self.assertEqual([c.state for c in self.counts], ["down", "down"])
         self.assertEqual(self.outages(), 2)  # one line per node for the whole outage
         # Each node saw the outage at its first exchange after it began: a killed Redis at
         # once (connection lost), a stopped one at that exchange's timeout.
-        self.assertLess(max(self.logged(UNREACHABLE)) - started, TIMEOUT + 0.5)
+        self.assertLess(max(self.logged(UNREACHABLE)) - started, TIMEOUT + 1)
         # Counting locally: each node's own counts (1 before, 3 during) still apply.
         self.assertFalse(a.rate.allowed(USER))
         up()
