@@ -82,7 +82,7 @@ def makeService(options: Options) -> MultiService:
     if spec is not None:
         return make_service(
             options.config, reactor, options.get("credCheckers", []), load=options.load,
-            log_observer=workerlog.worker_observer(sys.stdout),
+            log_observer=workerlog.worker_observer(sys.stdout, reactor),
             http_listen=[spec.http_socket(options.config)],
             state_dir=workerconfig.state_directory(options.config, spec),
         )

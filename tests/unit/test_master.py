@@ -22,7 +22,7 @@ from smarthost.app.config import Config, ConfigError, parse_config
 from smarthost.app.master import STABLE_AFTER, STOP_TIMEOUT, Supervisor, restart_delay
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
 from smarthost.app.workerconfig import WorkerSpec, WorkerSpecError
-from smarthost.app.workerlog import FileSink, LineRelay, PublisherSink
+from smarthost.app.workerlog import FileSink, LineRelay, PublisherSink, worker_observer
 from smarthost.core.maillog import MailLog
 
 
@@ -332,3 +332,22 @@ def test_lines_go_straight_into_the_masters_log_file_in_one_write() -> None:
     stamp = formatTime(clock.seconds())
     assert out.getvalue() == (f"{stamp} [worker-1 smarthost#info] Q1: accepted\n"
                               f"{stamp} [worker-1 smarthost#warn] slow\n")
+
+
+class IterationReactor(Clock):
+    running = True
+
+
+def test_a_worker_writes_its_lines_once_per_reactor_iteration() -> None:
+    out, reactor = io.StringIO(), IterationReactor()
+    flushes: list[str] = []
+    out.flush = lambda: flushes.append(out.getvalue())  # type: ignore[method-assign]
+    observe = worker_observer(out, reactor, in_reactor_thread=lambda: True)
+    for text in ("one", "two\nlines"):
+        observe({"log_format": text, "log_namespace": "smarthost", "log_level": LogLevel.info})
+    assert flushes == []
+    reactor.advance(0)
+    assert flushes == ["[smarthost#info] one\n[smarthost#info] two\n\tlines\n"]
+    reactor.running = False  # stopped: the last lines go out at once
+    observe({"log_format": "Server Shut Down.", "log_namespace": "x", "log_level": LogLevel.info})
+    assert flushes[-1].endswith("[x#info] Server Shut Down.\n")
