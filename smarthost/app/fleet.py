@@ -212,7 +212,11 @@ class FleetCounts:
         self._in_flight = 0
         self._waiting: list[Deferred[None]] = []
         self.shutdown: object = None  # the reactor's trigger that closes it, if any
-        self._probe()
+
+    def start(self) -> None:
+        """Connect (in the background): until Redis answers, every count is local."""
+        if self.state == self.STARTING and self._probing is None:
+            self._probe()
 
     # -- SharedCounts ------------------------------------------------------------------------
 
@@ -378,8 +382,10 @@ def _reason(failure: Failure) -> str:
 
 
 def make_counts(reactor: Any, url: str) -> FleetCounts:
-    """The fleet's counts in the Redis of ``url``, closed when the reactor shuts down."""
+    """The fleet's counts in the Redis of ``url``: connecting once the reactor runs (its
+    timeouts mean nothing before), closed when it shuts down."""
     counts = FleetCounts(reactor, RedisStore(reactor, url), url)
+    reactor.callWhenRunning(counts.start)
     counts.shutdown = reactor.addSystemEventTrigger("before", "shutdown", counts.close)
     return counts
 

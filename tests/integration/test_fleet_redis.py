@@ -52,6 +52,7 @@ class FleetRedisTests(TestCase):
         counts = FleetCounts(reactor, RedisStore(reactor, self.redis.url), self.redis.url,
                              Logger(observer=cast(ILogObserver, observe)))
         self.addCleanup(counts.close)
+        counts.start()
         self.counts.append(counts)
         return Limits(reactor, settings, counts)
 

@@ -71,6 +71,7 @@ class Node:
         observer = cast(ILogObserver, lambda e: self.lines.append(e["log_format"]))
         self.counts = FleetCounts(self.clock, self.store, "redis://redis.test/0",
                                   Logger(observer=observer))
+        self.counts.start()
 
     def up(self) -> None:
         """The pending probe connects and its script runs."""
@@ -259,7 +260,9 @@ def test_make_limits_keeps_shares_and_replaces_the_connection() -> None:
     first = fleet.make_limits(config("redis://127.0.0.1/0"), LimitSettings(), reactor,
                               generation(local))
     assert isinstance(first.shared, FleetCounts) and len(reactor.added) == 1
-    assert reactor.tcpClients[-1][:2] == ("127.0.0.1", 6379)  # the probe connects
+    assert not reactor.tcpClients  # connecting waits for the reactor to run
+    reactor.run()
+    assert reactor.tcpClients[-1][:2] == ("127.0.0.1", 6379)
     same = fleet.make_limits(config("redis://127.0.0.1/0"), LimitSettings(), reactor,
                              generation(first))
     assert same is first
