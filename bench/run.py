@@ -387,7 +387,7 @@ def _cell(s: dict[str, float], unit: str) -> str:
 
 def table_lines(workloads: list[dict[str, Any]], labels: list[str], markdown: bool) -> list[str]:
     """Every row: each server's median (min-max), then each smarthost's ratio to Postfix."""
-    smarthosts = [label for label in labels if label != "postfix"]
+    smarthosts = [label for label in labels if label != "postfix" and "postfix" in labels]
     head = ["workload", "unit", *(f"{label} med (min-max)" for label in labels),
             *(f"{label.removeprefix('smarthost ')} / postfix" for label in smarthosts)]
     rows = []
@@ -454,8 +454,8 @@ def machine(source: str | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "postfix": output(servers.POSTCONF, "-d", "-h", "mail_version"),
         "twisted": output(str(servers.PYTHON), "-c", "import twisted; print(twisted.__version__)"),
-        "smarthost_commit": output("git", "rev-parse", "--short", "HEAD" if source is None
-                                   or os.path.isdir(source) else f"{source}^{{commit}}"),
+        "smarthost_commit": "(a directory)" if source and os.path.isdir(source) else output(
+            "git", "rev-parse", "--short", f"{source or 'HEAD'}^{{commit}}"),
         "smarthost_source": source or "work tree",
         "uncommitted_changes": source is None and bool(output(
             "git", "status", "--porcelain", "--untracked-files=no", "smarthost")),
