@@ -4,7 +4,8 @@ Every key of every table is written from the loaded :class:`Config` (so a key ad
 loader shows up here without a change), defaults filled in; ``changed_only`` keeps what differs
 from the defaults, like ``postconf -n``. Paths are written absolute, as the daemon uses them.
 Secrets never appear: the config holds only the files that hold them, and a plugin setting
-whose name says it is a secret is replaced by a comment.
+whose name says it is a secret, or a ``[fleet] redis`` URL with a password, is replaced by a
+comment.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import math
 import re
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,8 @@ import attrs
 from smarthost.app.config import Config, parse_config
 
 SECTIONS = (
-    "listen", "tls", "auth", "relay", "queue", "delivery", "log", "limits", "http", "plugins",
+    "listen", "tls", "auth", "relay", "queue", "delivery", "log", "limits", "http", "server",
+    "fleet", "plugins",
 )
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+\Z")
 _SECRET_NAME = re.compile(r"secret|passw|token|credential", re.I)
@@ -65,6 +68,8 @@ def _table(name: str, section: Any, default: Any | None) -> list[str]:
             subtables += _table(f"{name}.{field.name}", value, None)
         elif value is None and Path in typing.get_args(hints[field.name]):
             plain.append(f'{field.name} = ""  # not set')
+        elif name == "fleet" and field.name == "redis" and urllib.parse.urlsplit(value).password:
+            plain.append("# redis = (the URL holds a password: not shown)")
         elif value is not None:
             plain.append(f"{field.name} = {_value(value)}")
     if not plain and not subtables:

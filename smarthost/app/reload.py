@@ -32,6 +32,7 @@ RESTART_KEYS = (
     "queue.delay_warning",
     "log.events",
     "hostname",
+    "server.workers",  # the master spawned that many processes
 )
 
 

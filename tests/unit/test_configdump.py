@@ -64,6 +64,10 @@ tls_handshake_timeout = 8
 min_data_rate = 9
 messages_per_ip_per_hour = 11
 ipv6_prefix = 48
+[server]
+workers = 3
+[fleet]
+redis = "redis://127.0.0.1:6390/2"
 [plugins]
 enabled = ["dnsbl", "introspection"]
 [plugins.dnsbl]
@@ -113,12 +117,14 @@ def test_secrets_are_never_printed(tmp_path: Path) -> None:
         '[delivery.upstream]\nusername = "office@example.org"\n'
         'password_file = "upstream.secret"\n'
         '[plugins.custom]\nclient_secret = "hunter3"\napi_token = "hunter4"\n'
-        'password = "hunter5"\nsecret_file = "s.txt"\n', tmp_path)
+        'password = "hunter5"\nsecret_file = "s.txt"\n'
+        '[fleet]\nredis = "redis://smarthost:hunter6@127.0.0.1:6379/0"\n', tmp_path)
     text = dump(config)
-    for secret in ("hunter2", "hunter3", "hunter4", "hunter5"):
+    for secret in ("hunter2", "hunter3", "hunter4", "hunter5", "hunter6"):
         assert secret not in text
     assert str(tmp_path / "upstream.secret") in text and 's.txt' in text
     assert "# client_secret = (a secret: not shown)" in text
+    assert "# redis = (the URL holds a password: not shown)" in text
 
 
 def test_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
