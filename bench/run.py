@@ -191,9 +191,11 @@ def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
         # Both answer 250 only after the message is on disk, so all of it is queued by now
         # (Postfix's queue manager may still be moving files between its queues).
         wait_queue(server, lambda n: n >= messages, 30)
+        spread = dict(server.accepted_by) if isinstance(server, Smarthost) else {}
     return {"value": messages / seconds, "seconds": seconds,
             "cpu_ms_per_message": cpu * 1000 / messages, "processes": len(pids),
             "cpu_seconds_by_process": per_process, "root_cpu_share": share,
+            "accepted_by_worker": spread,
             "client_cpu_ms_per_message": client_cpu * 1000 / messages}
 
 
@@ -212,6 +214,7 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
         cpu = servers.cpu_seconds(pids) - cpu
         per_process = servers.cpu_delta(before, servers.cpu_by_process(pids))
         share = root_share(per_process, server.pid)
+        spread = dict(server.accepted_by) if isinstance(server, Smarthost) else {}
         seconds = emptied - started
         # Confirm with the operator's own tool that nothing is left (or stuck deferred):
         # `smarthost queue list` reads every worker's spool.
@@ -221,7 +224,8 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
     return {"value": messages / seconds, "seconds": seconds, "accept_seconds": accepted,
             "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages,
             "processes": len(pids), "cpu_seconds_by_process": per_process,
-            "root_cpu_share": share, "client_cpu_ms_per_message": client_cpu * 1000 / messages}
+            "root_cpu_share": share, "client_cpu_ms_per_message": client_cpu * 1000 / messages,
+            "accepted_by_worker": spread}
 
 
 def root_share(per_process: dict[str, float], root: int) -> float:
@@ -667,8 +671,11 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
             client = [r["client_cpu_ms_per_message"] for r in runs
                       if "client_cpu_ms_per_message" in r]
             if shares and label != "postfix" and not label.endswith("w=1"):
+                spreads = [" / ".join(str(n) for _, n in sorted(r["accepted_by_worker"].items()))
+                           for r in runs]
                 print(f"{w['name'].strip()}, {label}: the master's share of the server's CPU "
-                      f"{100 * statistics.median(shares):.0f}% (median)")
+                      f"{100 * statistics.median(shares):.0f}% (median); messages accepted per "
+                      f"worker, run by run: {', '.join(spreads)}")
             if client:
                 print(f"{w['name'].strip()}, {label}: smtp-source's own CPU "
                       f"{statistics.median(client):.2f} ms per message (median)")

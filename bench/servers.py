@@ -144,6 +144,16 @@ def memory_kib(pids: list[int]) -> dict[str, int]:
     return {"rss_kib": rss, "pss_kib": pss, "processes": counted}
 
 
+def _worker_of(line: bytes) -> str:
+    """``worker-2`` for a line the master re-emitted from worker 2 (``... [worker-2 ...]``),
+    ``daemon`` for a single process's own line."""
+    start = line.find(b" [worker-")
+    if start < 0:
+        return "daemon"
+    end = line.find(b" ", start + 2)
+    return line[start + 2 : end].decode(errors="replace")
+
+
 class SmtpSink:
     """Postfix's ``smtp-sink``: accepts every message and throws it away."""
 
@@ -253,6 +263,7 @@ hold_user_after_per_hour = 1000000000
         self._log = None
         self._pending = b""
         self.accepted = self.finished = 0  # messages, from the log (one recipient each)
+        self.accepted_by: dict[str, int] = {}  # per worker ("worker-2"), from the log prefix
         self.started_at = time.monotonic()
         with open(self.directory / "stderr", "wb") as stderr:
             self.proc = subprocess.Popen(
@@ -317,6 +328,8 @@ hold_user_after_per_hour = 1000000000
             self._seen.append((now, line))
             if b": accepted from " in line:
                 self.accepted += 1
+                by = _worker_of(line)
+                self.accepted_by[by] = self.accepted_by.get(by, 0) + 1
             elif b": removed (" in line:  # delivered, bounced or deleted: gone from the spool
                 self.finished += 1
         return True
