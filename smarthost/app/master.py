@@ -27,10 +27,9 @@ The master is what twistd runs (and what systemd supervises). It
   what each ready worker serves on its ``http.sock``, ``/healthz`` is 200 while the master
   is ready.
 
-Spools no worker serves (``workers`` lowered, or raised from 1 with mail still in the root
-spool) are named at start with the number of messages they hold: that mail waits until a
-master with enough workers (or ``workers = 1``, for the root) runs again, and
-``smarthost queue`` lists it meanwhile.
+Spools that hold mail and belong to no worker (``workers`` lowered, or raised from 1 with mail
+still in the root spool) are named at start and served by worker 1 as well
+(:mod:`smarthost.app.orphans`).
 """
 
 from __future__ import annotations
@@ -53,7 +52,16 @@ from twisted.logger import globalLogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
-from smarthost.app import checks, http, masterhttp, reload, startup, tlscert, workerspools
+from smarthost.app import (
+    checks,
+    http,
+    masterhttp,
+    orphans,
+    reload,
+    startup,
+    tlscert,
+    workerspools,
+)
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.logfiles import LogReopener
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
@@ -70,7 +78,6 @@ from smarthost.app.workerconfig import (
 from smarthost.app.workerlog import Emit, FileSink, LineRelay, PublisherSink, Sink
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.queue.segment import DIR_MODE
-from smarthost.queue.spool import Spool
 
 WORKERS = "workers"  # the start-up step: every worker ready
 FIRST_RESTART_DELAY = 0.5  # seconds
@@ -349,9 +356,10 @@ class WorkerCommand:
         return [*args, "--worker", str(index)]
 
     def environment(self, index: int, listen: Mapping[str, tuple[str, ...]], names: list[str],
-                    notify_fd: int, environ: Mapping[str, str]) -> dict[str, str]:
+                    notify_fd: int, environ: Mapping[str, str],
+                    orphans: Sequence[Path] = ()) -> dict[str, str]:
         spec = WorkerSpec(index=index, workers=self.count, directory=self.directory,
-                          listen=listen)
+                          listen=listen, orphans=tuple(orphans))
         env = {k: v for k, v in environ.items() if k not in _SYSTEMD_VARIABLES}
         env.update(listen_environment(len(names), names))
         env[NOTIFY_FD_VARIABLE] = str(notify_fd)
@@ -379,6 +387,7 @@ class WorkersService(Service):
         self._fds: list[int] = []
         self._listen: dict[str, tuple[str, ...]] = {}
         self._names: list[str] = []
+        self._orphans: tuple[Path, ...] = ()  # served by worker 1 (smarthost.app.orphans)
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -398,7 +407,8 @@ class WorkersService(Service):
                 adopted_description(listener.description, sock.family, k)
             )
         self._listen = {role: tuple(found) for role, found in listen.items()}
-        warn_orphans(self._config, self._command.count, self._log, self._reactor)
+        self._orphans = tuple(orphans.unserved(self._config, self._command.count,
+                                               self._reactor, self._log))
         self._log.notice("starting {count} workers", count=self._command.count)
         self.supervisor.start()
 
@@ -423,7 +433,7 @@ class WorkersService(Service):
         protocol = WorkerProtocol(index, self.supervisor, self._sinks(index), notify_fd)
         argv = self._command.argv(index)
         env = self._command.environment(index, self._listen, self._names, notify_fd,
-                                        os.environ)
+                                        os.environ, self._orphans if index == 1 else ())
         process: Any = self._reactor.spawnProcess(
             protocol, argv[0], argv, env=env, childFDs=child_fds
         )
@@ -435,31 +445,6 @@ class WorkersService(Service):
     def stopService(self) -> Deferred[None]:
         super().stopService()  # type: ignore[no-untyped-call]
         return self.supervisor.stop()
-
-
-def warn_orphans(config: Config, count: int, maillog: MailLog, clock: Any) -> None:
-    """Names every spool that holds mail no worker of this master serves."""
-    served = {workerspools.worker_spool(config, i) for i in range(1, count + 1)}
-    for directory in workerspools.spool_directories(config):
-        if directory in served or not workerspools.holds_spool_files(directory):
-            continue
-        try:
-            queued = len(Spool(directory, clock=clock, run_blocking=_unused).queue_ids())
-        except Exception as e:  # damage is recovery's business; here only a warning
-            maillog.warning("spool {path} could not be read: {error}", path=str(directory),
-                            error=str(e))
-            continue
-        if queued:
-            maillog.warning(
-                "spool {path} holds {count} messages no worker serves ([server] workers = "
-                "{workers}); they wait until it is served again (workers = 1 serves the root "
-                "spool, workers = K serves worker-1..K); `smarthost queue list` shows them",
-                path=str(directory), count=queued, workers=count,
-            )
-
-
-def _unused(*args: Any, **kwargs: Any) -> Any:
-    raise AssertionError("reading a spool's index runs nothing in a thread")
 
 
 def make_master_service(

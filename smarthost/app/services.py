@@ -183,8 +183,10 @@ class QueueService(Service):
         maillog: MailLog,
         commands: control.ControlCommands,
         starting: Startup,
+        steps: tuple[str, str] = (startup.QUEUE, startup.CONTROL),
     ) -> None:
         self._reactor = reactor
+        self._steps = steps  # what it reports: the spool recovered, the control socket
         self._spool = spool
         self._scheduler = scheduler
         self._log = maillog
@@ -207,7 +209,7 @@ class QueueService(Service):
             if collecting:
                 gc.enable()
         if started:
-            self._startup.done(startup.QUEUE)
+            self._startup.done(self._steps[0])
             self._listen_control()
 
     def _start_queue(self) -> bool:
@@ -233,7 +235,7 @@ class QueueService(Service):
 
     def _listening(self, port: IListeningPort) -> None:
         self._port = port
-        self._startup.done(startup.CONTROL)
+        self._startup.done(self._steps[1])
 
     def _control_failed(self, failure: Failure) -> None:
         # Without it `smarthost queue flush|delete` cannot reach this daemon: not a full start.

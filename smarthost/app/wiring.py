@@ -30,7 +30,16 @@ from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.python.logfile import LogFile
 
 from smarthost.api import Context
-from smarthost.app import control, credfactory, directory, fleet, http, servertls, tlscert
+from smarthost.app import (
+    control,
+    credfactory,
+    directory,
+    fleet,
+    http,
+    orphans,
+    servertls,
+    tlscert,
+)
 from smarthost.app.checks import FD_RESERVE
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.live import Generation, Live, LiveServerTLS, LiveSessionFactory
@@ -115,6 +124,7 @@ def make_service(
     log_observer: ILogObserver | None = None,
     http_listen: Sequence[str | Path] | None = None,
     state_dir: Path | None = None,
+    orphan_spools: Sequence[Path] | None = None,
 ) -> MultiService:
     """The whole daemon as one twistd service. ``load`` reads the config again for a reload
     (by default the same config: only the files it names are read again); ``log_file`` is
@@ -122,8 +132,9 @@ def make_service(
 
     A worker of a master (:mod:`smarthost.app.workerconfig`) passes its own ``log_observer``
     (lines for the master to re-emit), ``http_listen`` (its ``http.sock`` instead of
-    ``[http] listen``) and ``state_dir`` (where the MTA-STS cache lives, by default beside
-    the spool)."""
+    ``[http] listen``), ``state_dir`` (where the MTA-STS cache lives, by default beside
+    the spool) and ``orphan_spools``, the spools no worker owns that it serves as well (by
+    default the single daemon looks for them itself: :mod:`smarthost.app.orphans`)."""
     events = EventFile(str(config.log.events)) if config.log.events else None
     maillog = MailLog(reactor, events)
     # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
@@ -141,7 +152,10 @@ def make_service(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
     http_listen = config.http.listen if http_listen is None else http_listen
-    steps = (*STEPS, http.STEP) if http_listen else STEPS
+    if orphan_spools is None:
+        orphan_spools = orphans.unserved(config, 1, reactor, maillog)
+    steps = (*STEPS, *((http.STEP,) if http_listen else ()),
+             *(step for path in orphan_spools for step in _orphan_steps(path)))
     starting = Startup(reactor, maillog, notify, ExitStatus(), steps)
     top = DaemonService(log_observer or observer_for(log_file))
     live = Live()
@@ -166,6 +180,8 @@ def make_service(
     for service in (
         AccessCheck(live, maillog, starting),
         QueueService(reactor, durable.spool, durable.scheduler, maillog, commands, starting),
+        *(_orphan_queue(config, reactor, maillog, live, state, path, starting)
+          for path in orphan_spools),
         ListenerService(reactor, maillog, _listeners(config, live, durable.watch), starting),
     ):
         service.setServiceParent(top)
@@ -182,6 +198,21 @@ def make_service(
         reactor, {signal.SIGHUP: hangup, signal.SIGUSR1: reopener.reopen}
     ).setServiceParent(top)
     return top
+
+
+def _orphan_steps(path: Path) -> tuple[str, str]:
+    return f"queue {path}", f"control {path}"
+
+
+def _orphan_queue(config: Config, reactor: Any, maillog: MailLog, live: Live, state: Path,
+                  path: Path, starting: Startup) -> QueueService:
+    """Delivery (and the control socket) for a spool no process owns: its own spool and
+    scheduler, the same routing and plugins; no listener writes to it."""
+    moved = attrs.evolve(config, queue=attrs.evolve(config.queue, directory=path))
+    durable = _durable(moved, reactor, maillog, live, state)
+    commands = control.ControlCommands(durable.spool, durable.scheduler, maillog)
+    return QueueService(reactor, durable.spool, durable.scheduler, maillog, commands, starting,
+                        _orphan_steps(path))
 
 
 class _FailedStart(Service):

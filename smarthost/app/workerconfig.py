@@ -59,11 +59,13 @@ class WorkerSpec:
     workers: int
     directory: Path  # the master's [queue] directory: the root of every worker's spool
     listen: Mapping[str, tuple[str, ...]]  # role -> the adopted endpoint strings
+    orphans: tuple[Path, ...] = ()  # spools no worker owns, served too (app.orphans)
 
     def to_environment(self) -> str:
         return json.dumps({
             "index": self.index, "workers": self.workers, "directory": str(self.directory),
             "listen": {role: list(self.listen.get(role, ())) for role in ROLES},
+            "orphans": [str(p) for p in self.orphans],
         })
 
     @classmethod
@@ -79,6 +81,7 @@ class WorkerSpec:
                 index=int(data["index"]), workers=int(data["workers"]),
                 directory=Path(data["directory"]),
                 listen={role: tuple(str(d) for d in data["listen"][role]) for role in ROLES},
+                orphans=tuple(Path(p) for p in data.get("orphans", ())),
             )
         except (ValueError, KeyError, TypeError) as e:
             raise WorkerSpecError(f"${SPEC_VARIABLE} is malformed: {e}") from None

@@ -270,17 +270,40 @@ def test_a_worker_that_cannot_start_fails_the_master(tmp_path: Path, mx: MXPeer)
         d.stop()
 
 
-def test_mail_in_a_spool_no_worker_serves_is_named(tmp_path: Path, mx: MXPeer) -> None:
+def test_mail_left_by_another_worker_count_is_delivered(tmp_path: Path, mx: MXPeer) -> None:
+    # 1 -> 2: the root spool's mail is delivered by worker 1; 2 -> 1: worker-2's by the
+    # single daemon.
     mx.behaviour.tempfail_first = 10**9  # the message stays queued in the root spool
     d = Daemon(tmp_path, config(mx.port, workers=1)).start()
     try:
         send(d.ports["submission"], "orphan")
     finally:
         d.stop()
+    mx.behaviour.tempfail_first = 0
     d.config_path.write_text(d.config_path.read_text().replace("workers = 1", "workers = 2"))
     try:
         d.start()
-        line = d.wait_for("no worker serves")
+        line = d.wait_for("owns; worker-1 delivers them")
         assert f"spool {tmp_path / 'var' / 'spool'} holds 1 messages" in line
+        d.wait_for(re.compile(r"\[worker-1 smarthost#info\] \w+: to=<b@remote.test> .*"
+                              r"result=delivered"))
+        wait_mx(mx, 1)
+        assert tokens(mx) == ["orphan"]
+        mx.behaviour.tempfail_first = 10**9
+        sent = []
+        for n in range(200):  # until worker 2 holds one (the kernel picks the worker)
+            sent.append(send(d.ports["submission"], f"left{n}"))
+            if d.wait_for(re.compile(rf"{sent[-1]}: accepted from")).count("[worker-2 "):
+                break
+    finally:
+        d.stop()
+    mx.behaviour.tempfail_first = 0
+    d.config_path.write_text(d.config_path.read_text().replace("workers = 2", "workers = 1"))
+    try:
+        d.start()
+        d.wait_for(re.compile(r"spool \S+/worker-2 holds \d+ messages .* this daemon delivers"))
+        with mx._cond:
+            mx._cond.wait_for(lambda: len(tokens(mx)) == 1 + len(sent), 60)
+        assert sorted(tokens(mx)) == sorted(["orphan", *(f"left{n}" for n in range(len(sent)))])
     finally:
         d.stop()
