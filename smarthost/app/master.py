@@ -301,7 +301,6 @@ def describe_end(reason: Failure) -> str:
     return f"ended: {reason.getErrorMessage()}"
 
 
-
 class WorkerProtocol(ProcessProtocol):
     """One worker process: its log lines (standard output and error) and its sd_notify pipe
     to the master, and its end."""

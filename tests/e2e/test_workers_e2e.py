@@ -11,12 +11,16 @@ is named at start.
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import signal
 import smtplib
 import socket
 import stat
+import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 from collections import Counter
@@ -239,6 +243,41 @@ def test_a_socket_activated_master_hands_systemds_sockets_on(
             assert raw.recv(512).startswith(b"220 mx.smarthost.test")
     finally:
         d.stop()
+
+
+def _nobody_runs_python() -> bool:
+    """Whether user nobody can run this interpreter (the master starts its workers after
+    twistd's --uid drop; a virtualenv under a root-only /root cannot be)."""
+    if os.geteuid() != 0:
+        return False
+    nobody = pwd.getpwnam("nobody")
+    try:
+        subprocess.run([sys.executable, "-c", "0"], user=nobody.pw_uid, group=nobody.pw_gid,
+                       check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.CalledProcessError):
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nobody_runs_python(),
+                    reason="needs root, and a Python interpreter user nobody may run")
+def test_workers_run_as_the_uid_twistd_drops_to(mx: MXPeer) -> None:
+    nobody = pwd.getpwnam("nobody")
+    tmp_path = Path(tempfile.mkdtemp(prefix="smarthost-workers-uid-", dir="/tmp"))
+    tmp_path.chmod(0o755)
+    (tmp_path / "var").mkdir()
+    os.chown(tmp_path / "var", nobody.pw_uid, nobody.pw_gid)
+    d = Daemon(tmp_path, config(mx.port))
+    d.extra_args = ["--uid", str(nobody.pw_uid), "--gid", str(nobody.pw_gid)]
+    try:
+        d.start()
+        for pid in worker_pids(d).values():
+            assert os.stat(f"/proc/{pid}").st_uid == nobody.pw_uid
+        for i in (1, 2):
+            assert (tmp_path / f"var/spool/worker-{i}/log").stat().st_uid == nobody.pw_uid
+    finally:
+        d.stop()
+        shutil.rmtree(tmp_path)
 
 
 def test_sigterm_stops_every_process(tmp_path: Path, mx: MXPeer) -> None:
