@@ -433,9 +433,12 @@ class WorkersService(Service):
         argv = self._command.argv(index)
         env = self._command.environment(index, self._listen, self._names, notify_fd,
                                         os.environ, self._orphans if index == 1 else ())
-        process: Any = self._reactor.spawnProcess(
-            protocol, argv[0], argv, env=env, childFDs=child_fds
-        )
+        try:
+            process: Any = self._reactor.spawnProcess(
+                protocol, argv[0], argv, env=env, childFDs=child_fds
+            )
+        except OSError as e:  # the interpreter cannot be run by the user the master runs as
+            raise OSError(e.errno, f"{e.strerror or e}: {argv[0]} ({running_as()})") from None
         process.closeStdin()  # a worker reads nothing from the master: EOF at once
         self._log.notice("worker-{index} started (pid {pid})", index=index, pid=process.pid)
         handle: Handle = process
