@@ -95,9 +95,20 @@ def read_chunk(
         channel.read_data(reader, done)
 
 
+# When several rules are broken, the refusal names the worst (as DATA's reader does): size,
+# then a bare line ending, then line length, then NUL; a storage failure outranks them all.
+_RANK = {reply.NUL_IN_DATA: 1, reply.DATA_LINE_TOO_LONG: 2, reply.BDAT_BARE_LINE_ENDING: 3,
+         reply.TOO_BIG: 4}
+_WORST = 5
+
+
 class ChunkedBody:
     """The content rules of the module docstring, applied to a message's chunks in order;
     ``write`` gets the octets unchanged while no rule is broken, and nothing after.
+
+    A chunk's verdict is the worst fault in the message up to its end, whatever packets its
+    octets came in (a NUL seen first does not hide a bare LF later in the same chunk); once a
+    refused chunk has been answered (:meth:`seal`), the verdict stands.
 
     Work is done per feed with ``bytes.count``/``find``/``split``, never per octet; between
     feeds only two numbers are kept: the length of the line not yet ended, and whether the
@@ -109,6 +120,7 @@ class ChunkedBody:
         self.announced = 0  # octets of every chunk announced so far
         self._line = 0  # octets of the line not yet ended, its CR not counted
         self._cr = False  # the last octet fed was a CR
+        self._sealed = False  # a refusal has been answered: nothing more is looked at
         self.error: Reply | None = None
 
     def announce(self, size: int) -> None:
@@ -119,23 +131,34 @@ class ChunkedBody:
             self.fail(reply.TOO_BIG)
 
     def fail(self, error: Reply) -> None:
-        if self.error is None:
+        """Refuse the message with ``error``, unless it is refused for worse already (or
+        the refusal has been answered)."""
+        if self._sealed:
+            return
+        if self.error is None or _RANK.get(error, _WORST) > _RANK.get(self.error, _WORST):
             self.error = error
 
+    def seal(self) -> None:
+        """A chunk has been answered: a refusal stands from here on."""
+        self._sealed = self.error is not None
+
     def feed(self, data: bytes) -> None:
-        if self.error is not None or not data:
-            return
+        if not data or self._sealed or self._rank() >= _RANK[reply.BDAT_BARE_LINE_ENDING]:
+            return  # answered, or nothing worse could be found
         error = self._check(data)
         if error is not None:
             self.fail(error)
-            return
-        self._write(data)
+        elif self.error is None:
+            self._write(data)
 
     def finish(self) -> Reply | None:
         """The message has ended (``LAST``): a CR as its very last octet is bare."""
-        if self._cr:
+        if self._cr and not self._sealed:
             self.fail(reply.BDAT_BARE_LINE_ENDING)
         return self.error
+
+    def _rank(self) -> int:
+        return 0 if self.error is None else _RANK.get(self.error, _WORST)
 
     def _check(self, data: bytes) -> Reply | None:
         """Which rule ``data`` breaks, if any (the worst first); keeps the line state."""
@@ -209,6 +232,7 @@ class ChunkedMessage:
         if error is None and self.reception is not None and self.reception.write_failed:
             self._body.fail(reply.NO_STORAGE)
             error = reply.NO_STORAGE
+        self._body.seal()
         if error is None:
             return None
         self.abort()
