@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -88,11 +89,12 @@ def worker_pids(d: Daemon) -> dict[int, int]:
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent that does not reap it counts as ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return stat_line.rpartition(")")[2].split()[0] != "Z"
 
 
 def wait_mx(mx: MXPeer, count: int, timeout: float = 60.0) -> None:
@@ -291,6 +293,20 @@ def test_sigterm_stops_every_process(tmp_path: Path, mx: MXPeer) -> None:
         # has stopped (systemd counts a SIGTERM death as a clean stop).
         assert d.wait_exit(60) == -signal.SIGTERM
         assert "Server Shut Down." in d.log[-1]
+        assert not [pid for pid in pids.values() if alive(pid)]
+    finally:
+        d.stop()
+
+
+def test_workers_end_with_a_master_killed_by_sigkill(tmp_path: Path, mx: MXPeer) -> None:
+    d = Daemon(tmp_path, config(mx.port)).start()
+    try:
+        pids = worker_pids(d)
+        d.kill9()
+        deadline = time.monotonic() + 30
+        # No event reaches the test from a process that is not its child: a bounded poll.
+        while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not [pid for pid in pids.values() if alive(pid)]
     finally:
         d.stop()
