@@ -114,9 +114,8 @@ class Commands:
         self._verbs: dict[str, Callable[[str], None]] = {
             "EHLO": self.ehlo, "HELO": self.helo, "STARTTLS": self.starttls, "AUTH": self.auth,
             "MAIL": self.mail, "RCPT": self.rcpt, "DATA": self.data, "BDAT": self.bdat,
-            "RSET": self.rset,
-            "NOOP": self.noop, "QUIT": self.quit, "VRFY": self.vrfy, "EXPN": self.expn,
-            "HELP": self.help,
+            "RSET": self.rset, "NOOP": self.noop, "QUIT": self.quit, "VRFY": self.vrfy,
+            "EXPN": self.expn, "HELP": self.help,
         }
 
     # -- Handler ---------------------------------------------------------------------------
