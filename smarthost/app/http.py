@@ -177,6 +177,16 @@ async def _stop(port: IListeningPort) -> None:
         await stopped
 
 
+class QuietSite(Site):
+    """The access log without ``/healthz`` and ``/metrics``: load balancers and Prometheus ask
+    every few seconds (HAProxy's checks every 2 s by default), which would bury the mail log
+    under a line per check and node."""
+
+    def log(self, request: Any) -> None:
+        if request.path not in (b"/healthz", b"/metrics"):
+            super().log(request)
+
+
 class HTTPService(SiteService):
     def __init__(
         self, reactor: Any, listen: Sequence[str | Path], sources: StatusSources
@@ -189,7 +199,7 @@ class HTTPService(SiteService):
         metrics = MetricsPage(lambda accept: deferToThread(_exposition, registry, accept),
                               sources.maillog)
         root = _root(self.status, metrics, sources.maillog)
-        super().__init__(reactor, listen, Site(root),  # type: ignore[no-untyped-call]
+        super().__init__(reactor, listen, QuietSite(root),  # type: ignore[no-untyped-call]
                          sources.startup, sources.maillog)
 
     def _health(self) -> str:

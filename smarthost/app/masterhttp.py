@@ -39,13 +39,13 @@ from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface import implementer
 
 from smarthost.app import control, workerspools
 from smarthost.app.http import (
     HealthResource,
     MetricsPage,
+    QuietSite,
     SiteService,
     StartupSteps,
     StatusPageResource,
@@ -308,7 +308,7 @@ class MasterHTTPService(SiteService):
         root.putChild(b"", StatusPageResource(self.page, sources.maillog))
         root.putChild(b"healthz", HealthResource(self._health))
         root.putChild(b"metrics", MetricsPage(self._metrics, sources.maillog))
-        super().__init__(reactor, listen, Site(root),  # type: ignore[no-untyped-call]
+        super().__init__(reactor, listen, QuietSite(root),  # type: ignore[no-untyped-call]
                          sources.startup, sources.maillog)
 
     def _health(self) -> str:

@@ -10,10 +10,12 @@ string that names no ``backlog`` gets :data:`LISTEN_BACKLOG` rather than Twisted
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 
 from twisted.internet import ssl
+from twisted.internet.address import IPv6Address
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -121,7 +123,7 @@ class _ProxiedConnection(policies.ProtocolWrapper):
             return
         if info is None:
             return
-        self._info = info
+        self._info = ProxyInfo(info.header, _rfc5952(info.source), _rfc5952(info.destination))
         self._started = True
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
@@ -152,6 +154,15 @@ class _ProxiedConnection(policies.ProtocolWrapper):
             return self._info.destination
         assert self.transport is not None
         return self.transport.getHost()
+
+
+def _rfc5952(addr: IAddress | None) -> IAddress | None:
+    """An IPv6 address in its RFC 5952 form. Twisted's PROXY v2 parser writes every group out
+    ("2001:db8:0:0:0:0:0:5"), while a direct connection and PROXY v1 give "2001:db8::5": the
+    same client must read the same in the log, the Received: field and the status page."""
+    if isinstance(addr, IPv6Address):
+        return IPv6Address(addr.type, str(ipaddress.ip_address(addr.host)), addr.port)
+    return addr
 
 
 class ProxyFactory(policies.WrappingFactory):

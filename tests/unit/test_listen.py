@@ -3,10 +3,16 @@ and the PROXY wrapper passing the end of a TLS handshake on to the session."""
 
 from __future__ import annotations
 
+import ipaddress
+import struct
+
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.protocols.haproxy._v2parser import V2Parser
 from zope.interface import implementer
 
 from smarthost.smtpd.listen import LISTEN_BACKLOG, ProxyFactory, with_backlog
@@ -43,3 +49,19 @@ def test_the_proxy_wrapper_passes_the_handshake_on() -> None:
     wrapper.handshakeCompleted()
     assert inner.completed == 1
     factory.protocol(factory, Protocol()).handshakeCompleted()  # a plain protocol: ignored
+
+
+def test_a_proxy_v2_ipv6_client_reads_as_rfc_5952() -> None:
+    """Twisted's v2 parser spells IPv6 in full; the session must see the short form a direct
+    connection or PROXY v1 gives, or one client has two names in the log."""
+    factory = ProxyFactory(Factory.forProtocol(Protocol), Clock())
+    wrapper = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    assert wrapper is not None
+    wrapper.makeConnection(StringTransport())
+    addresses = ipaddress.IPv6Address("2001:db8::5").packed + ipaddress.IPv6Address("::1").packed
+    wrapper.dataReceived(
+        V2Parser.PREFIX + b"\x21\x21" + struct.pack("!H", 36) + addresses
+        + struct.pack("!HH", 40001, 587)
+    )
+    assert wrapper.getPeer() == IPv6Address("TCP", "2001:db8::5", 40001)
+    assert wrapper.getHost() == IPv6Address("TCP", "::1", 587)
