@@ -70,13 +70,14 @@ class ListenerService(Service):
 
     def __init__(
         self, reactor: Any, maillog: MailLog, listeners: list[Listener], starting: Startup,
-        *, accept: bool = True,
+        *, accept: bool = True, shared: bool = False,
     ) -> None:
         self._reactor = reactor
         self._log = maillog
         self._listeners = listeners
         self._startup = starting
         self._accept = accept
+        self._shared = shared  # a worker's: other processes accept on the same sockets
         self._ports: list[IListeningPort] = []
         self._stopped = False
         self.opened: Deferred[list[IListeningPort]] = Deferred()
@@ -104,6 +105,8 @@ class ListenerService(Service):
             if not self._accept:
                 # Before the reactor runs (privilegedStartService): nothing was accepted.
                 port.stopReading()  # type: ignore[attr-defined]
+            if self._shared:
+                share_accepts(port, self._reactor)
             self._ports.append(port)
             host = port.getHost()
             self._log.notice(
@@ -120,6 +123,43 @@ class ListenerService(Service):
         self._stopped = True
         ports, self._ports = self._ports, []
         return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+ACCEPT_PAUSE = 0.001  # seconds a worker leaves a shared socket to the others after an accept
+
+
+def share_accepts(port: IListeningPort, clock: Any) -> None:
+    """Accept on a socket several worker processes share, taking turns.
+
+    Every worker waiting on the socket is woken by a new connection, and the first to run
+    wins it; Twisted's port then accepts up to 100 more in one go. So the worker that woke
+    first took all 20 connections a client opened at once, and the other idled for the whole
+    run (measured with bench/run --workers 2: one worker at 0.0 s of CPU). Here a worker
+    accepts one connection per wakeup and, after each it won, leaves the socket alone for
+    :data:`ACCEPT_PAUSE`: the next connection goes to another worker that waits, or, when
+    none does (all busy, or this is the only one running), waits that long at most. A worker
+    busy with its sessions is not in the reactor's wait and leaves new ones to idle workers
+    anyway. The port is Twisted's ``tcp.Port`` or ``unix.Port``: ``doRead`` accepts up to
+    ``numberAccepts`` connections and counts them in ``sessionno``."""
+    if not (hasattr(port, "numberAccepts") and hasattr(port, "sessionno")):
+        return
+    shared: Any = port
+    read = shared.doRead
+
+    def doRead() -> object:
+        shared.numberAccepts = 1
+        before = shared.sessionno
+        result = read()
+        if shared.sessionno != before and shared.connected:
+            shared.stopReading()
+            clock.callLater(ACCEPT_PAUSE, resume)
+        return result
+
+    def resume() -> None:
+        if shared.connected and not shared.disconnecting:
+            shared.startReading()
+
+    shared.doRead = doRead
 
 
 def _cannot_listen(description: str, error: Exception) -> str:

@@ -85,7 +85,7 @@ def makeService(options: Options) -> MultiService:
             log_observer=workerlog.worker_observer(sys.stdout, reactor),
             http_listen=[spec.http_socket(options.config)],
             state_dir=workerconfig.state_directory(options.config, spec),
-            orphan_spools=spec.orphans,
+            orphan_spools=spec.orphans, shared_listeners=True,
         )
     count = workerspools.worker_count(options.config)
     if count > 1:

@@ -125,6 +125,7 @@ def make_service(
     http_listen: Sequence[str | Path] | None = None,
     state_dir: Path | None = None,
     orphan_spools: Sequence[Path] | None = None,
+    shared_listeners: bool = False,
 ) -> MultiService:
     """The whole daemon as one twistd service. ``load`` reads the config again for a reload
     (by default the same config: only the files it names are read again); ``log_file`` is
@@ -133,8 +134,9 @@ def make_service(
     A worker of a master (:mod:`smarthost.app.workerconfig`) passes its own ``log_observer``
     (lines for the master to re-emit), ``http_listen`` (its ``http.sock`` instead of
     ``[http] listen``), ``state_dir`` (where the MTA-STS cache lives, by default beside
-    the spool) and ``orphan_spools``, the spools no worker owns that it serves as well (by
-    default the single daemon looks for them itself: :mod:`smarthost.app.orphans`)."""
+    the spool), ``orphan_spools``, the spools no worker owns that it serves as well (by
+    default the single daemon looks for them itself: :mod:`smarthost.app.orphans`) and
+    ``shared_listeners`` (other workers accept on the same sockets)."""
     events = EventFile(str(config.log.events)) if config.log.events else None
     maillog = MailLog(reactor, events)
     # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
@@ -182,7 +184,8 @@ def make_service(
         QueueService(reactor, durable.spool, durable.scheduler, maillog, commands, starting),
         *(_orphan_queue(config, reactor, maillog, live, state, path, starting)
           for path in orphan_spools),
-        ListenerService(reactor, maillog, _listeners(config, live, durable.watch), starting),
+        ListenerService(reactor, maillog, _listeners(config, live, durable.watch), starting,
+                        shared=shared_listeners),
     ):
         service.setServiceParent(top)
     reloader = Reloader(load or (lambda: config), build, live, maillog, notify)
