@@ -21,6 +21,7 @@ from smarthost.app import master, workerconfig
 from smarthost.app.config import Config, ConfigError, parse_config
 from smarthost.app.master import STABLE_AFTER, STOP_TIMEOUT, Supervisor, restart_delay
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
+from smarthost.app.services import ACCEPT_PAUSE, share_accepts
 from smarthost.app.workerconfig import WorkerSpec, WorkerSpecError
 from smarthost.app.workerlog import FileSink, LineRelay, PublisherSink, worker_observer
 from smarthost.core.maillog import MailLog
@@ -351,3 +352,47 @@ def test_a_worker_writes_its_lines_once_per_reactor_iteration() -> None:
     reactor.running = False  # stopped: the last lines go out at once
     observe({"log_format": "Server Shut Down.", "log_namespace": "x", "log_level": LogLevel.info})
     assert flushes[-1].endswith("[x#info] Server Shut Down.\n")
+
+
+class FakePort:
+    """What share_accepts uses of Twisted's tcp.Port: doRead accepts up to numberAccepts
+    (here: whatever is waiting) and counts them in sessionno."""
+
+    def __init__(self) -> None:
+        self.numberAccepts = 100
+        self.sessionno = 0
+        self.waiting = 0
+        self.connected = True
+        self.disconnecting = False
+        self.reading = True
+        self.asked: list[int] = []
+
+    def doRead(self) -> None:
+        self.asked.append(self.numberAccepts)
+        taken = min(self.waiting, self.numberAccepts)
+        self.waiting -= taken
+        self.sessionno += taken
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+def test_a_worker_takes_one_connection_then_leaves_the_socket_to_the_others() -> None:
+    port, clock = FakePort(), Clock()
+    share_accepts(port, clock)  # type: ignore[arg-type]
+    port.waiting = 20
+    port.doRead()
+    assert (port.asked, port.sessionno, port.reading) == ([1], 1, False)
+    clock.advance(ACCEPT_PAUSE)
+    assert port.reading
+    port.waiting = 0
+    port.doRead()  # another worker took it: no pause
+    assert port.reading
+    port.waiting = 1
+    port.doRead()
+    port.connected = False  # stopped listening meanwhile
+    clock.advance(ACCEPT_PAUSE)
+    assert not port.reading
