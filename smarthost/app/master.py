@@ -532,6 +532,9 @@ def make_master_service(
             return
         if _reload_master(config, load, maillog):
             supervisor.reload()
+        else:  # systemd (Type=notify-reload) waits for READY=1 after a refusal too
+            notify.reloading()
+            notify.ready()
 
     def reopen() -> None:
         reopener.reopen()
