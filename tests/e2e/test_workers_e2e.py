@@ -282,6 +282,30 @@ def test_workers_run_as_the_uid_twistd_drops_to(mx: MXPeer) -> None:
         shutil.rmtree(tmp_path)
 
 
+def test_systemd_hears_the_master_only(tmp_path: Path, mx: MXPeer) -> None:
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        d = Daemon(tmp_path, config(mx.port))
+        d.env = {"NOTIFY_SOCKET": path}
+        try:
+            d.start()
+            assert sock.recv(4096) == b"READY=1"  # once every worker is ready
+            d.send_signal(signal.SIGHUP)
+            assert sock.recv(4096).startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+            assert sock.recv(4096) == b"READY=1"  # once both workers have reloaded
+            for i in (1, 2):
+                d.wait_for(f"[worker-{i} smarthost#info] reloaded the configuration")
+            d.stop()
+            assert sock.recv(4096) == b"STOPPING=1"
+            sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # the workers never spoke to systemd
+                sock.recv(4096)
+        finally:
+            d.stop()
+
+
 def test_sigterm_stops_every_process(tmp_path: Path, mx: MXPeer) -> None:
     d = Daemon(tmp_path, config(mx.port, workers=0)).start()
     try:
