@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_service_e2e import DirectoryWatch
 from test_systemd_socket_e2e import FAKE_SYSTEMD, SNIPPET
 
 import daemon
@@ -39,6 +40,7 @@ STARTED = re.compile(r"worker-(\d+) started \(pid (\d+)\)")
 ACCEPTED = re.compile(r"\[worker-(\d+) smarthost#info\] (\w+): accepted from")
 DELIVERED = re.compile(r"\[worker-(\d+) smarthost#info\] (\w+): to=<.*?> .*result=delivered")
 QUEUED_AS = re.compile(rb"queued as (\w+)")
+LISTENING = re.compile(r"\[smarthost#info\] submission listening on 127.0.0.1:(\d+)")
 TOKEN = re.compile(rb"^X-Token: (\S+)\r?$", re.M)
 
 
@@ -304,6 +306,45 @@ def test_systemd_hears_the_master_only(tmp_path: Path, mx: MXPeer) -> None:
                 sock.recv(4096)
         finally:
             d.stop()
+
+
+def test_one_log_file_for_every_process_reopened_on_sigusr1(tmp_path: Path, mx: MXPeer) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    log, events = logs / "smarthost.log", logs / "events.jsonl"
+    path = str(tmp_path / "notify.sock")
+    d = Daemon(tmp_path, config(mx.port) + '[log]\nevents = "logs/events.jsonl"\n')
+    d.env = {"NOTIFY_SOCKET": path}
+    d.extra_args = ["--logfile", str(log)]  # after the harness's --logfile=-: this one wins
+    watch = DirectoryWatch(logs)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(30)
+        d.launch()
+        try:
+            assert sock.recv(4096) == b"READY=1"
+            watch.wait_for(log, "[worker-2 smarthost#info] ready")
+            port = _port(log)
+            log.rename(logs / "smarthost.log.1")
+            events.rename(logs / "events.jsonl.1")
+            d.send_signal(signal.SIGUSR1)
+            for i in (1, 2):
+                watch.wait_for(log, f"[worker-{i} smarthost#info] reopened the log files")
+            watch.wait_for(events, "reopened the log files")
+            queue_id = send(port, "after")
+            watch.wait_for(log, f"{queue_id}: accepted from")  # a worker's, in the new file
+            watch.wait_for(events, f'"queue_id": "{queue_id}"')  # written by that worker
+            assert "reopened" not in (logs / "smarthost.log.1").read_text()
+        finally:
+            watch.close()
+            d.stop()
+    assert "[smarthost#info] ready" in (logs / "smarthost.log.1").read_text()
+
+
+def _port(log: Path) -> int:
+    found = LISTENING.search(log.read_text())
+    assert found is not None
+    return int(found.group(1))
 
 
 def test_sigterm_stops_every_process(tmp_path: Path, mx: MXPeer) -> None:
