@@ -34,24 +34,21 @@ still in the root spool) are named at start and served by worker 1 as well
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import signal
 import socket
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
-from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.internet.protocol import Factory
 from twisted.logger import globalLogPublisher, textFileLogObserver
-from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from smarthost.app import (
@@ -66,18 +63,16 @@ from smarthost.app import (
 )
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.logfiles import LogReopener
-from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
+from smarthost.app.notify import SystemdNotify
 from smarthost.app.services import DaemonService, Listener, ListenerService
 from smarthost.app.signals import SignalService
 from smarthost.app.startup import ExitStatus, Startup, running_as
 from smarthost.app.workerconfig import (
     FIRST_LISTEN_FD,
-    SPEC_VARIABLE,
-    WorkerSpec,
     adopted_description,
-    listen_environment,
 )
-from smarthost.app.workerlog import Emit, FileSink, LineRelay, PublisherSink, Sink
+from smarthost.app.workerlog import Emit, FileSink, PublisherSink, Sink
+from smarthost.app.workerproc import WorkerCommand, WorkerProtocol
 from smarthost.core.maillog import EventFile, MailLog
 from smarthost.queue.segment import DIR_MODE
 
@@ -86,12 +81,9 @@ FIRST_RESTART_DELAY = 0.5  # seconds
 MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 30.0  # a worker that ran this long before it died is restarted at once again
 STOP_TIMEOUT = 60.0  # seconds a worker gets to stop on SIGTERM before SIGKILL
-LOG_BATCH = 0.05  # seconds between two reads of a worker's log pipe (WorkerProtocol._pause)
-PIPE_SIZE = 1 << 20  # bytes: a worker's log pipe
 SHARED_KINDS = ("tcp", "tcp6", "unix", "systemd")  # endpoints whose socket a worker adopts
 # Keys only a restart of the master applies (the workers never see them change).
 MASTER_KEYS = ("listen", "server.workers", "http", "queue.directory")
-_SYSTEMD_VARIABLES = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET")
 
 
 def restart_delay(failures: int) -> float:
@@ -289,74 +281,6 @@ def _signal(process: Handle, signum: int) -> None:
         pass  # it ended meanwhile: its processEnded is on its way
 
 
-def describe_end(reason: Failure) -> str:
-    """How a worker ended, for the log: its exit status or the signal that killed it."""
-    value = reason.value
-    if isinstance(value, ProcessDone):
-        return "exited with status 0"
-    if isinstance(value, ProcessTerminated):
-        if value.signal is not None:
-            try:
-                name = signal.Signals(value.signal).name
-            except ValueError:
-                name = str(value.signal)
-            return f"was killed by signal {value.signal} ({name})"
-        return f"exited with status {value.exitCode}"
-    return f"ended: {reason.getErrorMessage()}"
-
-
-class WorkerProtocol(ProcessProtocol):
-    """One worker process: its log lines (standard output and error) and its sd_notify pipe
-    to the master, and its end."""
-
-    def __init__(self, index: int, supervisor: Supervisor, sink: Sink, notify_fd: int,
-                 clock: Any) -> None:
-        self._index = index
-        self._supervisor = supervisor
-        self._notify_fd = notify_fd
-        self._clock = clock
-        self._relays = {1: LineRelay(index, sink), 2: LineRelay(index, sink, raw=True)}
-        self._notes = b""
-
-    def connectionMade(self) -> None:
-        # Room for LOG_BATCH seconds of lines at any rate: a worker whose log pipe is full
-        # would block in its next write (1 MiB is Linux's default pipe-max-size).
-        for fd in self._relays:
-            pipe = getattr(self.transport, "pipes", {}).get(fd)
-            if pipe is not None:
-                with contextlib.suppress(OSError, AttributeError):
-                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-
-    def childDataReceived(self, childFD: int, data: bytes) -> None:
-        relay = self._relays.get(childFD)
-        if relay is not None:
-            relay.feed(data)
-            self._pause(childFD)
-        elif childFD == self._notify_fd:
-            *fields, self._notes = (self._notes + data).split(b"\n")
-            for field in fields:
-                self._supervisor.notified(self._index, field.decode("utf-8", "replace"))
-
-    def _pause(self, fd: int) -> None:
-        """Leave the log pipe for :data:`LOG_BATCH` seconds after a read: what the worker
-        writes meanwhile waits in the pipe (64 KiB, hundreds of lines) and is read, and
-        written into the log, in one go. Reading as each line came woke the master for every
-        message, which cost it a twentieth of the server's CPU (bench/run --workers 2)."""
-        pipe = getattr(self.transport, "pipes", {}).get(fd)
-        if pipe is not None:
-            pipe.stopReading()
-            self._clock.callLater(LOG_BATCH, self._resume, pipe)
-
-    def _resume(self, pipe: Any) -> None:
-        if pipe.connected and not pipe.disconnecting:  # not closed meanwhile
-            pipe.startReading()
-
-    def processEnded(self, reason: Failure) -> None:
-        for relay in self._relays.values():
-            relay.flush()
-        self._supervisor.ended(self._index, describe_end(reason))
-
-
 class _NoSessions(Factory):
     """The master's listeners never accept; should one ever, the connection is closed."""
 
@@ -364,36 +288,6 @@ class _NoSessions(Factory):
 
     def buildProtocol(self, addr: Any) -> None:
         return None
-
-
-@attrs.frozen
-class WorkerCommand:
-    """How the master starts worker i: the command line and the environment around the
-    inherited descriptors."""
-
-    config_path: str | None  # the master's --config, absolute
-    auth: Sequence[str]  # the master's --auth options, passed on
-    directory: Path  # the master's [queue] directory
-    count: int
-
-    def argv(self, index: int) -> list[str]:
-        args = [sys.executable, "-m", "smarthost.app.worker"]
-        if self.config_path is not None:
-            args += ["--config", self.config_path]
-        for description in self.auth:
-            args += ["--auth", description]
-        return [*args, "--worker", str(index)]
-
-    def environment(self, index: int, listen: Mapping[str, tuple[str, ...]], names: list[str],
-                    notify_fd: int, environ: Mapping[str, str],
-                    orphans: Sequence[Path] = ()) -> dict[str, str]:
-        spec = WorkerSpec(index=index, workers=self.count, directory=self.directory,
-                          listen=listen, orphans=tuple(orphans))
-        env = {k: v for k, v in environ.items() if k not in _SYSTEMD_VARIABLES}
-        env.update(listen_environment(len(names), names))
-        env[NOTIFY_FD_VARIABLE] = str(notify_fd)
-        env[SPEC_VARIABLE] = spec.to_environment()
-        return env
 
 
 class WorkersService(Service):
@@ -524,7 +418,16 @@ def make_master_service(
     )).setServiceParent(top)  # type: ignore[no-untyped-call]
     for service in (listeners, workers):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
-    reopener = LogReopener(log_file, maillog)
+    _signals(reactor, config, load, maillog, starting, notify, supervisor,
+             LogReopener(log_file, maillog)).setServiceParent(top)  # type: ignore[no-untyped-call]
+    return top
+
+
+def _signals(reactor: Any, config: Config, load: Callable[[], Config], maillog: MailLog,
+             starting: Startup, notify: SystemdNotify, supervisor: Supervisor,
+             reopener: LogReopener) -> SignalService:
+    """SIGHUP: the file checked by the master, then a reload of every worker; SIGUSR1: the
+    master's log reopened, then every worker's."""
 
     def hangup() -> None:
         if not starting.ready:
@@ -540,10 +443,7 @@ def make_master_service(
         reopener.reopen()
         supervisor.send(signal.SIGUSR1)
 
-    SignalService(reactor, {signal.SIGHUP: hangup, signal.SIGUSR1: reopen}).setServiceParent(
-        top
-    )  # type: ignore[no-untyped-call]
-    return top
+    return SignalService(reactor, {signal.SIGHUP: hangup, signal.SIGUSR1: reopen})
 
 
 def _self_signed(config: Config, maillog: MailLog) -> None:

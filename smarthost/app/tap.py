@@ -21,7 +21,7 @@ from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
 from twisted.python import usage
 
-from smarthost.app import master, workerconfig, workerlog, workerspools
+from smarthost.app import master, workerconfig, workerlog, workerproc, workerspools
 from smarthost.app.config import Config, ConfigError, load_config
 from smarthost.app.logfiles import twistd_log_file, twistd_logs_to_stdout
 from smarthost.app.wiring import make_service
@@ -104,7 +104,7 @@ def makeService(options: Options) -> MultiService:
 def _master(options: Options, reactor: object, count: int) -> MultiService:
     config = options.config
     path = options["config"]
-    command = master.WorkerCommand(
+    command = workerproc.WorkerCommand(
         config_path=os.path.abspath(path) if path else None,
         auth=tuple(options.auth_descriptions), directory=config.queue.directory, count=count,
     )

@@ -141,15 +141,7 @@ def make_service(
     maillog = MailLog(reactor, events)
     # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
     globalLogPublisher.addObserver(cast(ILogObserver, maillog.forward))
-    # Every connection is a descriptor: [limits] connections, not EMFILE at accept(), must be
-    # what refuses clients (check-config warns where the hard limit is too low).
-    open_files, _ = raise_nofile_limit()
-    if open_files < config.limits.connections + FD_RESERVE:
-        maillog.warning(
-            "limits.connections: {connections} connections do not fit in the open-files limit "
-            "{limit} (ulimit -n; LimitNOFILE= under systemd)",
-            connections=config.limits.connections, limit=open_files,
-        )
+    _raise_open_files(config, maillog)
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
     )
@@ -189,6 +181,26 @@ def make_service(
     ):
         service.setServiceParent(top)
     reloader = Reloader(load or (lambda: config), build, live, maillog, notify)
+    _signals(reactor, reloader, LogReopener(log_file, maillog), starting, maillog
+             ).setServiceParent(top)
+    return top
+
+
+def _raise_open_files(config: Config, maillog: MailLog) -> None:
+    # Every connection is a descriptor: [limits] connections, not EMFILE at accept(), must be
+    # what refuses clients (check-config warns where the hard limit is too low).
+    open_files, _ = raise_nofile_limit()
+    if open_files < config.limits.connections + FD_RESERVE:
+        maillog.warning(
+            "limits.connections: {connections} connections do not fit in the open-files limit "
+            "{limit} (ulimit -n; LimitNOFILE= under systemd)",
+            connections=config.limits.connections, limit=open_files,
+        )
+
+
+def _signals(reactor: Any, reloader: Reloader, reopener: LogReopener, starting: Startup,
+             maillog: MailLog) -> SignalService:
+    """SIGHUP reloads (once the daemon is ready), SIGUSR1 reopens the log files."""
 
     def hangup() -> None:
         if not starting.ready:
@@ -196,11 +208,7 @@ def make_service(
             return
         reloader.reload()
 
-    reopener = LogReopener(log_file, maillog)
-    SignalService(
-        reactor, {signal.SIGHUP: hangup, signal.SIGUSR1: reopener.reopen}
-    ).setServiceParent(top)
-    return top
+    return SignalService(reactor, {signal.SIGHUP: hangup, signal.SIGUSR1: reopener.reopen})
 
 
 def _orphan_steps(path: Path) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from twisted.internet.task import Clock
 from twisted.logger import LogLevel, formatEvent, formatTime
 from twisted.python.failure import Failure
 
-from smarthost.app import master, workerconfig
+from smarthost.app import master, workerconfig, workerproc
 from smarthost.app.config import Config, ConfigError, parse_config
 from smarthost.app.master import STABLE_AFTER, STOP_TIMEOUT, Supervisor, restart_delay
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
@@ -198,9 +198,9 @@ def test_how_a_worker_ended() -> None:
     done = Failure(ProcessDone(0))
     killed = Failure(ProcessTerminated(None, signal.SIGKILL, None))
     failed = Failure(ProcessTerminated(3, None, None))
-    assert master.describe_end(done) == "exited with status 0"
-    assert master.describe_end(killed) == "was killed by signal 9 (SIGKILL)"
-    assert master.describe_end(failed) == "exited with status 3"
+    assert workerproc.describe_end(done) == "exited with status 0"
+    assert workerproc.describe_end(killed) == "was killed by signal 9 (SIGKILL)"
+    assert workerproc.describe_end(failed) == "exited with status 3"
 
 
 # -- the worker's configuration ------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_only_sockets_a_worker_can_adopt(tmp_path: Path) -> None:
 
 
 def test_the_worker_command_line_and_environment(tmp_path: Path) -> None:
-    command = master.WorkerCommand(config_path="/etc/smarthost.toml", auth=("file:/x",),
+    command = workerproc.WorkerCommand(config_path="/etc/smarthost.toml", auth=("file:/x",),
                                    directory=tmp_path, count=2)
     assert command.argv(2)[1:] == ["-m", "smarthost.app.worker", "--config",
                                    "/etc/smarthost.toml", "--auth", "file:/x", "--worker", "2"]
