@@ -7,8 +7,12 @@ The master is what twistd runs (and what systemd supervises). It
 - starts N workers (:mod:`smarthost.app.worker`), each the single-process daemon with its
   own spool ``<[queue] directory>/worker-<i>`` and its own delivery, inheriting the sockets at
   descriptors 3, 4, ... (systemd's convention, so a worker adopts them with Twisted's
-  ``systemd:`` endpoints; :mod:`smarthost.app.workerconfig` derives its configuration);
-  the kernel hands each new connection to one of the workers blocked in ``accept``;
+  ``systemd:`` endpoints; :mod:`smarthost.app.workerconfig` derives its configuration,
+  :mod:`smarthost.app.workerproc` runs the process); every worker that waits is woken by a
+  new connection and they take turns (:func:`smarthost.app.services.share_accepts`). One
+  queue of connections rather than ``SO_REUSEPORT`` sockets per worker: a connection the
+  kernel queued is taken by whichever worker runs, never left behind a dead worker's socket,
+  and the same holds for unix and systemd sockets, which ``SO_REUSEPORT`` does not spread;
 - is ``ready`` (the log line, and ``READY=1`` to systemd) once every worker said it is ready,
   through a pipe on which each worker speaks sd_notify (:mod:`smarthost.app.notify`). A
   worker that ends before that stops the whole start with exit status 1, naming the worker
@@ -18,7 +22,8 @@ The master is what twistd runs (and what systemd supervises). It
   and the restarted worker recovers it, as a restarted single daemon does, while the other
   workers take the new connections;
 - fans signals out: SIGTERM (and SIGINT) stop every worker (SIGTERM each, wait for all, SIGKILL
-  after :data:`STOP_TIMEOUT`), then the master exits 0; SIGHUP re-reads the file (a broken one
+  after :data:`STOP_TIMEOUT`), then the master ends as twistd ends (by the signal that
+  stopped it, which systemd counts as a clean stop); SIGHUP re-reads the file (a broken one
   is refused by the master, with nothing sent on), warns about what only a restart of the
   master applies (listeners, workers, ``[http]``, the spool root) and sends SIGHUP to every
   worker, which reloads as one daemon does; SIGUSR1 reopens the master's log and is sent on;
