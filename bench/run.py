@@ -200,11 +200,11 @@ def accept_run(run: Run, kind: str, messages: int, sessions: int, size: int,
 
 
 def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
-                workers: int = 1) -> dict[str, Any]:
+                workers: int = 1, profile: Path | None = None) -> dict[str, Any]:
     """The production mode: the next hop (smtp-sink) is up from the start, so the server
     delivers while it accepts. Two figures from one run: the accept rate while delivering
     (the ``smtp-source`` wall clock) and the rate until the queue is empty."""
-    with run.server(kind, deliver=True, workers=workers) as (server, _):
+    with run.server(kind, deliver=True, workers=workers, profile=profile) as (server, _):
         pids = servers.process_tree(server.pid)
         cpu, before = servers.cpu_seconds(pids), servers.cpu_by_process(pids)
         started = time.monotonic()
@@ -352,8 +352,53 @@ def startup_run(run: Run, count: int) -> dict[str, Any]:
 # -- profile ----------------------------------------------------------------------------------
 
 
-def profile_run(run: Run, messages: int, sessions: int, size: int, prof: Path) -> dict[str, Any]:
-    result = accept_run(run, "smarthost", messages, sessions, size, profile=prof)
+# Where the reactor thread's own time goes, by the file a function is in (first match wins).
+AREAS = (
+    ("log lines", ("smarthost/core/maillog.py", "twisted/logger/", "smarthost/app/activity.py",
+                   "twisted/python/logfile.py", "twisted/python/log.py",
+                   "twisted/python/_tzhelper.py", "twisted/python/threadable.py")),
+    ("attrs (evolve, generated methods)", ("attr/_make.py", "<attrs generated")),
+    ("SMTP sessions (smtpd)", ("smarthost/smtpd/",)),
+    ("delivery", ("smarthost/delivery/",)),
+    ("spool (queue)", ("smarthost/queue/",)),
+    ("Deferreds", ("twisted/internet/defer.py",)),
+    ("reactor, sockets, epoll", ("twisted/internet/", "twisted/python/context.py",
+                                 "_socket.socket", "select.epoll")),
+    ("other smarthost", ("smarthost/",)),
+)
+
+
+def areas(prof: Path) -> dict[str, float]:
+    """The profile's own time (tottime) in seconds per area of :data:`AREAS`, plus "other".
+    A built-in's time (``len``, ``list.append``, a socket's ``send``...) counts for the
+    areas of the functions that called it, in proportion."""
+    stats = pstats.Stats(str(prof))
+
+    def area(path: str, name: str) -> str:
+        where = f"{path}:{name}"
+        return next((label for label, marks in AREAS if any(m in where for m in marks)),
+                    "other")
+
+    found: dict[str, float] = {}
+    for (path, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
+        callers = row[4]
+        if path == "~" and callers and not any(m in name for m in ("_socket", "select.")):
+            for (cpath, _, cname), crow in callers.items():
+                label = area(cpath, cname)
+                found[label] = found.get(label, 0.0) + crow[2]
+            continue
+        label = area(path, name)
+        found[label] = found.get(label, 0.0) + row[2]
+    return found
+
+
+def profile_run(run: Run, messages: int, sessions: int, size: int, prof: Path,
+                deliver: bool = False) -> dict[str, Any]:
+    if deliver:
+        result = deliver_run(run, "smarthost", messages, sessions, size, profile=prof)
+        result["value"] = result["accept_rate"]
+    else:
+        result = accept_run(run, "smarthost", messages, sessions, size, profile=prof)
     text = {}
     for order in ("cumulative", "tottime"):
         out = io.StringIO()
@@ -364,7 +409,9 @@ def profile_run(run: Run, messages: int, sessions: int, size: int, prof: Path) -
         "\n".join(f"== top 25 by {k} ==\n{v}" for k, v in text.items())
     )
     return {"rate_under_profiler": result["value"], "prof": str(prof),
-            "text": str(prof.with_suffix(".txt")), "top": text}
+            "text": str(prof.with_suffix(".txt")), "top": text, "messages": messages,
+            "areas": areas(prof), "workload": "accept while delivering" if deliver
+            else "accept (deliveries deferred)"}
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -490,8 +537,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--startup", help="start-up spool sizes (10000 quick, 10000,100000 full)")
     p.add_argument("--only", default="accept,deliver,idle,many-idle,startup,profile",
                    help="comma-separated subset of accept,deliver,idle,many-idle,startup,"
-                        "profile (deliver gives two rows: accept while delivering, and "
-                        "accept + deliver until the queue is empty)")
+                        "profile,profile-deliver (deliver gives two rows: accept while "
+                        "delivering, and accept + deliver until the queue is empty; "
+                        "profile-deliver profiles that production mode)")
     p.add_argument("--source", metavar="REV|DIR",
                    help="run smarthost from a copy of this commit (git archive), or from this "
                         "directory (a copy of the tree), instead of the work tree: a fixed "
@@ -609,10 +657,14 @@ def smarthost_alone(args: argparse.Namespace, run: Run, results: dict[str, Any],
                 print(f"  start-up with {count} queued: scheduler started "
                       f"{r['scheduler_started_seconds']:.2f} s, ready "
                       f"{r['ready_seconds']:.2f} s, RSS {r['rss_mib']:.0f} MiB", flush=True)
+    # 2000 messages give a stable profile; the profiler itself slows the run down.
     if "profile" in args.only:
         prof = RESULTS / f"{stamp}-accept20.prof"
-        # 2000 messages give a stable profile; the profiler itself slows the run down.
         results["profile"] = profile_run(run, min(args.messages, 2000), 20, args.size, prof)
+    if "profile-deliver" in args.only:
+        prof = RESULTS / f"{stamp}-deliver20.prof"
+        results["profile_deliver"] = profile_run(run, min(args.messages, 2000), 20, args.size,
+                                                 prof, deliver=True)
 
 
 def main() -> None:
@@ -709,13 +761,20 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
               f"{r['pss_per_connection_kib']:.1f} KiB PSS per connection, all greeted in "
               f"{r['seconds_to_greet_all']:.2f} s, new client greeted in "
               f"{r['new_client_banner_seconds']:.3f} s")
-    if "profile" in results:
-        p = results["profile"]
-        print(f"\nprofile of one 20-session accept run under cProfile "
+    for key in ("profile", "profile_deliver"):
+        if key not in results:
+            continue
+        p = results[key]
+        print(f"\nprofile of one 20-session run, {p['workload']}, under cProfile "
               f"({p['rate_under_profiler']:.0f} msg/s profiled): {p['prof']}")
         for order in ("cumulative", "tottime"):
             print(f"\n== top 25 by {order} ==")
             print(_stats_body(p["top"][order]))
+        total = sum(p["areas"].values())
+        print("\nthe reactor thread's own time by area (ms per message under the profiler):")
+        for area, seconds in sorted(p["areas"].items(), key=lambda kv: -kv[1]):
+            print(f"  {area:34} {seconds * 1000 / p['messages']:6.3f}  "
+                  f"{100 * seconds / total:4.1f}%")
     print(f"\nresults: {out} and {out.with_suffix('.md').name} "
           f"({results['elapsed_seconds']:.0f} s)")
 
