@@ -580,6 +580,7 @@ class Bench:
         if not args.no_postfix:
             self.targets.append(("postfix", "postfix", 1))
         self.labels = [label for label, _, _ in self.targets]
+        self.failures: list[dict[str, Any]] = []
 
     def workload(self, row_id: str, name: str, unit: str, better: str, once: Once,
                  also: tuple[tuple[str, str, str, str, str], ...] = ()) -> None:
@@ -589,7 +590,15 @@ class Bench:
         for r in range(self.args.rounds):
             for label, kind, workers in self.targets:
                 load = os.getloadavg()
-                result = once(kind, workers)
+                try:
+                    result = once(kind, workers)
+                except (RuntimeError, TimeoutError, OSError, subprocess.SubprocessError) as e:
+                    # One failed run (a server that did not start, a queue that did not
+                    # empty) is reported and left out; the other runs still count.
+                    print(f"  {name} round {r + 1} {label}: FAILED: {e}", flush=True)
+                    self.failures.append({"workload": name, "round": r + 1, "server": label,
+                                          "error": str(e)[-2000:]})
+                    continue
                 result["loadavg_before"] = load
                 result["loadavg_after"] = os.getloadavg()
                 runs[label].append(result)
@@ -602,12 +611,14 @@ class Bench:
             entry: dict[str, Any] = {"id": rid, "name": row, "unit": row_unit,
                                      "better": row_better, "servers": {}, "ratios": {}}
             for label, values in runs.items():
+                if not values:
+                    continue
                 entry["servers"][label] = {"summary": summary([v[key] for v in values])}
                 if key == "value":
                     entry["servers"][label]["runs"] = values
-            if "postfix" in runs:
+            if "postfix" in entry["servers"]:
                 base = entry["servers"]["postfix"]["summary"]["median"]
-                for label in runs:
+                for label in entry["servers"]:
                     if label != "postfix":
                         entry["ratios"][label] = (
                             entry["servers"][label]["summary"]["median"] / base)
@@ -689,7 +700,7 @@ def main() -> None:
         .isoformat(timespec="seconds"), "mode": "quick" if args.quick else "full",
         "rounds": args.rounds, "messages": args.messages, "size": args.size,
         "workers": args.workers, "machine": machine(args.source), "loadavg_start": os.getloadavg(),
-        "workloads": bench.workloads,
+        "workloads": bench.workloads, "failures": bench.failures,
     }
     load = os.getloadavg()[0]
     if load > 0.5:
@@ -731,6 +742,9 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
             if client:
                 print(f"{w['name'].strip()}, {label}: smtp-source's own CPU "
                       f"{statistics.median(client):.2f} ms per message (median)")
+    for failure in bench.failures:
+        print(f"FAILED and left out: {failure['workload']}, round {failure['round']}, "
+              f"{failure['server']}: {failure['error'].splitlines()[0]}")
     if loads:
         print(f"\nload average (1 min) before each run: median {statistics.median(loads):.2f}, "
               f"min {min(loads):.2f}, max {max(loads):.2f} on {os.cpu_count()} CPUs")
