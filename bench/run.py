@@ -722,7 +722,8 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
     """The tables on stdout, and in Markdown next to the JSON (``<stamp>.md``)."""
     text = table_lines(bench.workloads, bench.labels, markdown=False)
     goals = goal_lines(bench.workloads, bench.labels, markdown=False)
-    print("\n" + "\n".join(text))
+    if bench.workloads:
+        print("\n" + "\n".join(text))
     if goals:
         print("\n" + "\n".join(goals))
     loads = [r["loadavg_before"][0] for w in bench.workloads
