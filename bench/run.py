@@ -204,12 +204,15 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
     """The production mode: the next hop (smtp-sink) is up from the start, so the server
     delivers while it accepts. Two figures from one run: the accept rate while delivering
     (the ``smtp-source`` wall clock) and the rate until the queue is empty."""
-    with run.server(kind, deliver=True, workers=workers, profile=profile) as (server, _):
+    with run.server(kind, deliver=True, workers=workers, profile=profile) as (server, sink):
+        assert sink is not None
         pids = servers.process_tree(server.pid)
         cpu, before = servers.cpu_seconds(pids), servers.cpu_by_process(pids)
+        sink_cpu = servers.cpu_seconds([sink.pid])
         started = time.monotonic()
         accepted, client_cpu = smtp_source(server.port, messages, sessions, size)
         emptied = wait_queue(server, lambda n: n == 0, max(120, messages / 10))
+        sink_cpu = servers.cpu_seconds([sink.pid]) - sink_cpu
         pids = servers.process_tree(server.pid)
         cpu = servers.cpu_seconds(pids) - cpu
         per_process = servers.cpu_delta(before, servers.cpu_by_process(pids))
@@ -225,7 +228,7 @@ def deliver_run(run: Run, kind: str, messages: int, sessions: int, size: int,
             "accept_rate": messages / accepted, "cpu_ms_per_message": cpu * 1000 / messages,
             "processes": len(pids), "cpu_seconds_by_process": per_process,
             "root_cpu_share": share, "client_cpu_ms_per_message": client_cpu * 1000 / messages,
-            "accepted_by_worker": spread}
+            "sink_cpu_ms_per_message": sink_cpu * 1000 / messages, "accepted_by_worker": spread}
 
 
 def root_share(per_process: dict[str, float], root: int) -> float:
@@ -740,9 +743,11 @@ def report(args: argparse.Namespace, bench: Bench, results: dict[str, Any], out:
                 print(f"{w['name'].strip()}, {label}: the master's share of the server's CPU "
                       f"{100 * statistics.median(shares):.0f}% (median); messages accepted per "
                       f"worker, run by run: {', '.join(spreads)}")
+            sink = [r["sink_cpu_ms_per_message"] for r in runs if "sink_cpu_ms_per_message" in r]
             if client:
                 print(f"{w['name'].strip()}, {label}: smtp-source's own CPU "
-                      f"{statistics.median(client):.2f} ms per message (median)")
+                      f"{statistics.median(client):.2f} ms per message (median)"
+                      + (f", smtp-sink's {statistics.median(sink):.2f} ms" if sink else ""))
     for failure in bench.failures:
         print(f"FAILED and left out: {failure['workload']}, round {failure['round']}, "
               f"{failure['server']}: {failure['error'].splitlines()[0]}")
