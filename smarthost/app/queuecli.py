@@ -124,6 +124,7 @@ def _entry_json(entry: QueueEntry) -> dict[str, Any]:
         "user": entry.envelope.user,
         "status": _status(entry),
         "held": entry.envelope.held,
+        "requiretls": entry.envelope.requiretls,
         "recipients": [
             {
                 "address": r.recipient.address,
@@ -178,7 +179,8 @@ def cmd_queue_show(args: argparse.Namespace, spools: Spools) -> int:
     print(f"id: {entry.queue_id}")
     print(f"queued: {_iso(entry.queued_at)}  size: {entry.size}  status: {_status(entry)}")
     print(f"client: {env.client_address} ({env.client_name})  user: {env.user or '-'}")
-    print(f"sender: <{env.sender}>" + (f"  ret={env.ret}" if env.ret else ""))
+    print(f"sender: <{env.sender}>" + (f"  ret={env.ret}" if env.ret else "")
+          + ("  REQUIRETLS" if env.requiretls else ""))
     for r in entry.recipients:
         line = f"recipient: <{r.recipient.address}> {r.status} attempts={r.attempts}"
         if r.last_reply:

@@ -93,7 +93,9 @@ COMMANDS = st.one_of(
         "DATA", "DATA x", "RSET", "RSET x", "NOOP", "NOOP hi", "QUIT", "VRFY alice", "VRFY",
         "EXPN list", "HELP", "STARTTLS", "STARTTLS x", "", " ", "MAIL", "RCPT", "MAIL FROM",
         "RCPT TO", "mail from:<a@example.test>", "XCLIENT ADDR=127.0.0.1", "GET / HTTP/1.0",
-        "TURN", "BDAT 10 LAST", "123", "EHLO\x00x", "MAIL FROM:<a@example.test>\x00",
+        # A well-formed BDAT would read the next octets as a chunk and queue messages this
+        # machine cannot model: test_fuzz_bdat.py fuzzes CHUNKING against its own model.
+        "TURN", "BDAT 10 LAST x", "123", "EHLO\x00x", "MAIL FROM:<a@example.test>\x00",
     ]),
     AUTH_LINES,
     st.text(max_size=40),
