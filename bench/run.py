@@ -530,7 +530,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--sessions", default="1,20,100", help="accept workloads (1,20,100)")
     p.add_argument("--workers", default="1",
                    help="smarthost's [server] workers, one smarthost per value against the "
-                        "same Postfix runs (1; e.g. 1,2)")
+                        "same Postfix runs (1; e.g. 1,2; 0 is one per core)")
     p.add_argument("--no-postfix", action="store_true",
                    help="smarthost alone (no ratios): for before/after figures of a change")
     p.add_argument("--idle", type=int, default=1000, help="idle connections (1000)")
@@ -556,8 +556,8 @@ def parse() -> argparse.Namespace:
                  .split(",") if n]
     a.sessions = [int(n) for n in a.sessions.split(",") if n]
     a.workers = [int(n) for n in a.workers.split(",") if n]
-    if not a.workers or min(a.workers) < 1:
-        p.error("--workers: one or more counts of at least 1")
+    if not a.workers or min(a.workers) < 0:
+        p.error("--workers: one or more counts (0: one per core, as in the config)")
     a.only = set(a.only.split(","))
     return a
 
