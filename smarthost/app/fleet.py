@@ -177,6 +177,7 @@ class _Entry:
     counted_until: float = 0.0  # when its oldest event leaves the window: then an overstatement
     blocked_until: float = 0.0
     asking: bool = False  # a learn is in flight
+    waiting: list[Deferred[None]] = attrs.Factory(list)  # checks waiting for that learn
     pending: int = 0  # adds sent and not answered yet: not in ``count``
 
     def known(self, now: float) -> Known:
@@ -229,6 +230,14 @@ class FleetCounts:
     def learn(self, tally: Tally, key: str) -> None:
         self._learn(tally, key, self._entry(tally, key), self._clock.seconds())
 
+    def until_learnt(self, tally: Tally, key: str) -> Deferred[None] | None:
+        entry = self._entries.get((tally.name, key))
+        if entry is None or not entry.asking:
+            return None
+        d: Deferred[None] = Deferred()
+        entry.waiting.append(d)
+        return d
+
     def add(self, tally: Tally, key: str) -> Known:
         now = self._clock.seconds()
         entry = self._entry(tally, key)
@@ -271,10 +280,10 @@ class FleetCounts:
 
     def _answered(self, answer: list[int], entry: _Entry, added: bool) -> None:
         count, leaves, block = (int(x) for x in answer)  # else a failure, as any other
-        self._settle(entry, added)
         now = self._clock.seconds()
         entry.count, entry.counted_until = count, leaves / 1000
         entry.blocked_until = now + block / 1000 if block > 0 else 0.0
+        self._settle(entry, added)  # last: a check waiting for this answer goes on at once
 
     def _failed(self, failure: Failure, entry: _Entry, added: bool) -> None:
         self._settle(entry, added)
@@ -286,6 +295,9 @@ class FleetCounts:
             entry.pending -= 1
         else:
             entry.asking = False
+            waiting, entry.waiting = entry.waiting, []
+            for d in waiting:
+                d.callback(None)
 
     # -- the outage --------------------------------------------------------------------------
 

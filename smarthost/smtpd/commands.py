@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from smarthost.api import ISpool
@@ -175,6 +176,7 @@ class Commands:
 
     def authenticated(self, user: str) -> None:
         self._peer.user = user
+        self._limits.rate.prefetch(user)  # the fleet's count, learnt before this user's MAIL
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -195,20 +197,31 @@ class Commands:
         check: Callable[[], Coroutine[Any, Any, Reply | None]],
         accept: Callable[[], Reply | None],
         refused: Callable[[Reply], None] | None = None,
+        *,
+        core: Callable[[], Reply | None] | None = None,
+        wait: Deferred[None] | None = None,
     ) -> None:
         """Ask the plugins of one stage, then ``accept`` (which may answer).
 
-        With no plugin at this stage the answer goes out at once, with no Deferred in the way;
-        otherwise after the plugins, in command order. A refusal is logged and sent instead
-        (or handed to ``refused``)."""
-        if not plugins:
-            answer = accept()
+        ``core``, the core's own check (relay rules, rate limit), comes first and logs its
+        own refusal; ``wait`` must settle before anything is decided (the fleet's count of a
+        sender that was asked for at AUTH and is still on its way, at most the fleet's
+        timeout). With no plugin and nothing to wait for, the answer goes out at once, with no
+        Deferred in the way; otherwise later, in command order. A plugin's refusal is logged
+        and sent instead (or handed to ``refused``)."""
+        if not plugins and wait is None:
+            answer = (core() if core is not None else None) or accept()
             if answer is not None:
                 self._channel.send(answer)
             return
 
         async def run() -> Reply | None:
-            refusal = await check()
+            if wait is not None:
+                await wait
+            refusal = core() if core is not None else None
+            if refusal is not None:
+                return refusal
+            refusal = await check() if plugins else None
             if refusal is None:
                 return accept()
             self._log.refused(self._peer.address, stage, subject, str(refusal))
@@ -366,14 +379,16 @@ class Commands:
             self._channel.send(_address_error(path, txn.smtputf8, reply.BAD_SENDER))
             return
         client, subject = self._client(), str(sender or "")
-        if not self._rate_allowed(self._rate_key()):
-            self._log.refused(self._peer.address, "MAIL", subject, "rate limit")
-            self._channel.send(reply.RATE_LIMITED)
-            return
-        refusal = self._policy.check_sender(client, sender)
-        if refusal is not None:
-            self._refuse("MAIL", subject, refusal)
-            return
+        rate_key = self._rate_key()
+
+        def core() -> Reply | None:
+            if not self._rate_allowed(rate_key):
+                self._log.refused(self._peer.address, "MAIL", subject, "rate limit")
+                return reply.RATE_LIMITED
+            refusal = self._policy.check_sender(client, sender)
+            if refusal is not None:
+                self._log.refused(self._peer.address, "MAIL", subject, str(refusal))
+            return refusal
 
         def accept() -> Reply:
             txn.sender, txn.sender_given = sender, True
@@ -382,7 +397,7 @@ class Commands:
 
         self._gate(
             "MAIL", subject, self._hooks.mail, lambda: self._hooks.check_mail(client, subject),
-            accept,
+            accept, core=core, wait=self._limits.rate.learning(rate_key),
         )
 
     def rcpt(self, arg: str) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from smarthost.core.replies import TOO_MANY_CONNECTIONS, TOO_MANY_FROM_YOU, Reply
@@ -97,6 +98,10 @@ class SharedCounts(Protocol):
     def add(self, tally: Tally, key: str) -> Known:
         """Count one event under ``key`` fleet-wide; what is known now, this event included
         (the fleet's answer, with the count it reached, comes in the background)."""
+
+    def until_learnt(self, tally: Tally, key: str) -> Deferred[None] | None:
+        """None when nothing about ``key`` is being learnt; else what fires once it is
+        (answered, failed or timed out: never later than the store's timeout)."""
 
 
 @functools.lru_cache(maxsize=8192)
@@ -284,6 +289,14 @@ class SendingRate:
         """Learn the fleet's count for ``key`` now (at AUTH success, before its MAIL)."""
         if self._shared is not None:
             self._shared.learn(self._tally, key)
+
+    def learning(self, key: str | None) -> Deferred[None] | None:
+        """What fires once the fleet's count for ``key``, asked for at AUTH, is here; None
+        when it is here already (or there is no fleet): MAIL waits for it, so a user who
+        went over the limit on another node is refused on the first message here too."""
+        if self._shared is None or key is None:
+            return None
+        return self._shared.until_learnt(self._tally, key)
 
     def allowed(self, key: str) -> bool:
         count = self._windows.count(key)

@@ -194,15 +194,12 @@ def test_the_hourly_limit_counts_across_both_nodes(fleet: Fleet) -> None:
     assert [s.code for s in first] == [250] * LIMIT, first
     assert {s.node for s in first} == {"a", "b"}, first  # neither node alone reached LIMIT
     more = [fleet.send("carol", "127.0.0.2") for _ in range(4)]  # two more on each node
-    # Counting alone, each node would take LIMIT. Counting in the fleet, a node may accept one
-    # message beyond the limit when its check ran on the fleet's count as learnt before the
-    # other node reached it (smarthost/smtpd/limits.py: the checks never wait for Redis);
-    # only the node that did not take the last of the first LIMIT can be that node.
-    over = [s for s in more if s.code == 250]
-    assert len(over) <= 1 and all(s.node != first[-1].node for s in over), more
-    refused = [s for s in more if s.code != 250]
-    assert {s.node for s in refused[-2:]} == {"a", "b"}, more  # both refuse in the end
-    for s in refused:
+    # Counting alone, each node would take LIMIT. Counting in the fleet, the session learns
+    # the user's count at AUTH and MAIL waits for it: every one of these is refused, on
+    # both nodes.
+    assert [s.code for s in more] == [451] * len(more), more
+    assert {s.node for s in more} == {"a", "b"}, more
+    for s in more:
         assert (s.code, s.reply[:5]) == (451, "4.7.1"), s
         fleet.nodes[s.node].wait_for(
             "refused MAIL <carol@example.test> from 127.0.0.2: rate limit", timeout=10)

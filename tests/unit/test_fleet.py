@@ -129,6 +129,25 @@ def test_a_check_learns_again_once_at_a_time(node: Node) -> None:
     assert len(node.store.waiting()) == 1  # that check asked again
 
 
+def test_a_check_may_wait_for_the_learn_in_flight_never_past_the_timeout(node: Node) -> None:
+    assert node.counts.until_learnt(RATE, "mallory") is None  # nothing asked: nothing to wait
+    node.counts.learn(RATE, "mallory")  # at AUTH
+    first, second = node.counts.until_learnt(RATE, "mallory"), node.counts.until_learnt(
+        RATE, "mallory")
+    assert first is not None and second is not None and not first.called
+    seen: list[int] = []  # what the waiting check sees when it goes on
+    first.addCallback(lambda _: seen.append(node.counts.known(RATE, "mallory").count))
+    node.store.answer(9, 3_600_000, -2)
+    assert second.called and seen == [9]  # MAIL goes on with the fleet's count, not before
+    node.store.answer(9, 3_600_000, -2)  # the learn that check sent
+    node.counts.learn(RATE, "trudy")
+    waiting = node.counts.until_learnt(RATE, "trudy")
+    assert waiting is not None
+    node.clock.advance(TIMEOUT)  # Redis silent: the wait ends with the timeout, all the same
+    assert waiting.called and node.counts.state == "down"
+    assert node.counts.until_learnt(RATE, "trudy") is None  # in the outage nothing is asked
+
+
 def test_a_count_stops_counting_when_its_oldest_event_leaves_the_window(node: Node) -> None:
     node.counts.learn(RATE, "carol")
     node.store.answer(5, 30_000, -2)  # the oldest of the five leaves at t=30 s
