@@ -26,7 +26,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
 from smarthost.api import Context
-from smarthost.app import directory, servertls
+from smarthost.app import directory, servertls, workerspools
 from smarthost.app.config import Config, ConfigError
 from smarthost.app.pluginload import PluginError, build_plugins
 from smarthost.auth import oauth
@@ -183,6 +183,7 @@ class _Checker:
     def run(self) -> None:
         self.hostname()
         self.listeners()
+        self.workers()
         self.tls()
         self.users()
         self.directories()
@@ -224,6 +225,16 @@ class _Checker:
             elif not is_loopback_listener(description):
                 self.warn(f"http.listen[{i}]", f"the status page and metrics ({description}) "
                           "have no login and are not on loopback")
+
+    def workers(self) -> None:
+        """With [server] workers > 1 every listener is a socket the workers adopt."""
+        if workerspools.worker_count(self._config) > 1:
+            from smarthost.app import master  # imported here: master imports this module
+
+            try:
+                master.check_listeners(self._config)
+            except ConfigError as e:
+                self.error(e.key, str(e).removeprefix(f"{e.key}: "))
 
     def tls(self) -> None:
         tls = self._config.tls

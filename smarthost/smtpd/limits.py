@@ -5,17 +5,17 @@ shared by every listener of one daemon (one :class:`Limits` per process).
 
 With ``[fleet] redis`` the per-user hourly rate, the compromised-account brake and the AUTH
 failure throttle are counted across every node as well, through :class:`SharedCounts`. The
-checks stay synchronous (a session never waits for Redis): each node counts locally as
-always, tells the fleet of every event in the background, and checks against the larger of
-its own count and the fleet's count as last learnt. Every check also learns that key's count
-again in the background, and some learn ahead of need: a new connection learns its
-address's AUTH state (block included) while the client reads the greeting and says EHLO, and
-the session may call :meth:`SendingRate.prefetch` at AUTH success, before its MAIL. So the
-brake, judged at the end of DATA, sees the fleet as of the MAIL; the overshoot left is the
-check made before its key's count came back: a node may accept one message (or answer one
-AUTH attempt) beyond the fleet's limit for a key whose count it learnt before other nodes
-reached the limit; that event's own answer brings the fleet's count and it refuses from
-then on. (Transactions open at once on one node are counted at their commit, as ever.)
+checks stay synchronous: each node counts locally as always, tells the fleet of every event
+in the background, and checks against the larger of its own count and the fleet's count as
+last learnt. Every check also learns that key's count again in the background, and some
+learn ahead of need: a new connection learns its address's AUTH state (block included) while
+the client reads the greeting and says EHLO, and the session calls
+:meth:`SendingRate.prefetch` at AUTH success; its MAIL waits for that answer
+(:meth:`SendingRate.learning`: the one wait, bounded by the fleet's timeout and skipped in an
+outage), so a user over the limit on other nodes is refused on the first message here. The
+brake, judged at the end of DATA, sees the fleet as of the MAIL; the overshoot left is for
+AUTH attempts made before the connection's learn came back (one per node at most), and for
+transactions open at once, which are counted at their commit, as ever.
 
 Every per-address limit counts a client by :func:`address_key`: an IPv4 address alone, an
 IPv6 address by its ``/ipv6_prefix`` network (64 by default), because one IPv6 client holds a

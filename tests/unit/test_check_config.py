@@ -191,3 +191,15 @@ def test_http_listener_endpoints_are_checked(checked: Path) -> None:
     assert "http.listen[0]" in [p.key for p in public.warnings]
     loopback = check('[http]\nlisten = ["tcp:2580:interface=127.0.0.1"]\n', checked)
     assert "http.listen[0]" not in [p.key for p in loopback.warnings]
+
+
+def test_workers_need_listeners_they_can_share(checked: Path) -> None:
+    """An ``ssl:`` listener does its TLS in the endpoint, which a worker's adopted socket
+    would not bring along: check-config says so before a start would."""
+    key_file = checked / "certs" / "smarthost.key"
+    text = (f'[listen]\nsubmissions = ["ssl:2465:privateKey={key_file}:'
+            f'certKey={checked / "certs" / "smarthost.pem"}"]\n')
+    assert not [p for p in check(text, checked).errors if p.key.startswith("listen.")]
+    key, message = first_error('[server]\nworkers = 2\n' + text, checked)
+    assert key == "listen.submissions[0]" and "workers share" in message
+    assert not check('[server]\nworkers = 2\n', checked).errors  # the default listeners
