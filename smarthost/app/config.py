@@ -131,6 +131,7 @@ class LimitsConfig:
 @attrs.frozen
 class ServerConfig:
     workers: int = 1  # processes serving the listeners; 0 = one per CPU core
+    drain: int = 0  # seconds SIGTERM keeps serving with /healthz at 503 (load balancers)
 
 
 @attrs.frozen
@@ -163,6 +164,7 @@ class Config:
 
 
 MAX_WORKERS = 64
+MAX_DRAIN = 600
 
 _DEFAULT_TRUSTED = ("127.0.0.1/32", "::1/128")
 
@@ -425,9 +427,12 @@ class _Loader:
         return result
 
     def server(self, t: Table) -> ServerConfig:
-        result = ServerConfig(workers=t.integer("workers", ServerConfig().workers))
+        result = ServerConfig(workers=t.integer("workers", ServerConfig().workers),
+                              drain=t.integer("drain", ServerConfig().drain))
         if result.workers > MAX_WORKERS:
             raise ConfigError("server.workers", f"must be at most {MAX_WORKERS}")
+        if result.drain > MAX_DRAIN:
+            raise ConfigError("server.drain", f"must be at most {MAX_DRAIN} seconds")
         t.check_unknown()
         return result
 

@@ -84,7 +84,7 @@ def leaf_of(options: Any) -> x509.Certificate | None:
 
 def make_http_service(
     reactor: Any, listen: Sequence[str | Path], sources: StatusSources
-) -> Service:
+) -> SiteService:
     """The service of the ``[http] listen`` endpoints (none: nothing listens, nothing is
     observed). Add it to the daemon before the other services: it stops after them. A
     :class:`~pathlib.Path` is a unix socket (mode 0600, any path length): a worker's

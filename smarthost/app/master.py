@@ -58,6 +58,7 @@ from twisted.python.logfile import LogFile
 
 from smarthost.app import (
     checks,
+    drain,
     http,
     masterhttp,
     orphans,
@@ -416,11 +417,15 @@ def make_master_service(
                              notify, sinks)
     supervisor = workers.supervisor
     # First, so that it stops last: /healthz answers 503 while the workers stop.
-    masterhttp.make_master_http_service(reactor, config.http.listen, masterhttp.MasterSources(
+    sources = masterhttp.MasterSources(
         sockets=lambda: [workerspools.http_socket(config, i) for i in supervisor.serving()],
         ready=lambda: starting.ready, startup=starting, hostname=lambda: config.hostname,
         maillog=maillog, expected=lambda: count,
-    )).setServiceParent(top)  # type: ignore[no-untyped-call]
+    )
+    site = masterhttp.make_master_http_service(reactor, config.http.listen, sources)
+    site.setServiceParent(top)  # type: ignore[no-untyped-call]
+    # The master drains: its /healthz is what a balancer asks; the workers go on accepting.
+    drain.on_term(reactor, config, maillog, site).setServiceParent(top)  # type: ignore[no-untyped-call]
     for service in (listeners, workers):
         service.setServiceParent(top)  # type: ignore[no-untyped-call]
     _signals(reactor, config, load, maillog, starting, notify, supervisor,

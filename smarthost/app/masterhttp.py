@@ -29,7 +29,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
@@ -75,7 +74,7 @@ class MasterSources:
 
 def make_master_http_service(
     reactor: Any, listen: Sequence[str], sources: MasterSources
-) -> Service:
+) -> SiteService:
     """The master's service of the ``[http] listen`` endpoints (reports the ``http`` step)."""
     return MasterHTTPService(reactor, listen, sources)
 

@@ -34,6 +34,7 @@ from smarthost.app import (
     control,
     credfactory,
     directory,
+    drain,
     fleet,
     http,
     orphans,
@@ -167,11 +168,13 @@ def make_service(
         return top
     commands = control.ControlCommands(durable.spool, durable.scheduler, maillog)
     # First, so that it stops last: /healthz answers 503 while the rest stops.
-    http.make_http_service(reactor, http_listen, http.StatusSources(
+    site = http.make_http_service(reactor, http_listen, http.StatusSources(
         watch=durable.watch, spool=durable.spool, maillog=maillog, startup=starting,
         ready=lambda: starting.ready, hostname=lambda: live.current.config.hostname,
         certificate=lambda: http.leaf_of(live.current.server_tls),
-    )).setServiceParent(top)
+    ))
+    site.setServiceParent(top)
+    drain.on_term(reactor, config, maillog, site).setServiceParent(top)
     for service in (
         AccessCheck(live, maillog, starting),
         QueueService(reactor, durable.spool, durable.scheduler, maillog, commands, starting),

@@ -267,3 +267,29 @@ def _health(url: str) -> int | None:
         return int(e.code)
     except (urllib.error.URLError, ConnectionError):
         return None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_drain_keeps_accepting_with_healthz_503(tmp_path: Path, workers: int) -> None:
+    """``[server] drain``: the first SIGTERM turns /healthz to 503 for the balancer and goes
+    on accepting mail (with workers: the master drains, its workers accept); a second
+    SIGTERM stops at once."""
+    d = Daemon(tmp_path, f"[server]\nworkers = {workers}\ndrain = 120\n"
+                         '[relay]\nlocal_domains = ["example.test"]\n')
+    try:
+        d.start()
+        port = int(HTTP.search(d.text()).group(1))  # type: ignore[union-attr]
+        url = f"http://127.0.0.1:{port}/healthz"
+        assert _health(url) == 200
+        d.send_signal(signal.SIGTERM)
+        d.wait_for("draining for 120 s", 15)
+        assert _health(url) == 503
+        with smtplib.SMTP("127.0.0.1", d.ports["smtp"], timeout=30) as s:
+            s.sendmail("a@remote.test", ["b@example.test"], b"Subject: drained\r\n\r\nx\r\n")
+        d.wait_for("accepted from 127.0.0.1", 15)
+        assert d.proc is not None and d.proc.poll() is None  # still serving, 120 s to go
+        d.send_signal(signal.SIGTERM)
+        d.wait_for("SIGTERM again: stopping now", 15)
+        assert d.proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        d.stop()

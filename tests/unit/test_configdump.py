@@ -66,6 +66,7 @@ messages_per_ip_per_hour = 11
 ipv6_prefix = 48
 [server]
 workers = 3
+drain = 5
 [fleet]
 redis = "redis://127.0.0.1:6390/2"
 [plugins]
