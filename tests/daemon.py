@@ -15,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ SMARTHOST = str(Path(sys.executable).with_name("smarthost"))
 LISTENING = re.compile(r"(submission|submissions|smtp) listening on ([\d.:a-f]+):(\d+)")
 # The daemon's own "ready": with [server] workers > 1 the master's, not a worker's (whose
 # lines the master re-emits as "[worker-<i> smarthost#info] ready").
+DRAINING = "SIGTERM: draining for"  # [server] drain
 READY = re.compile(r"\[smarthost#info\] ready$")
 
 BASE_CONFIG = """\
@@ -134,13 +136,29 @@ class Daemon:
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        draining = sum(DRAINING in line for line in self.log)
         self.proc.send_signal(signal.SIGTERM)
+        if self._drains() and not draining:  # [server] drain: one SIGTERM drains, two stop
+            try:
+                self.wait_for(DRAINING, timeout)
+                self.proc.send_signal(signal.SIGTERM)
+            except (RuntimeError, TimeoutError):
+                pass  # it stopped anyway (or will be killed below)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout)
         self._drain()
+
+    def _drains(self) -> bool:
+        """Whether this run drains on SIGTERM: ``[server] drain`` set, and ready (the
+        handler is installed once the daemon runs)."""
+        try:
+            drain = tomllib.loads(self.config_path.read_text()).get("server", {}).get("drain")
+        except (OSError, tomllib.TOMLDecodeError):
+            return False
+        return bool(drain) and any(READY.search(line) for line in self.log)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -51,7 +51,7 @@ class DrainOnTerm(Service):
     def begin(self) -> None:
         if self._draining:
             self._log.notice("SIGTERM again: stopping now")
-            self._reactor.stop()
+            self._stop()
             return
         self._draining = True
         self._unhealthy()

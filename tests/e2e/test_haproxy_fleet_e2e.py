@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import smtplib
 import uuid
 from collections.abc import Iterator
@@ -65,6 +66,8 @@ nameservers = ["127.0.0.1:9"]
 messages_per_user_per_hour = {limit}
 [fleet]
 redis = "{redis}"
+[server]
+drain = 60
 """
 
 
@@ -216,10 +219,15 @@ def test_a_stopped_node_hands_new_mail_to_the_other_and_keeps_its_own(fleet: Fle
         for s in held_by_a:  # tried once and deferred: in node a's spool when it stops
             a.wait_for(re.compile(rf"{s.queue_id}: to=<{RECIPIENT}> .* result=deferred"))
 
-        a.stop()  # SIGTERM: /healthz answers 503 and the listeners close; HAProxy notices
+        # SIGTERM with [server] drain: /healthz answers 503 while node a still serves, so
+        # HAProxy takes it out on its health check, not on refused connections.
+        a.send_signal(signal.SIGTERM)
+        a.wait_for("draining for 60 s")
         fleet.lb.wait_servers({"a": "DOWN", "b": "UP"})
+        assert a.proc is not None and a.proc.poll() is None  # out of rotation, still up
         after = [fleet.send("erin", "127.0.0.3") for _ in range(LIMIT)]
         assert [(s.node, s.code) for s in after] == [("b", 250)] * LIMIT, after
+        a.stop()  # the second SIGTERM: now
     finally:
         mx.behaviour.tempfail_first = 0
     for s in [*before, *after]:
