@@ -21,6 +21,7 @@ from smarthost.app.live import Generation, Live
 from smarthost.app.notify import SystemdNotify
 from smarthost.core.errors import ConfigError
 from smarthost.core.maillog import MailLog
+from smarthost.delivery.dns import close_resolver
 
 # Keys a reload does not apply: the ports are open, the spool is locked, the retry schedule
 # and the host name are built into the scheduler and the delivery agents.
@@ -121,6 +122,8 @@ class Reloader:
         if new.certificate != old.certificate:
             changed.append(f"tls certificate ({new.certificate})")
         self._live.swap(new)
+        if new.dns is not old.dns:  # new name servers: the old client's timers end here
+            close_resolver(old.dns)
         applied = [key for key in changed if not needs_restart(key)]
         self._log.notice(
             "reloaded the configuration: {changes}",

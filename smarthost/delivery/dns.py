@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.internet import error as internet_error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP
-from twisted.names import client, common, dns, error
+from twisted.names import cache, client, common, dns, error, hosts, resolve
 
 DNS_TIMEOUT = (1, 3, 5)  # seconds per retransmission; a lookup gives up after 9 s
 
@@ -157,12 +157,41 @@ def make_resolver(
     needs an MX lookup and two address lookups per MX host.
     """
     if not nameservers:
-        return _DefaultTimeout(client.createResolver(), timeout)  # type: ignore[no-untyped-call]
+        return _DefaultTimeout(_system_resolver(reactor), timeout)
     servers = [parse_nameserver(text) for text in nameservers]
     resolver: DNSLookups = client.Resolver(  # type: ignore[no-untyped-call]
         servers=servers, resolv=None, timeout=tuple(timeout), reactor=reactor
     )
     return resolver
+
+
+def _system_resolver(reactor: IReactorTCP) -> DNSLookups:
+    """What ``client.createResolver()`` builds on posix (hosts file, a cache, resolv.conf's
+    servers), on our reactor rather than the global one."""
+    chain: DNSLookups = resolve.ResolverChain([  # type: ignore[no-untyped-call]
+        hosts.Resolver(b"/etc/hosts"),  # type: ignore[no-untyped-call]
+        cache.CacheResolver(reactor=reactor),  # type: ignore[no-untyped-call]
+        client.Resolver(b"/etc/resolv.conf", reactor=reactor),  # type: ignore[no-untyped-call]
+    ])
+    return chain
+
+
+def close_resolver(resolver: DNSLookups) -> None:
+    """Stop what a resolver left scheduled, once a reload has replaced it: the system
+    resolver re-reads resolv.conf every minute and its cache expires entries on timers, for
+    ever; lookups still in flight finish."""
+    inner = resolver._inner if isinstance(resolver, _DefaultTimeout) else resolver
+    for part in getattr(inner, "resolvers", [inner]):
+        if isinstance(part, client.Resolver):
+            part.resolv = None  # maybeParseConfig schedules nothing more
+            call = getattr(part, "_parseCall", None)  # only once resolv.conf was read
+            if call is not None and call.active():
+                call.cancel()
+        elif isinstance(part, cache.CacheResolver):
+            for call in part.cancel.values():
+                if call.active():
+                    call.cancel()
+            part.cancel.clear()
 
 
 class _DefaultTimeout(common.ResolverBase):

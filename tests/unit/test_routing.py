@@ -16,7 +16,12 @@ from twisted.names import dns, error
 from twisted.trial.unittest import SynchronousTestCase
 
 from dnsserver import TIMEOUT, Zone
-from smarthost.delivery.dns import _DefaultTimeout, make_resolver, parse_nameserver
+from smarthost.delivery.dns import (
+    _DefaultTimeout,
+    close_resolver,
+    make_resolver,
+    parse_nameserver,
+)
 from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import (
     MAILDIR,
@@ -440,3 +445,16 @@ class ParseNameserverTests(SynchronousTestCase):
         with self.assertRaises(ValueError) as caught:
             make_resolver(["127.0.0.1:53", "nameserver.test"], MemoryReactorClock())
         self.assertIn("nameserver.test", str(caught.exception))
+
+
+def test_a_replaced_system_resolver_leaves_nothing_scheduled() -> None:
+    """The system resolver re-reads resolv.conf every minute on the daemon's reactor; once a
+    reload replaced it (close_resolver), nothing of it is left on the clock."""
+    reactor = MemoryReactorClock()
+    resolver = make_resolver([], reactor)
+    assert [c for c in reactor.getDelayedCalls() if c.active()]  # the resolv.conf re-read
+    close_resolver(resolver)
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+    reactor.advance(3600)
+    assert not [c for c in reactor.getDelayedCalls() if c.active()]
+    close_resolver(make_resolver(["127.0.0.1:53"], reactor))  # no timers: nothing to do
