@@ -504,9 +504,9 @@ class Commands:
             else:
                 self._channel.send(error)
             return
-        self._take(txn, reception, result.size)
+        self._take(txn, reception, result.size, "DATA")
 
-    def _take(self, txn: Transaction, reception: Reception, size: int) -> None:
+    def _take(self, txn: Transaction, reception: Reception, size: int, verb: str) -> None:
         """A complete message (DATA's end, or BDAT LAST): the last checks and the commit
         (:class:`~smarthost.smtpd.reception.Intake`), answered in command order."""
         rate_key = self._rate_key()
@@ -516,7 +516,7 @@ class Commands:
             received_at=self._clock.seconds(),
         )
         self._channel.answer_later(
-            self._intake.accept(reception, envelope, size, self._client(), rate_key)
+            self._intake.accept(reception, envelope, size, self._client(), rate_key, verb)
         )
 
     def bdat(self, arg: str) -> None:
@@ -558,7 +558,7 @@ class Commands:
             self._channel.send(error)
         else:
             assert chunks.reception is not None  # no reception: refused from the start
-            self._take(txn, chunks.reception, chunks.size)
+            self._take(txn, chunks.reception, chunks.size, "BDAT")
 
     # -- RSET, NOOP, QUIT, VRFY, EXPN, HELP ------------------------------------------------
 

@@ -124,20 +124,21 @@ class Intake:
 
     async def accept(
         self, reception: Reception, envelope: Envelope, size: int, client: Client,
-        rate_key: str | None,
+        rate_key: str | None, verb: str = "DATA",
     ) -> Reply:
-        """``rate_key``: whose hourly sending rate the message counts against, if anyone's."""
+        """``rate_key``: whose hourly sending rate the message counts against, if anyone's;
+        ``verb``: what ended the message (DATA, or BDAT LAST), for the log."""
         refusal = self._policy.check_header_from(client, reception.header_section)
         if refusal is not None:
             reception.abort()
-            self._log.refused(client.address, "DATA", envelope.sender, str(refusal))
+            self._log.refused(client.address, verb, envelope.sender, str(refusal))
             return refusal
         view = reception.view(envelope, size)
         if view is not None:
             refusal = await self._hooks.screen(client, view, reception.incoming.prepend)
             if refusal is not None:
                 reception.abort()
-                self._log.refused(client.address, "DATA", envelope.sender, str(refusal))
+                self._log.refused(client.address, verb, envelope.sender, str(refusal))
                 return refusal
         held = rate_key is not None and self._limits.rate.accepted(rate_key)
         try:

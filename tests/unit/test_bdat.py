@@ -7,6 +7,7 @@ chunk octets."""
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from zope.interface import implementer
 from fakes import SessionHarness, codes
 from smarthost.api import IDataCheck, MessageView
 from smarthost.core.envelope import Client
+from smarthost.core.maillog import EventFile
 from smarthost.core.replies import Reply
 from smarthost.smtpd.bdat import ChunkedBody, parse_bdat
 from smarthost.smtpd.limits import LimitSettings
@@ -172,11 +174,15 @@ def test_bdat_after_last_needs_a_new_transaction(tmp_path: Path) -> None:
 
 
 def test_the_from_check_applies_to_bdat(tmp_path: Path) -> None:
-    h = SessionHarness(tmp_path)
+    events = EventFile(str(tmp_path / "events.jsonl"))
+    h = SessionHarness(tmp_path, events=events)
     h.login()
     replies = h.feed(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\n"
                      + bdat(b"From: CEO <ceo@example.test>\r\n", b"\r\npay now\r\n"))
     assert replies[-1].startswith("550 5.7.1")
+    events.close()
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in logged if e["event"] == "refused"] == ["BDAT"]  # not "DATA"
     replies = h.feed(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\n"
                      + bdat(b"From: Alice <alice@example.test>\r\n", b"\r\nhi\r\n"))
     assert replies[-1].startswith("250 2.0.0 Ok: queued as")
