@@ -180,13 +180,13 @@ def test_the_from_check_applies_to_bdat(tmp_path: Path) -> None:
     replies = h.feed(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\n"
                      + bdat(b"From: CEO <ceo@example.test>\r\n", b"\r\npay now\r\n"))
     assert replies[-1].startswith("550 5.7.1")
-    events.close()
-    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
-    assert [e["stage"] for e in logged if e["event"] == "refused"] == ["BDAT"]  # not "DATA"
     replies = h.feed(b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\n"
                      + bdat(b"From: Alice <alice@example.test>\r\n", b"\r\nhi\r\n"))
     assert replies[-1].startswith("250 2.0.0 Ok: queued as")
     assert len(h.committed()) == 1
+    events.close()
+    logged = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in logged if e["event"] == "refused"] == ["BDAT"]  # not "DATA"
 
 
 @implementer(IDataCheck)
