@@ -127,17 +127,26 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
+_events_log = Logger(namespace="smarthost.events")
+
+
 class EventFile:
     """The JSON-lines audit log. Appends go through the OS buffer in one write each.
 
     :meth:`reopen` opens the path again (for logrotate, on SIGUSR1): the new file is opened
     before the old one is closed, so no event is lost in between.
+
+    A write that fails (the log's disk full, the file closed) never reaches the mail: the
+    event is lost, the first loss of an outage is logged (to twistd's log; this warning's own
+    trip to this file fails quietly) and so is the first write that works again. An audit log
+    must not stop the mail it records: the 250 a message earned must still go out.
     """
 
     def __init__(self, path: str) -> None:
         self._path = path
         os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
         self._file = self._open()
+        self._failing = False
 
     def _open(self) -> BinaryIO:
         fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
@@ -147,7 +156,18 @@ class EventFile:
         # ASCII only: a U+2028 or U+0085 from a client stays an escape, so every reader's
         # idea of a line (Python's splitlines() included) is one event.
         data = json.dumps(event, ensure_ascii=True, default=str).encode("ascii") + b"\n"
-        self._file.write(data)
+        try:
+            self._file.write(data)
+        except (OSError, ValueError) as e:  # ValueError: written after close()
+            if not self._failing:
+                self._failing = True
+                _events_log.warn("cannot write the events file {path}: {error}; events are "
+                                 "lost until it can be written again", path=self._path,
+                                 error=str(e))
+            return
+        if self._failing:
+            self._failing = False
+            _events_log.info("the events file {path} is written again", path=self._path)
 
     def reopen(self) -> None:
         new = self._open()

@@ -278,3 +278,28 @@ class EventFileTests(SynchronousTestCase):
     def test_forward_without_an_events_file_does_nothing(self) -> None:
         MailLog(self.clock).forward({"log_namespace": "smarthost.plugins",
                                      "log_level": None, "log_format": "x"})
+
+
+def test_an_events_file_that_cannot_be_written_never_stops_the_mail(tmp_path: Path) -> None:
+    """/dev/full answers every write with ENOSPC, as a full log disk would: the events are
+    lost, one warning says so for the whole outage, and the mail it records goes on."""
+    seen: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, seen.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        full = EventFile("/dev/full")
+        maillog = MailLog(Clock(), full)
+        globalLogPublisher.addObserver(cast(ILogObserver, maillog.forward))
+        try:
+            for _ in range(3):
+                maillog.refused("192.0.2.7", "RCPT", "bob@elsewhere.test", "554 5.7.1 no")
+        finally:
+            globalLogPublisher.removeObserver(cast(ILogObserver, maillog.forward))
+        lost = [e for e in seen if e.get("log_namespace") == "smarthost.events"]
+        assert len(lost) == 1 and "No space left" in formatEvent(lost[0]), lost
+        full.close()
+        closed = EventFile(str(tmp_path / "events.jsonl"))
+        closed.close()  # written after close(): ValueError, the same way
+        MailLog(Clock(), closed).refused("192.0.2.7", "RCPT", "b@x.test", "554 5.7.1 no")
+    finally:
+        globalLogPublisher.removeObserver(observer)

@@ -226,3 +226,13 @@ def test_a_client_that_never_reads_costs_a_bounded_amount_of_memory(tmp_path: Pa
     assert len(transport.value()) > 65536  # the replies stopped at the transport's bound
     assert fed < 300_000
     assert peak < 400_000, peak  # replies (64 KiB) + pipelined input (64 KiB) + a read
+
+
+def test_a_full_events_disk_still_gets_the_message_its_250(tmp_path: Path) -> None:
+    """The audit log cannot be written (/dev/full: ENOSPC): the message is still queued and
+    answered 250, as without the events file."""
+    h = harness(tmp_path, EventFile("/dev/full"))
+    h.session.dataReceived(b"HELO c\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@example.test>\r\n"
+                           b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n")
+    assert b"250 2.0.0 Ok: queued as" in h.transport.value()
+    assert len(h.committed()) == 1
