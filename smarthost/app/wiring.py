@@ -139,10 +139,7 @@ def make_service(
     the spool), ``orphan_spools``, the spools no worker owns that it serves as well (by
     default the single daemon looks for them itself: :mod:`smarthost.app.orphans`) and
     ``shared_listeners`` (other workers accept on the same sockets)."""
-    events = EventFile(str(config.log.events)) if config.log.events else None
-    maillog = MailLog(reactor, events)
-    # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
-    globalLogPublisher.addObserver(cast(ILogObserver, maillog.forward))
+    maillog = _maillog(config, reactor)
     _raise_open_files(config, maillog)
     notify = SystemdNotify.from_environment(
         environ, lambda text: maillog.warning("{detail}", detail=text)
@@ -168,11 +165,7 @@ def make_service(
         return top
     commands = control.ControlCommands(durable.spool, durable.scheduler, maillog)
     # First, so that it stops last: /healthz answers 503 while the rest stops.
-    site = http.make_http_service(reactor, http_listen, http.StatusSources(
-        watch=durable.watch, spool=durable.spool, maillog=maillog, startup=starting,
-        ready=lambda: starting.ready, hostname=lambda: live.current.config.hostname,
-        certificate=lambda: http.leaf_of(live.current.server_tls),
-    ))
+    site = _http(reactor, http_listen, durable, starting, live)
     site.setServiceParent(top)
     drain.on_term(reactor, config, maillog, site).setServiceParent(top)
     for service in (
@@ -188,6 +181,23 @@ def make_service(
     _signals(reactor, reloader, LogReopener(log_file, maillog), starting, maillog
              ).setServiceParent(top)
     return top
+
+
+def _maillog(config: Config, reactor: Any) -> MailLog:
+    events = EventFile(str(config.log.events)) if config.log.events else None
+    maillog = MailLog(reactor, events)
+    # Warnings and failures logged by other smarthost.* namespaces reach [log] events too.
+    globalLogPublisher.addObserver(cast(ILogObserver, maillog.forward))
+    return maillog
+
+
+def _http(reactor: Any, listen: Sequence[str | Path], durable: Durable, starting: Startup,
+          live: Live) -> http.SiteService:
+    return http.make_http_service(reactor, listen, http.StatusSources(
+        watch=durable.watch, spool=durable.spool, maillog=durable.maillog, startup=starting,
+        ready=lambda: starting.ready, hostname=lambda: live.current.config.hostname,
+        certificate=lambda: http.leaf_of(live.current.server_tls),
+    ))
 
 
 def _raise_open_files(config: Config, maillog: MailLog) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import attrs
@@ -389,15 +389,10 @@ class SMTPDelivery:
                 dsn_passed="DSN" in extensions,
             )
 
-        if envelope.smtputf8 and "SMTPUTF8" not in extensions:
-            # SPEC / RFC 6531 3.2: bounced, not mangled. Other hosts of one MX set are
-            # configured alike, so trying them would only delay the bounce (Postfix agrees).
-            why = f"{host} does not offer SMTPUTF8, which this message requires"
-            return [Outcome(r, BOUNCED, why, remote, "5.6.7") for r in recipients]
-        if envelope.requiretls and "REQUIRETLS" not in extensions:
-            # RFC 8689 4.2.1: the next hop must promise to keep requiring TLS.
-            why = f"{host} does not offer REQUIRETLS, which this message requires"
-            return [Outcome(r, BOUNCED, why, remote, REQUIRETLS_FAILED) for r in recipients]
+        unable = _cannot_carry(host, envelope, extensions)
+        if unable is not None:
+            why, status = unable
+            return [Outcome(r, BOUNCED, why, remote, status) for r in recipients]
         mail = self._mail(envelope, size, extensions)
         rcpts = [self._rcpt(r, extensions) for r in recipients]
         pipelining = "PIPELINING" in extensions
@@ -484,6 +479,21 @@ class SMTPDelivery:
         except OSError as e:
             conn.abort()  # never end a message we could not read in full
             raise HostError(f"cannot read the queued message: {e}", "4.3.0") from None
+
+
+def _cannot_carry(host: Host, envelope: Envelope, extensions: Mapping[str, str]
+                  ) -> tuple[str, str] | None:
+    """Why this next hop cannot take this message at all (the bounce's text and status),
+    or None. Other hosts of one MX set are configured alike, so trying them would only delay
+    the bounce (Postfix agrees)."""
+    if envelope.smtputf8 and "SMTPUTF8" not in extensions:
+        # SPEC / RFC 6531 3.2: bounced, not mangled.
+        return f"{host} does not offer SMTPUTF8, which this message requires", "5.6.7"
+    if envelope.requiretls and "REQUIRETLS" not in extensions:
+        # RFC 8689 4.2.1: the next hop must promise to keep requiring TLS.
+        return (f"{host} does not offer REQUIRETLS, which this message requires",
+                REQUIRETLS_FAILED)
+    return None
 
 
 def _done(decided: list[Outcome | None]) -> list[Outcome]:
