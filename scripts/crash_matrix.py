@@ -17,6 +17,11 @@ the same seed is similar, not identical):
 ``timed``      a uniform delay after the load starts; when the clients are done by then, the
                kill lands while the daemon is only delivering.
 
+With ``--workers N`` (N > 1) the daemon is a master of N workers, started once; each cycle
+kills one worker (seeded) at the chosen moment instead of the whole daemon, and the next cycle
+begins once the master has restarted it (``worker-<i> is back``): the SPEC's "a worker that
+dies is restarted and its spool recovered; no mail answered 250 is lost".
+
 Exit status: 0 when nothing acknowledged was lost, ``corrupt/`` is empty and every delivered
 copy is intact; 1 otherwise; 2 when the queue did not drain before the deadline (nothing can be
 concluded then). Duplicates are reported, not failed: delivery is at-least-once, and a kill
@@ -33,6 +38,7 @@ import random
 import re
 import selectors
 import shutil
+import signal
 import smtplib
 import sys
 import tempfile
@@ -67,9 +73,14 @@ CLIENT_TIMEOUT = 10.0  # seconds, per smtplib operation
 MAX_WINDOW = 2.0  # seconds after the load starts: the kill happens by then in every mode
 
 
-def config(mx_port: int) -> str:
+STARTED = re.compile(r"worker-(\d+) started \(pid (\d+)\)")
+
+
+def config(mx_port: int, workers: int = 1) -> str:
     """Everything goes to the test MX; retries come after 1 s; no limit gets in the way."""
     return f"""
+[server]
+workers = {workers}
 [relay]
 trusted_networks = ["127.0.0.0/8"]
 [queue]
@@ -190,8 +201,8 @@ class Smarthost:
     empty ``log`` (``Daemon.wait_for`` searches the old lines first, so after a restart it
     would find the previous "ready" at once); earlier lines are kept in ``history``."""
 
-    def __init__(self, directory: Path, mx_port: int) -> None:
-        self.daemon = Daemon(directory, config(mx_port))
+    def __init__(self, directory: Path, mx_port: int, workers: int = 1) -> None:
+        self.daemon = Daemon(directory, config(mx_port, workers))
         self.history: list[str] = []
         self.starts = 0
         self.recovered = ""  # the recovery line of the latest start
@@ -199,6 +210,23 @@ class Smarthost:
     @property
     def spool(self) -> Path:
         return Path(self.daemon.directory) / "var" / "spool"
+
+    def corrupt(self) -> list[str]:
+        """Every spool's ``corrupt/`` (the root's, and each worker's)."""
+        return sorted(str(p.relative_to(self.spool)) for d in
+                      (self.spool, *sorted(self.spool.glob("worker-*")))
+                      for p in (d / "corrupt").glob("*"))
+
+    def kill_worker(self, rng: random.Random) -> int:
+        """SIGKILL one worker (seeded choice); its index."""
+        pids: dict[int, int] = {}
+        for line in self.daemon.log:
+            found = STARTED.search(line)
+            if found:
+                pids[int(found.group(1))] = int(found.group(2))
+        index = rng.choice(sorted(pids))
+        os.kill(pids[index], signal.SIGKILL)
+        return index
 
     def start(self) -> int:
         """Start (or restart) on the same spool; returns the submission port."""
@@ -283,6 +311,7 @@ class Settings:
     min_delay: float = 0.2  # the "timed" kill moment, seconds after the load starts
     max_delay: float = MAX_WINDOW
     drain_timeout: float = 120.0  # for the queue to empty after the last restart
+    workers: int = 1  # > 1: a master of workers, and each cycle kills one worker
 
 
 @attrs.frozen
@@ -331,10 +360,10 @@ class Result:
 
     def summary(self) -> str:
         s = self.settings
-        modes = Counter(c.mode for c in self.cycles)
+        modes = Counter(c.mode.split()[0] for c in self.cycles)  # "timed worker-2": timed
         lines = [
             f"crash matrix: seed={s.seed} clients={s.clients} "
-            f"messages_per_client={s.messages_per_client}",
+            f"messages_per_client={s.messages_per_client} workers={s.workers}",
             f"cycles run:                 {len(self.cycles)} "
             f"({modes['after-ack']} after-ack, {modes['timed']} timed kills)",
             f"acknowledged (250):         {self.acknowledged} messages, "
@@ -371,7 +400,7 @@ class Result:
 def _cycle(
     host: Smarthost, number: int, settings: Settings, rng: random.Random
 ) -> tuple[CycleReport, list[Client]]:
-    port = host.start()
+    port = host.daemon.ports["submission"] if host.running() else host.start()
     total = settings.clients * settings.messages_per_client
     if rng.random() < 0.5:
         mode, target = "after-ack", rng.randint(1, total)
@@ -398,11 +427,19 @@ def _cycle(
         moment = time.monotonic() - started
         if not host.running():
             raise RuntimeError(f"cycle {number}: the daemon exited by itself")
-        host.kill9()
+        if settings.workers > 1:
+            back = sum(" is back" in line for line in host.daemon.log)
+            index = host.kill_worker(rng)
+            mode = f"{mode} worker-{index}"
+        else:
+            host.kill9()
         for client in clients:
             client.join(CLIENT_TIMEOUT * 3)
             if client.is_alive():
                 raise RuntimeError(f"cycle {number}: {client.name} still running after the kill")
+        if settings.workers > 1:  # the master restarts it: the next cycle begins after that
+            host.wait(time.monotonic() + 60, pipe,
+                      lambda: sum(" is back" in line for line in host.daemon.log) > back)
     finally:
         pipe.close()
     report = CycleReport(
@@ -421,7 +458,8 @@ def _cycle(
 def _drain(host: Smarthost, deadline: float, result: Result) -> None:
     """Run the daemon until ``queue list --json`` is empty; between looks, read the log until
     the next "removed" line (or a second passes: a deferred retry logs nothing until it runs)."""
-    host.start()
+    if not host.running():
+        host.start()
     pipe = AckPipe()
     try:
         while True:
@@ -499,8 +537,7 @@ def _read_logs(result: Result, host: Smarthost) -> None:
     result.same_run_duplicates = sorted(
         f"{qid} -> {rcpt} (run {n})" for (n, qid, rcpt), count in delivered.items() if count > 1
     )
-    corrupt = host.spool / "corrupt"
-    result.corrupt = sorted(os.listdir(corrupt)) if corrupt.is_dir() else []
+    result.corrupt = host.corrupt()
 
 
 def run(
@@ -514,7 +551,7 @@ def run(
     rng = random.Random(settings.seed)  # noqa: S311 (reproducible moments, not secrets)
     mx = MXPeer()
     mx.start()
-    host = Smarthost(workdir, mx.port)
+    host = Smarthost(workdir, mx.port, settings.workers)
     clients: list[Client] = []
     try:
         for number in range(settings.cycles):
@@ -549,6 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the workdir after success")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no per-cycle lines")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="[server] workers; above 1 each cycle kills one worker")
     args = parser.parse_args(argv)
     if args.cycles < 1 or args.clients < 1 or args.messages_per_client < 1:
         parser.error("--cycles, --clients and --messages-per-client must be at least 1")
@@ -558,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         clients=args.clients,
         messages_per_client=args.messages_per_client,
         drain_timeout=args.drain_timeout,
+        workers=args.workers,
     )
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="crash-matrix-"))
     result = run(settings, workdir, None if args.quiet else lambda s: print(s, flush=True))
