@@ -396,3 +396,55 @@ def test_a_worker_takes_one_connection_then_leaves_the_socket_to_the_others() ->
     port.connected = False  # stopped listening meanwhile
     clock.advance(ACCEPT_PAUSE)
     assert not port.reading
+
+
+class _Pipe:
+    """The slice of Twisted's process reader WorkerProtocol uses, over a real pipe."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.reading = fd, True
+        self.connected, self.disconnecting = True, False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def stopReading(self) -> None:
+        self.reading = False
+
+    def startReading(self) -> None:
+        self.reading = True
+
+
+class _Process:
+    def __init__(self, pipes: dict[int, _Pipe]) -> None:
+        self.pipes = pipes
+
+
+class _Reports:
+    def notified(self, index: int, field: str) -> None: ...
+
+    def ended(self, index: int, how: str) -> None: ...
+
+
+def test_the_master_takes_all_a_worker_wrote_at_each_read_not_one_chunk() -> None:
+    """Twisted reads 8 KiB from a process pipe per wakeup, and the master reads a worker's
+    log pipe once per LOG_BATCH: the rest must be taken then too, or a busy worker's pipe
+    fills and the worker waits in its log writes (two workers drained ~500 msg/s each)."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    try:
+        out, clock = io.StringIO(), Clock()
+        protocol = workerproc.WorkerProtocol(1, _Reports(), FileSink(out, clock), -1, clock)
+        pipe = _Pipe(read)
+        protocol.makeConnection(_Process({1: pipe}))
+        lines = [b"[smarthost#info] line %d\n" % n for n in range(2000)]  # ~50 KB
+        os.write(write, b"".join(lines))
+        first = os.read(read, 8192)  # what Twisted's doRead hands over
+        protocol.childDataReceived(1, first)
+        assert out.getvalue().count("[worker-1 smarthost#info] line ") == 2000
+        assert not pipe.reading  # and the pipe is left alone for LOG_BATCH
+        clock.advance(workerproc.LOG_BATCH)
+        assert pipe.reading
+    finally:
+        os.close(read)
+        os.close(write)
