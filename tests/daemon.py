@@ -11,6 +11,8 @@ import os
 import re
 import selectors
 import signal
+import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -214,3 +216,22 @@ def dns_server(zone_text: str, directory: Path) -> Iterator[int]:
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def connect_burst(port: int, count: int) -> list[socket.socket]:
+    """``count`` connections made back to back, before anything is read: what spreads over
+    the workers of a master, each of which takes one connection and then leaves the socket to
+    the others for a moment. Sequential sessions, one after the other, may all go to
+    whichever worker the kernel wakes first."""
+    return [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(count)]
+
+
+class AdoptedSMTP(smtplib.SMTP):
+    """smtplib over a socket connected already (one of :func:`connect_burst`'s)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._adopted = sock
+        super().__init__("127.0.0.1", sock.getpeername()[1], timeout=30)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return self._adopted

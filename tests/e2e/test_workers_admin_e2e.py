@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import smtplib
+import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import Daemon
+from daemon import AdoptedSMTP, Daemon, connect_burst
 
 ACCEPTED = re.compile(r"\[worker-(\d+) smarthost#info\] (\w+): accepted from")
 HTTP = re.compile(r"^(?!.*\[worker-).*http listening on 127\.0\.0\.1:(\d+)")  # the master's
@@ -37,10 +38,11 @@ connections_per_ip = 1000
 """
 
 
-def send(port: int, n: int) -> str:
+def send(port: int, n: int, sock: socket.socket | None = None) -> str:
     """One message on its own connection (so the kernel picks a worker for each); its id. On
     the submission port: the smtp role never relays, whatever [relay] trusted_networks says."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) if sock is None else AdoptedSMTP(
+            sock) as client:
         client.ehlo("client.test")
         client.mail("a@client.test")
         client.rcpt("b@remote.test")
@@ -68,12 +70,14 @@ def two(tmp_path: Path) -> Iterator[Daemon]:
 
 def test_queue_and_metrics_cover_both_workers(two: Daemon) -> None:
     by_worker: dict[str, str] = {}  # queue id -> worker index
-    for n in range(200):
-        queue_id = send(two.ports["submission"], n)
-        two.wait_for(re.compile(rf"{queue_id}: accepted from"))
+    port = two.ports["submission"]
+    for burst in range(25):  # bounded; a burst of 8 connections spreads over both workers
+        for n, sock in enumerate(connect_burst(port, 8)):
+            queue_id = send(port, burst * 8 + n, sock)
+            two.wait_for(re.compile(rf"{queue_id}: accepted from"))
         by_worker.update({m.group(2): m.group(1) for line in two.log
                           if (m := ACCEPTED.search(line))})
-        if set(by_worker.values()) == {"1", "2"} and n >= 5:
+        if set(by_worker.values()) == {"1", "2"}:
             break
     assert set(by_worker.values()) == {"1", "2"}, "one worker took every connection"
 
