@@ -55,7 +55,7 @@ _TESTS = Path(__file__).resolve().parent.parent / "tests"
 if str(_TESTS) not in sys.path:
     sys.path.insert(0, str(_TESTS))
 
-from daemon import Daemon  # noqa: E402  (the end-to-end harness lives beside the tests)
+from daemon import Daemon, mx_config  # noqa: E402  (the end-to-end harness lives beside the tests)
 from mxpeer import MXPeer  # noqa: E402
 
 SENDER = "crash@client.test"
@@ -78,22 +78,7 @@ STARTED = re.compile(r"worker-(\d+) started \(pid (\d+)\)")
 
 def config(mx_port: int, workers: int = 1) -> str:
     """Everything goes to the test MX; retries come after 1 s; no limit gets in the way."""
-    return f"""
-[server]
-workers = {workers}
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-[queue]
-retry = [1]
-[delivery]
-nameservers = ["127.0.0.1:9"]
-[delivery.routes]
-"*" = "smtp:127.0.0.1:{mx_port}"
-[limits]
-connections_per_ip = 1000
-messages_per_user_per_hour = 100000000
-hold_user_after_per_hour = 100000000
-"""
+    return mx_config(mx_port, workers)
 
 
 # -- messages -----------------------------------------------------------------------------------

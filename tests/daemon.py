@@ -235,3 +235,24 @@ class AdoptedSMTP(smtplib.SMTP):
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         return self._adopted
+
+
+def mx_config(mx_port: int, workers: int = 1) -> str:
+    """A daemon that relays everything to the test MX on ``mx_port``: retries after 1 s,
+    no limit in the way (the crash matrix and the workers' tests)."""
+    return f"""
+[server]
+workers = {workers}
+[relay]
+trusted_networks = ["127.0.0.0/8"]
+[queue]
+retry = [1]
+[delivery]
+nameservers = ["127.0.0.1:9"]
+[delivery.routes]
+"*" = "smtp:127.0.0.1:{mx_port}"
+[limits]
+connections_per_ip = 1000
+messages_per_user_per_hour = 100000000
+hold_user_after_per_hour = 100000000
+"""

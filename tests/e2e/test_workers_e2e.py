@@ -33,7 +33,7 @@ from test_service_e2e import DirectoryWatch
 from test_systemd_socket_e2e import FAKE_SYSTEMD, SNIPPET
 
 import daemon
-from daemon import AdoptedSMTP, Daemon, client_tls, connect_burst
+from daemon import AdoptedSMTP, Daemon, client_tls, connect_burst, mx_config
 from mxpeer import MXPeer
 
 STARTED = re.compile(r"worker-(\d+) started \(pid (\d+)\)")
@@ -45,21 +45,7 @@ TOKEN = re.compile(rb"^X-Token: (\S+)\r?$", re.M)
 
 
 def config(mx_port: int, workers: int = 2) -> str:
-    """Everything to the test MX; retries after 1 s; no limit in the way."""
-    return f"""
-[server]
-workers = {workers}
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-[queue]
-retry = [1]
-[delivery]
-nameservers = ["127.0.0.1:9"]
-[delivery.routes]
-"*" = "smtp:127.0.0.1:{mx_port}"
-[limits]
-connections_per_ip = 1000
-"""
+    return mx_config(mx_port, workers)
 
 
 def message(token: str) -> str:
