@@ -223,6 +223,10 @@ class Envelope:
     # RFC 8689: the sender asked for REQUIRETLS; delivered only over TLS verified by MTA-STS
     # or "verify", to next hops that offer REQUIRETLS. Absent in older spools: False.
     requiretls: bool = False
+    # RFC 8689 5: the header section has "TLS-Required: No", seen when the message was taken
+    # in. None: not known (older spools; a header section too long to keep), read from the
+    # body at each attempt (smarthost.delivery.tlsrequired).
+    tls_required_no: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = attrs.asdict(self)

@@ -18,6 +18,7 @@ from smarthost.core import replies as reply
 from smarthost.core.envelope import Client, Envelope, QueueEntry
 from smarthost.core.maillog import MailLog
 from smarthost.core.replies import NO_STORAGE, Reply
+from smarthost.core.tlswaiver import header_says_no
 from smarthost.smtpd.dotreader import DataReader, DataResult, HeaderCapture
 from smarthost.smtpd.hooks import Hooks
 from smarthost.smtpd.limits import Limits
@@ -141,8 +142,11 @@ class Intake:
                 self._log.refused(client.address, verb, envelope.sender, str(refusal))
                 return refusal
         held = rate_key is not None and self._limits.rate.accepted(rate_key)
+        header = reception.header_section
+        waived = None if header is None else header_says_no(header)
         try:
-            entry = await reception.incoming.commit(attrs.evolve(envelope, held=held))
+            entry = await reception.incoming.commit(
+                attrs.evolve(envelope, held=held, tls_required_no=waived))
         except OSError as e:
             if not disk_full(e):
                 raise  # anything else is a local error (451), logged with its traceback

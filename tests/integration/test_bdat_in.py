@@ -330,3 +330,16 @@ class InboundChunkingTests(TestCase):
         assert replies[2].startswith(b"250 2.0.0 Ok: queued as"), replies
         [entry] = self.queued()
         assert not entry.envelope.requiretls
+        assert entry.envelope.tls_required_no is False  # read at intake: no such field
+
+    async def test_tls_required_no_is_read_at_intake_and_stored(self) -> None:
+        def talk(wire: Wire) -> list[bytes]:
+            wire.send(envelope_lines() + bdat(b"Subject: x\r\n", last=False)
+                      + bdat(b"Tls-Required:\r\n  NO\r\n\r\nbody\r\n"))
+            return wire.replies(4)
+
+        replies = await self.client(talk)
+        assert replies[3].startswith(b"250 2.0.0 Ok: queued as"), replies
+        [entry] = self.queued()
+        # A folded field, split across two chunks: delivery will not read the body for it.
+        assert self.spool.load(entry.queue_id).envelope.tls_required_no is True

@@ -12,11 +12,12 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from smarthost.core.envelope import DELIVERED, Envelope, Outcome, QueueEntry, QueueId, Recipient
+from smarthost.core.tlswaiver import MAX_HEADER_BYTES, header_says_no, says_no
 from smarthost.delivery.courier import AttemptResult, Courier
 from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.routing import SMTP, Host, Route
 from smarthost.delivery.smtpagent import HopResult
-from smarthost.delivery.tlsrequired import MAX_HEADER_BYTES, policies_apply, says_no
+from smarthost.delivery.tlsrequired import policies_apply
 
 BODY = b"Subject: hi\r\n\r\nTLS-Required: No\r\n"  # in the body: not a header field
 
@@ -50,6 +51,34 @@ def test_requiretls_never_opens_the_body() -> None:
 
     envelope = Envelope("a@example.test", (Recipient("b@remote.test"),), requiretls=True)
     assert policies_apply(envelope, unreadable)
+
+
+@pytest.mark.parametrize("waived", [True, False])
+def test_a_waiver_read_at_intake_spares_the_body(waived: bool) -> None:
+    def unreadable() -> BinaryIO:
+        raise AssertionError("opened")
+
+    envelope = Envelope("a@example.test", (Recipient("b@remote.test"),),
+                        tls_required_no=waived)
+    assert policies_apply(envelope, unreadable) is not waived
+    required = Envelope("a@example.test", (Recipient("b@remote.test"),), requiretls=True,
+                        tls_required_no=True)
+    assert policies_apply(required, unreadable)  # RFC 8689 4.1 still: REQUIRETLS wins
+
+
+@pytest.mark.parametrize(
+    ("header", "waived"),
+    [
+        (b"Subject: hi\r\n\r\n", False),
+        (b"Subject: tls-required: no\r\n\r\n", False),  # the name inside another field
+        (b"TLS-REQUIRED: no\r\n\r\n", True),
+        (b"Subject: hi\r\nTLS-Required:\r\n\tNo\r\n\r\n", True),
+        (b"TLS-Required: No\r\n", True),  # a header section without its empty line
+    ],
+)
+def test_header_says_no(header: bytes, waived: bool) -> None:
+    assert header_says_no(header) is waived
+    assert says_no(opener(header)) is waived  # the same answer as reading the body
 
 
 def test_only_the_header_section_is_read() -> None:
