@@ -55,6 +55,7 @@ from zope.interface import implementer
 from smarthost.core import replies as reply
 from smarthost.core.maillog import MailLog
 from smarthost.core.replies import Reply
+from smarthost.core.writethrough import can_write_through, write_through
 from smarthost.smtpd.channel import Channel, DataSink, Handler
 from smarthost.smtpd.dotreader import DataResult
 from smarthost.smtpd.trace import tls_details
@@ -107,6 +108,8 @@ class SMTPTransport(Protocol):
         self._data: tuple[DataSink, Callable[[DataResult], None]] | None = None  # in DATA
         self._pending = False  # a reply is being worked out; later commands wait
         self._processing = False  # inside _process (it is not re-entered)
+        self._holding = False  # an answer's reply waits for the replies _process adds to it
+        self._out: list[bytes] = []  # replies of the current batch, written at its end
         self._closed = False
         self._producer = False  # registered with the transport as its producer
         self._output_full = False  # the transport asked us to pause: the client is not reading
@@ -205,9 +208,13 @@ class SMTPTransport(Protocol):
 
         def done(result: Reply | None) -> None:
             self._pending = False
-            if result is not None:
-                self.send(result)
-            self._restart_deadline()  # the time we took was ours, not the client's
+            self._holding = True  # one write with the replies to what was pipelined behind
+            try:
+                if result is not None:
+                    self.send(result)
+                self._restart_deadline()  # the time we took was ours, not the client's
+            finally:
+                self._holding = False
             self._process()
 
         def failed(failure: Failure) -> None:
@@ -227,6 +234,7 @@ class SMTPTransport(Protocol):
             return
         if r is not None:
             self._write(r)
+        self._flush()
         self._stop()
         if self.transport is None:
             return
@@ -241,6 +249,7 @@ class SMTPTransport(Protocol):
     def start_tls(self) -> None:
         # RFC 3207 4.2 and CVE-2011-0411: nothing sent before the handshake may be acted on.
         self._buffer.clear()
+        self._flush()  # the 220 goes out in the clear, before the handshake
         self._encrypted = True
         self._begin_handshake()
         self.transport.startTLS(self._settings.tls)  # type: ignore[union-attr]
@@ -281,7 +290,10 @@ class SMTPTransport(Protocol):
         reading, at most LINES_PER_TURN lines at a time: then the rest waits for the reactor's
         next turn, so one client pipelining without end cannot keep every other connection
         (and a fresh client's greeting) waiting. Never re-entered: a call from inside (a reply
-        that drained the write buffer at once) leaves the work to the loop already running."""
+        that drained the write buffer at once) leaves the work to the loop already running.
+
+        The batch's replies are held and written together at its end (:meth:`_flush`), so a
+        pipelining client (RFC 2920) gets them in one segment."""
         if self._processing:
             return
         self._processing = True
@@ -302,6 +314,7 @@ class SMTPTransport(Protocol):
                 self._handler.line_received(line)
         finally:
             self._processing = False
+        self._flush()
         self._flow_control()
 
     def _next_line(self) -> bytes | None:
@@ -359,8 +372,25 @@ class SMTPTransport(Protocol):
     # -- output, errors --------------------------------------------------------------------
 
     def _write(self, r: Reply) -> None:
+        """Inside a batch (:meth:`_process`, or an answer and the batch it resumes) the reply
+        waits for the batch's end when it can go straight to the socket then; otherwise it is
+        written now, as each reply always was: the transport counts it at once against its
+        buffer, so a client that does not read is paused at the same reply as before."""
+        self._out.append(r.to_bytes())
+        if not (self._processing or self._holding) or not (
+            len(self._out) > 1 or can_write_through(self.transport)
+        ):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the held replies in one go, straight to the socket when its buffer is empty
+        (:mod:`smarthost.core.writethrough`)."""
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
         if self.transport is not None:
-            self.transport.write(r.to_bytes())
+            write_through(self.transport, data)
 
     def _count_error(self) -> None:
         """Postfix-like error limits: past the soft limit each reply is delayed a little
