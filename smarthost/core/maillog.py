@@ -50,6 +50,9 @@ _LINE_SPECIALS = frozenset("\\")
 _MAX_ERROR = 1000
 _FORWARDED_LEVELS = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
+# The key under which each event of :class:`MailLog` carries its line, already text: a text
+# observer that knows it (smarthost.app.textlog) writes it as it is.
+TEXT_KEY = "log_smarthost_text"
 
 
 def _needs_escape(specials: frozenset[str]) -> re.Pattern[str]:
@@ -198,14 +201,16 @@ class MailLog:
         without its check that the level is one (ours always are), and marked flattened
         (``log_flattened``, empty: the format is a literal, it has no fields), so a text
         observer renders it with one pass of ``flatFormat`` instead of
-        ``string.Formatter``'s Python loop; the text is the same. Two lines or more per
-        message: it counts."""
+        ``string.Formatter``'s Python loop; the text is the same. The line itself travels
+        under :data:`TEXT_KEY`, for the daemon's own text observers, which write it without
+        rendering anything. Two lines or more per message: it counts."""
         log = self._log
-        event = dict(fields)
-        event.update(log_logger=log, log_level=level, log_namespace=log.namespace,
-                     log_source=log.source, log_format=_literal(line), log_time=wall_clock(),
-                     log_flattened={})
-        log.observer(event)
+        log.observer({
+            **fields, "log_logger": log, "log_level": level, "log_namespace": log.namespace,
+            "log_source": log.source,
+            "log_format": _literal(line) if "{" in line or "}" in line else line,
+            "log_time": wall_clock(), "log_flattened": {}, TEXT_KEY: line,
+        })
 
     def _write(self, event: str, level: str, line: str, fields: Mapping[str, Any],
                time: float | None = None) -> None:
