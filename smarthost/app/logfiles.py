@@ -14,16 +14,19 @@ import os
 from collections.abc import Mapping
 from typing import IO, Any, cast
 
-from twisted.logger import ILogObserver, textFileLogObserver
+from twisted.logger import ILogObserver
 from twisted.python.logfile import LogFile
 
+from smarthost.app.textlog import BatchedLogFile, TextFileObserver
 from smarthost.core.maillog import MailLog
 
 
-def twistd_log_file(twistd_options: Mapping[str, Any] | None) -> LogFile | None:
-    """The file twistd would log to with these options, opened as twistd opens it; None when
-    it logs elsewhere (standard output, syslog, a ``--logger`` of its own), where there is
-    nothing to reopen."""
+def twistd_log_file(twistd_options: Mapping[str, Any] | None,
+                    reactor: Any = None) -> LogFile | None:
+    """The file twistd would log to with these options, opened as twistd opens it but
+    written once per iteration of ``reactor`` (by default the global one):
+    :class:`~smarthost.app.textlog.BatchedLogFile`; None when it logs elsewhere (standard
+    output, syslog, a ``--logger`` of its own), where there is nothing to reopen."""
     if twistd_options is None or twistd_options.get("syslog") or twistd_options.get("logger"):
         return None
     name = twistd_options.get("logfile") or ""
@@ -31,8 +34,10 @@ def twistd_log_file(twistd_options: Mapping[str, Any] | None) -> LogFile | None:
         return None
     # No rotation of our own (twistd's default rotates at 1 MB into numbered files): that is
     # logrotate's job, and SIGUSR1 reopens the file after it.
-    log_file: LogFile = LogFile.fromFullPath(  # type: ignore[no-untyped-call]
-        name or "twistd.log", rotateLength=None
+    if reactor is None:
+        from twisted.internet import reactor
+    log_file: LogFile = BatchedLogFile.fromFullPath(  # type: ignore[no-untyped-call]
+        name or "twistd.log", rotateLength=None, reactor=reactor
     )
     return log_file
 
@@ -47,8 +52,9 @@ def twistd_logs_to_stdout(twistd_options: Mapping[str, Any] | None) -> bool:
 
 
 def observer_for(log_file: LogFile | None) -> ILogObserver | None:
-    # A LogFile is file-like enough for the observer (write and flush), as twistd uses it.
-    return textFileLogObserver(cast(IO[Any], log_file)) if log_file is not None else None
+    """twistd's text lines, made cheaply (:class:`~smarthost.app.textlog.TextFileObserver`).
+    A LogFile is file-like enough for the observer (``write``), as twistd uses it."""
+    return TextFileObserver(cast(IO[str], log_file)) if log_file is not None else None
 
 
 class LogReopener:

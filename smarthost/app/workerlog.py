@@ -24,15 +24,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from twisted.logger import (
-    ILogObserver,
-    InvalidLogLevelError,
-    LogLevel,
-    eventAsText,
-    formatTime,
-)
-from twisted.python.threadable import isInIOThread
+from twisted.logger import ILogObserver, InvalidLogLevelError, LogLevel, formatTime
 from zope.interface import implementer
+
+from smarthost.app import textlog
 
 Emit = Callable[[dict[str, Any]], None]  # a twisted.logger observer (the global publisher)
 MAX_LINE = 65536  # bytes; a longer "line" is cut there (a worker never writes one)
@@ -41,7 +36,7 @@ MAX_LINE = 65536  # bytes; a longer "line" is cut there (a worker never writes o
 def worker_observer(out: IO[str], reactor: Any,
                     in_reactor_thread: Callable[[], bool] | None = None) -> ILogObserver:
     """The worker's log observer: one ``[system] text`` line per event on ``out``."""
-    return _Batched(out, reactor, in_reactor_thread or _in_reactor_thread)
+    return _Batched(out, reactor, in_reactor_thread or textlog.in_reactor_thread)
 
 
 @implementer(ILogObserver)
@@ -71,13 +66,10 @@ class _Batched:
         self._out.flush()
 
 
-def _in_reactor_thread() -> bool:
-    return bool(isInIOThread())  # type: ignore[no-untyped-call]
-
-
 def _format_line(event: Any) -> str:
-    text = eventAsText(event, includeTimestamp=False)
-    return text.replace("\n", "\n\t") + "\n"
+    # MailLog's lines are taken as they are (classic_body): a worker's few lines a message
+    # cost it a tenth of what eventAsText did.
+    return textlog.classic_body(event) + "\n"
 
 
 Line = tuple[str, str, Any]  # (system, text, LogLevel) of one re-emitted line
