@@ -79,8 +79,11 @@ def classic_body(event: LogEvent, stamps: Callable[[float | None], str] | None =
 class TextFileObserver:
     """What ``textFileLogObserver(out)`` writes, through :func:`classic_body` and
     :class:`Stamps`: with :class:`BatchedLogFile`, 1.6 µs a line instead of 8.9 (``timeit``,
-    one MailLog line, six lines a reactor iteration). It never flushes: ``out`` is a
-    :class:`BatchedLogFile`, which decides when to write."""
+    one MailLog line, six lines a reactor iteration). Only MailLog's per-message lines (the
+    volume: a few a message) are left to ``out`` (a :class:`BatchedLogFile`) to write at the
+    end of the reactor's iteration; any other line is flushed at once, as twistd's observer
+    does: a notice, a traceback, twistd's own lines are rare, and someone may be waiting for
+    them (systemd's READY=1 comes right after "ready", a test after "stopped")."""
 
     def __init__(self, out: IO[str]) -> None:
         self._out = out
@@ -90,6 +93,8 @@ class TextFileObserver:
         line = classic_body(event, self._stamps)
         if line:
             self._out.write(line + "\n")
+            if TEXT_KEY not in event:  # not a per-message line: written at once
+                self._out.flush()
 
 
 class BatchedLogFile(LogFile):

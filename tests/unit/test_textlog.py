@@ -70,10 +70,11 @@ def _maillog_events(maillog: MailLog) -> None:
         maillog.failure("delivery of {queue_id} crashed", queue_id="Q1")
 
 
-def test_maillog_events_carry_their_line() -> None:
-    ours = _events()[0]
-    assert ours[TEXT_KEY] == ("refused RCPT <bob@example.org> from 192.0.2.7: "
-                              "550 5.1.1 no {such} user")
+def test_maillog_per_message_events_carry_their_line() -> None:
+    per_message, notice = _events()[:2]
+    assert per_message[TEXT_KEY] == ("refused RCPT <bob@example.org> from 192.0.2.7: "
+                                     "550 5.1.1 no {such} user")
+    assert TEXT_KEY not in notice  # written at once
 
 
 @pytest.mark.parametrize("event", _events(), ids=lambda e: str(e.get("log_namespace")))
@@ -245,3 +246,17 @@ def test_a_close_writes_what_waits(tmp_path: Path) -> None:
     log_file.close()
     reactor.advance(0)  # the iteration's write finds the file closed and nothing to write
     assert (tmp_path / "a.log").read_text().endswith("] last\n")
+
+
+def test_other_lines_are_written_at_once_after_what_waits(tmp_path: Path) -> None:
+    reactor = Running()
+    log_file = _open(tmp_path, reactor, in_reactor_thread=lambda: True)
+    observe = TextFileObserver(cast(Any, log_file))
+    observe(_line("Q1: accepted"))
+    ready = {"log_namespace": "smarthost", "log_level": LogLevel.info, "log_time": NOW,
+             "log_format": "ready", "log_flattened": {}}  # a notice: systemd waits for it
+    observe(ready)
+    assert [line.split("] ")[1] for line in (tmp_path / "a.log").read_text().splitlines()] == [
+        "Q1: accepted", "ready"]
+    assert log_file.calls == 1
+    log_file.close()
