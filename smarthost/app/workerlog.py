@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import IO, Any
 
-from twisted.logger import ILogObserver, InvalidLogLevelError, LogLevel, formatTime
+from twisted.logger import ILogObserver, InvalidLogLevelError, LogLevel
 from zope.interface import implementer
 
 from smarthost.app import textlog
@@ -103,14 +103,10 @@ class FileSink:
     def __init__(self, out: Any, clock: Any) -> None:
         self._out = out  # the file the master's own observer writes to
         self._clock = clock
-        self._second = -1
-        self._stamp = ""
+        self._stamps = textlog.Stamps()
 
     def __call__(self, lines: Sequence[Line]) -> None:
-        now = self._clock.seconds()
-        if int(now) != self._second:
-            self._second, self._stamp = int(now), formatTime(now)
-        stamp = self._stamp
+        stamp = self._stamps(self._clock.seconds())
         self._out.write("".join(f"{stamp} [{system}] {text}\n" for system, text, _ in lines))
         self._out.flush()
 
