@@ -3,10 +3,12 @@ handler (each line answered with a reply naming it, so order shows), and raw blo
 in threads. The replies must arrive byte for byte and in order whether the kernel took them at
 once, took part (a client that does not read), or they went through TLS; the replies to one
 pipelined batch must leave in one TCP segment; and a peer that reset the connection must end
-it as Twisted would."""
+it as Twisted would. The same for our client's commands and message bodies
+(:class:`~smarthost.delivery.smtpclient.ClientConnection`) against a raw listening socket."""
 
 from __future__ import annotations
 
+import io
 import shutil
 import socket
 import ssl
@@ -27,6 +29,7 @@ from smarthost.core import replies as reply
 from smarthost.core.maillog import MailLog
 from smarthost.core.replies import Reply
 from smarthost.core.writethrough import can_write_through
+from smarthost.delivery.smtpclient import CHUNK, ClientConnection, QuietFactory
 from smarthost.smtpd.channel import Channel, Handler
 from smarthost.smtpd.listen import server_tls_options
 from smarthost.smtpd.transport import SMTPTransport, TransportSettings
@@ -225,3 +228,90 @@ class WriteThroughTests(TestCase):
         protocol.send(answer(b"AFTER"))  # the direct send fails; nothing may be raised here
         await handler.lost
         assert not connection.connected
+
+
+class Connected(ClientConnection):
+    """Tells the test when the connection is up."""
+
+    def __init__(self) -> None:
+        super().__init__(reactor, "127.0.0.1")
+        self.up: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.up.callback(None)
+
+
+def stuffed(body: bytes) -> bytes:
+    """RFC 5321 4.5.2 on the whole body at once, and the terminator (the body ends in CRLF)."""
+    return (b"\n" + body).replace(b"\n.", b"\n..")[1:] + b".\r\n"
+
+
+def read_until_end(sock: socket.socket, size: int) -> bytes:
+    data = read_exactly(sock, size)
+    sock.settimeout(0.0)
+    try:
+        extra = sock.recv(1)
+    except BlockingIOError:
+        extra = b""
+    assert extra == b"", "more bytes than expected"
+    return data
+
+
+class ClientWriteThroughTests(TestCase):
+    timeout = 60
+
+    async def dial(self, small_buffers: bool = False) -> tuple[Connected, socket.socket]:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        if small_buffers:  # before listen(): the accepted socket's window is small from the start
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(TIMEOUT)
+        client = Connected()
+        connector = reactor.connectTCP(
+            "127.0.0.1", listener.getsockname()[1], QuietFactory(client)
+        )
+        self.addCleanup(connector.disconnect)
+        peer, _ = await self.in_thread(listener.accept)
+        self.addCleanup(peer.close)
+        peer.settimeout(TIMEOUT)
+        await client.up
+        if small_buffers:
+            assert isinstance(client.transport, tcp.Connection)
+            client.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return client, peer
+
+    async def in_thread(self, work: Callable[[], T]) -> T:
+        return await deferToThread(work)
+
+    async def test_commands_and_a_small_body_go_out_in_one_send_each(self) -> None:
+        client, peer = await self.dial()
+        connection = client.transport
+        assert isinstance(connection, tcp.Connection)
+        connection.setTcpNoDelay(True)  # so that separate sends would be separate segments
+        before = data_segments_out(connection)
+        client.send("MAIL FROM:<a@example.test>", "RCPT TO:<b@example.test>", "DATA")
+        commands = b"MAIL FROM:<a@example.test>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n"
+        assert await self.in_thread(lambda: read_exactly(peer, len(commands))) == commands
+        assert data_segments_out(connection) - before == 1
+        body = b"Subject: small\r\n\r\n.a line with a dot\r\n" * 50
+        await Deferred.fromCoroutine(client.send_body(io.BytesIO(body), 10.0))
+        want = stuffed(body)
+        assert await self.in_thread(lambda: read_until_end(peer, len(want))) == want
+        assert data_segments_out(connection) - before == 2  # body and terminator together
+
+    async def test_a_big_body_to_a_slow_reader_arrives_whole_and_in_order(self) -> None:
+        """Chunks the kernel takes only in part; dots at a chunk boundary; the peer reads
+        only after the client has filled every buffer."""
+        client, peer = await self.dial(small_buffers=True)
+        line = b"%06d .dotted after the number, then a line that starts with one:\r\n.x\r\n"
+        body = b"".join(line % i for i in range(40_000))  # about 2.8 MB: many chunks
+        body = body[:CHUNK - 2] + b"\r\n.at a chunk boundary\r\n" + body[CHUNK - 2:]
+        sending = Deferred.fromCoroutine(client.send_body(io.BytesIO(body), 10.0))
+        want = stuffed(body)
+        assert not sending.called  # the kernel's buffers are full: the client waits
+        got = await self.in_thread(lambda: read_until_end(peer, len(want)))
+        await sending
+        assert got == want
