@@ -1,15 +1,17 @@
 """What the daemon did lately, learnt from the operator log's own events.
 
 :class:`Activity` is a ``twisted.logger`` observer. Every line of :class:`~smarthost.core.
-maillog.MailLog` is an event in the ``smarthost`` namespace carrying its named fields; two of
-them are counted here, recognised by exactly those fields (the line's text is free to change):
+maillog.MailLog` is an event in the ``smarthost`` namespace carrying its named fields, and a
+per-message one its name (:data:`~smarthost.core.maillog.EVENT_KEY`, the name ``[log]
+events`` gives it); two of them are counted here, recognised by that name (the line's text
+is free to change), their values read from their fields:
 
-- a delivery attempt (``queue_id``, ``recipient``, ``relay``, ``result``, ``reply``): the
+- a delivery attempt (``delivery``: ``recipient``, ``relay``, ``result``, ``reply``): the
   delivered/deferred/bounced counters, the per-minute chart, and the last temporary failure
   per destination domain;
-- a failed AUTH (``client``, ``user``, ``mechanism`` at level warn; the same fields at level
-  info are a success or a missing secret): the counter per mechanism and the recent failures
-  per client address.
+- a failed AUTH (``auth_failed``: ``client``, ``user``, ``mechanism``; a success and a
+  missing secret are other events): the counter per mechanism and the recent failures per
+  client address.
 
 Accepted messages arrive through :meth:`Activity.accepted` (the spool wrapper of each
 listener calls it): the accepted line does not say which listener the message came in on.
@@ -27,19 +29,15 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, LogLevel
+from twisted.logger import ILogObserver
 from zope.interface import implementer
 
 from smarthost.app.metrics import Metrics
+from smarthost.core.maillog import EVENT_KEY
 
 SERIES = ("accepted", "delivered", "deferred", "bounced")
 MINUTES = 60
 AUTH_WINDOW = 3600.0  # AUTH failures older than this are not "recent"
-_DELIVERY = frozenset({"queue_id", "recipient", "relay", "result", "reply"})
-_AUTH = frozenset({"client", "user", "mechanism"})
-# Keys the bridge to twisted.python.log adds to the same event when a legacy observer (trial's,
-# or a plugin's) saw it first.
-_LEGACY = frozenset({"message", "time", "system", "format", "isError", "why", "failure"})
 
 
 @attrs.frozen
@@ -92,10 +90,6 @@ class PerMinute:
         }
 
 
-def _fields(event: Mapping[str, Any]) -> set[str]:
-    return {key for key in event if not key.startswith("log_")} - _LEGACY
-
-
 @implementer(ILogObserver)
 class Activity:
     def __init__(self, clock: IReactorTime, metrics: Metrics, keep: int = 1000) -> None:
@@ -111,17 +105,15 @@ class Activity:
         self.minutes.add("accepted", self._clock.seconds())
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        if event.get("log_namespace") != "smarthost":
-            return
-        # A cheap look first (every message logs several events), the exact fields after.
-        if "result" in event and "relay" in event:
-            if _fields(event) == _DELIVERY:
-                self._delivery(str(event["recipient"]), str(event["result"]),
-                               str(event["relay"]), str(event["reply"]))
-        elif "mechanism" in event and event.get("log_level") is LogLevel.warn:
-            if _fields(event) == _AUTH:
-                self._auth_failed(str(event["client"]), str(event["user"]),
-                                  str(event["mechanism"]))
+        # One look at the name (every message logs several events): before, the set of the
+        # event's fields was built and compared, 4 µs a delivery under the profiler.
+        name = event.get(EVENT_KEY)
+        if name == "delivery":
+            self._delivery(str(event["recipient"]), str(event["result"]),
+                           str(event["relay"]), str(event["reply"]))
+        elif name == "auth_failed":
+            self._auth_failed(str(event["client"]), str(event["user"]),
+                              str(event["mechanism"]))
 
     def _delivery(self, recipient: str, result: str, relay: str, reply: str) -> None:
         if result not in SERIES:

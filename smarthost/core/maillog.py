@@ -55,6 +55,9 @@ _LEVELS = {level.name: level for level in LogLevel.iterconstants()}
 # it wait for the end of the reactor's iteration. A notice has no such key: it is rare, and
 # someone may be waiting for it (systemd's READY=1 follows "ready" at once).
 TEXT_KEY = "log_smarthost_text"
+# The name of a per-message event (as in ``[log] events``: "accepted", "delivery",
+# "auth_failed"...), under which an observer (smarthost.app.activity) recognises it.
+EVENT_KEY = "log_smarthost_event"
 
 
 def _needs_escape(specials: frozenset[str]) -> re.Pattern[str]:
@@ -195,18 +198,19 @@ class MailLog:
         # The line is formatted here (in C, by f-strings and str.format) and handed on as a
         # literal: the log observer's own formatter is pure Python and took a tenth of the
         # reactor's time at three lines per message. The fields still travel with the event.
-        self._publish(_LEVELS[level], line, fields)
+        self._publish(_LEVELS[level], line, fields, event)
         self._write(event, level, line, fields)
 
     def _publish(self, level: LogLevel, line: str, fields: dict[str, Any],
-                 per_message: bool = True) -> None:
+                 per_message: str | None = None) -> None:
         """What ``Logger.emit`` does, for a line that is already text: the same event keys,
         without its check that the level is one (ours always are), and marked flattened
         (``log_flattened``, empty: the format is a literal, it has no fields), so a text
         observer renders it with one pass of ``flatFormat`` instead of
-        ``string.Formatter``'s Python loop; the text is the same. A per-message line
-        travels under :data:`TEXT_KEY` as well, for the daemon's own text observers, which
-        write it without rendering anything. Two lines or more per message: it counts (one
+        ``string.Formatter``'s Python loop; the text is the same. A per-message event
+        (``per_message``, its name) carries its line under :data:`TEXT_KEY` as well, for the
+        daemon's own text observers, which write it without rendering anything, and its
+        name under :data:`EVENT_KEY`. Two lines or more per message: it counts (one
         dict literal instead of ``dict()`` and ``update``: 0.63 µs an event instead of 0.72)."""
         log = self._log
         event = {
@@ -215,8 +219,9 @@ class MailLog:
             "log_format": _literal(line) if "{" in line or "}" in line else line,
             "log_time": wall_clock(), "log_flattened": {},
         }
-        if per_message:
+        if per_message is not None:
             event[TEXT_KEY] = line
+            event[EVENT_KEY] = per_message
         log.observer(event)
 
     def _write(self, event: str, level: str, line: str, fields: Mapping[str, Any],
@@ -244,7 +249,7 @@ class MailLog:
             getattr(self._log, level)(text, **shown)
             self._write(event, level, formatEvent({"log_format": text, **shown}), fields)
             return
-        self._publish(_LEVELS[level], line, fields, per_message=False)
+        self._publish(_LEVELS[level], line, fields)
         self._write(event, level, line, fields)
 
     def reopen(self) -> None:

@@ -45,7 +45,7 @@ from smarthost.core.envelope import (
     QueueId,
     Recipient,
 )
-from smarthost.core.maillog import MailLog
+from smarthost.core.maillog import EVENT_KEY, MailLog
 from smarthost.queue.spool import Spool
 
 START = 1_700_000_000.0  # a round minute boundary is not assumed anywhere
@@ -166,15 +166,17 @@ class ActivityTests(SynchronousTestCase):
         for i in range(10):
             self.clock.advance(1)
             watch.activity({"log_namespace": "smarthost", "log_level": LogLevel.warn,
-                            "client": f"192.0.2.{i}", "user": "u", "mechanism": "PLAIN"})
+                            EVENT_KEY: "auth_failed", "client": f"192.0.2.{i}", "user": "u",
+                            "mechanism": "PLAIN"})
         self.assertEqual({f.client for f in watch.activity.auth_failures()},
                          {"192.0.2.7", "192.0.2.8", "192.0.2.9"})
 
     def test_other_namespaces_and_notices_are_ignored(self) -> None:
-        self.log.notice("{queue_id}: held by the operator", queue_id="Q1")
+        self.log.notice("{recipient}: {result} by the operator", recipient="a@b",
+                        result="delivered", relay="r", reply="250", queue_id="Q1")
         self.watch.activity({"log_namespace": "smarthost.delivery", "queue_id": "Q",
                              "recipient": "a@b", "relay": "r", "result": "delivered",
-                             "reply": "250"})
+                             "reply": "250"})  # the fields of a delivery, not its name
         self.assertEqual(value(self.watch, "smarthost_recipients_delivered_total"), 0)
 
 
