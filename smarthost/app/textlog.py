@@ -23,18 +23,20 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from threading import get_ident
 from typing import IO, Any
 
 from twisted.logger import ILogObserver, LogEvent, eventAsText, formatTime
+from twisted.python import threadable
 from twisted.python.logfile import LogFile
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 from smarthost.core.maillog import TEXT_KEY
 
 
 def in_reactor_thread() -> bool:
-    return bool(isInIOThread())  # type: ignore[no-untyped-call]
+    """``threadable.isInIOThread()``, in one call instead of three: asked at every line."""
+    return threadable.ioThread == get_ident()
 
 
 class Stamps:
