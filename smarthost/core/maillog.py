@@ -262,10 +262,12 @@ class MailLog:
         log under their own ``smarthost.*`` namespace (a delivery crash, a plugin that
         failed) go to the events file too. Add it to the global log publisher; this
         class's own events (namespace ``smarthost``) are written directly and skipped."""
-        namespace = str(event.get("log_namespace", ""))
+        # The level first: nearly every event is info, and this sees every event.
         level: LogLevel | None = event.get("log_level")
-        if (level is None or self._events is None or not namespace.startswith("smarthost.")
-                or level not in _FORWARDED_LEVELS):
+        if level is None or level not in _FORWARDED_LEVELS or self._events is None:
+            return
+        namespace = str(event.get("log_namespace", ""))
+        if not namespace.startswith("smarthost."):
             return
         fields: dict[str, Any] = {
             key: value for key, value in event.items()
