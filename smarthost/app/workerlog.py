@@ -104,11 +104,15 @@ class FileSink:
         self._out = out  # the file the master's own observer writes to
         self._clock = clock
         self._stamps = textlog.Stamps()
+        # twistd's log file writes at the end of the reactor's iteration by itself: the
+        # reads of both workers' pipes in one iteration go out in one write.
+        self._flush = not isinstance(out, textlog.BatchedLogFile)
 
     def __call__(self, lines: Sequence[Line]) -> None:
         stamp = self._stamps(self._clock.seconds())
         self._out.write("".join(f"{stamp} [{system}] {text}\n" for system, text, _ in lines))
-        self._out.flush()
+        if self._flush:  # standard output
+            self._out.flush()
 
 
 class LineRelay:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, formatTime
 from twisted.python.failure import Failure
 
@@ -22,6 +23,7 @@ from smarthost.app.config import Config, ConfigError, parse_config
 from smarthost.app.master import STABLE_AFTER, STOP_TIMEOUT, Supervisor, restart_delay
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
 from smarthost.app.services import ACCEPT_PAUSE, share_accepts
+from smarthost.app.textlog import BatchedLogFile
 from smarthost.app.workerconfig import WorkerSpec, WorkerSpecError
 from smarthost.app.workerlog import FileSink, LineRelay, PublisherSink, worker_observer
 from smarthost.core.maillog import MailLog
@@ -333,6 +335,25 @@ def test_lines_go_straight_into_the_masters_log_file_in_one_write() -> None:
     stamp = formatTime(clock.seconds())
     assert out.getvalue() == (f"{stamp} [worker-1 smarthost#info] Q1: accepted\n"
                               f"{stamp} [worker-1 smarthost#warn] slow\n")
+
+
+def test_the_reads_of_one_iteration_go_into_twistds_log_file_in_one_write(
+        tmp_path: Path) -> None:
+    reactor = MemoryReactorClock()
+    reactor.advance(1_700_000_000)
+    reactor.running = True
+    log_file = BatchedLogFile("master.log", str(tmp_path), reactor=reactor,
+                              in_reactor_thread=lambda: True)
+    sink = FileSink(log_file, reactor)
+    LineRelay(1, sink).feed(b"[smarthost#info] Q1: accepted\n")
+    LineRelay(2, sink).feed(b"[smarthost#info] Q2: accepted\n")
+    assert (tmp_path / "master.log").read_text() == ""
+    reactor.advance(0)
+    stamp = formatTime(reactor.seconds())
+    assert (tmp_path / "master.log").read_text() == (
+        f"{stamp} [worker-1 smarthost#info] Q1: accepted\n"
+        f"{stamp} [worker-2 smarthost#info] Q2: accepted\n")
+    log_file.close()
 
 
 class IterationReactor(Clock):
