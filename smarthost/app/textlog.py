@@ -16,7 +16,11 @@ line it formats the timestamp again
 - :class:`TextFileObserver` puts the two together, line for line what
   ``textFileLogObserver`` writes;
 - :class:`BatchedLogFile` writes what it was given in one reactor iteration with one
-  system call.
+  system call (MailLog's per-message lines: any other line is flushed at once).
+
+With the worker's lines through :func:`classic_body` too, the profile's "log lines" went from
+0.138 to 0.056 ms a message on the accept path and from 0.183 to 0.081 while delivering
+(bench/run --only profile, profile-deliver; 2,000 messages, 20 sessions).
 """
 
 from __future__ import annotations
@@ -105,8 +109,9 @@ class BatchedLogFile(LogFile):
     per message, and each write was a system call under ``threadable``'s lock.
 
     Written at once instead: what is given when the reactor does not run (the start, the
-    last lines of a stop), from another thread (in order with what waits), and by a
-    ``flush`` (the master's observers flush after each line: they are unchanged). What waits
+    last lines of a stop), from another thread (in order with what waits), and at a
+    ``flush`` (:class:`TextFileObserver`'s after a rare line, twistd's observer in a master
+    after each of its own lines). What waits
     is written before a :meth:`reopen` (SIGUSR1 after logrotate: lines given before it go
     to the old file, as they did line by line), before a :meth:`close`, and after the
     reactor's shutdown (its last iteration may not run the call that writes them)."""
