@@ -373,9 +373,10 @@ class SMTPTransport(Protocol):
 
     def _write(self, r: Reply) -> None:
         """Inside a batch (:meth:`_process`, or an answer and the batch it resumes) the reply
-        waits for the batch's end when it can go straight to the socket then; otherwise it is
-        written now, as each reply always was: the transport counts it at once against its
-        buffer, so a client that does not read is paused at the same reply as before."""
+        waits for the batch's end while the socket's buffer is empty (then the batch goes out
+        in one send). Otherwise it is written now, as every reply used to be: once the
+        transport holds output (a client that does not read), each reply counts against its
+        buffer at once, and we are paused at the same reply as before."""
         self._out.append(r.to_bytes())
         if not (self._processing or self._holding) or not (
             len(self._out) > 1 or can_write_through(self.transport)
