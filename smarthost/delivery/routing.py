@@ -14,7 +14,7 @@ from typing import Protocol
 
 import attrs
 from twisted.internet import defer
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 
 from smarthost.core.enums import TLSPolicy
@@ -198,14 +198,28 @@ class NextHopResolver:
         :class:`TemporaryRouteError` (defer). Any other failure is a bug and, like every crash
         in delivery, should be treated as temporary by the caller. ``mta_sts=False`` leaves the
         domain's MTA-STS policy out (a message with ``TLS-Required: No``, RFC 8689 5); the
-        operator's ``tls`` and ``tls_policies`` still apply."""
-        return Deferred.fromCoroutine(self._resolve(domain, mta_sts))
+        operator's ``tls`` and ``tls_policies`` still apply.
+
+        A route known without asking DNS (a local maildir, a static route to an IP address, an
+        address literal: nearly every message of a smart host) comes back already fired, with
+        no coroutine to run; the rest goes through :meth:`_resolve`. Either way a failure is
+        the Deferred's, never raised here."""
+        try:
+            key = domain_key(domain)
+            route = self._known(key)
+            if route is not None:
+                return succeed(self._override(key, route))
+        except Exception:
+            return fail()
+        return Deferred.fromCoroutine(self._resolve(key, mta_sts))
 
     # -- routing --
 
-    async def _resolve(self, domain: str, mta_sts: bool = True) -> Route:
-        key = domain_key(domain)
-        route = await self._next_hop(key, mta_sts)
+    async def _resolve(self, key: str, mta_sts: bool) -> Route:
+        return self._override(key, await self._next_hop(key, mta_sts))
+
+    def _override(self, key: str, route: Route) -> Route:
+        """``[delivery.tls_policy]``: the operator's word for the domain replaces the route's."""
         override = self._tls_policies.get(key)
         if route.kind != SMTP or override is None:
             return route
@@ -213,16 +227,38 @@ class NextHopResolver:
             override = TLSPolicy.REQUIRED  # never send a password in the clear
         return attrs.evolve(route, tls=override)
 
-    async def _next_hop(self, key: str, mta_sts: bool) -> Route:
+    def _known(self, key: str) -> Route | None:
+        """The route when no DNS answer is needed for it, else None (then :meth:`_next_hop`
+        asks): the same rules in the same order, stopped at the first that needs a lookup."""
+        target = self._target(key)
+        if target is None:
+            return self._literal(key) if key.startswith("[") and key.endswith("]") else None
+        if target.kind == MAILDIR:
+            return Route(MAILDIR, maildir=target.directory)
+        if not is_ip(target.host):
+            return None
+        return self._static_route(
+            [Host(target.host, target.host, target.port)], target, self._credentials_for(key)
+        )
+
+    def _target(self, key: str) -> Target | None:
+        """The configured next hop of ``key``: the local target for a local domain, else its
+        static route or ``"*"``; None for a domain routed by its MX hosts."""
         if key in self._local_domains:
-            if self._local.kind == MAILDIR:
-                return Route(MAILDIR, maildir=self._local.directory)
-            # The local SMTP target is an internal mail store, not the upstream relay: the
-            # [delivery.upstream] credentials are not sent to it.
-            return await self._static(self._local, credentials=None)
-        target = self._routes.get(key) or self._routes.get("*")
+            return self._local
+        return self._routes.get(key) or self._routes.get("*")
+
+    def _credentials_for(self, key: str) -> Credentials | None:
+        # The local SMTP target is an internal mail store, not the upstream relay: the
+        # [delivery.upstream] credentials are not sent to it.
+        return None if key in self._local_domains else self._credentials
+
+    async def _next_hop(self, key: str, mta_sts: bool) -> Route:
+        target = self._target(key)
         if target is not None:
-            return await self._static(target, credentials=self._credentials)
+            if target.kind == MAILDIR:
+                return Route(MAILDIR, maildir=target.directory)
+            return await self._static(target, credentials=self._credentials_for(key))
         if key.startswith("[") and key.endswith("]"):
             return self._literal(key)
         route = await self._mx(key)
@@ -269,6 +305,11 @@ class NextHopResolver:
                     f"route host {target.host} has no usable address", "4.4.4"
                 )
             hosts = [Host(target.host, a, target.port) for a in addresses.records]
+        return self._static_route(hosts, target, credentials)
+
+    def _static_route(
+        self, hosts: list[Host], target: Target, credentials: Credentials | None
+    ) -> Route:
         tls = self._tls
         if credentials is not None and tls == TLSPolicy.OPPORTUNISTIC:
             tls = TLSPolicy.REQUIRED  # never send a password in the clear

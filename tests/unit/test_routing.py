@@ -5,7 +5,7 @@ TCP after truncation, IDNA, a subprocess server) is tests/integration/test_dns.p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from random import Random
 from typing import Any
 
@@ -321,6 +321,34 @@ class StaticRouteTests(ResolverTestCase):
         self.assertIsInstance(e, PermanentRouteError)
         e = self.route_error("[0.0.0.0]")
         self.assertIsInstance(e, PermanentRouteError)
+
+    def test_tls_policy_overrides_static_routes_with_or_without_a_lookup(self) -> None:
+        """[delivery.tls_policy] is the operator's word for a domain whichever way its route
+        was found: an IP address (no lookup) or a host name; a route with credentials still
+        never goes in the clear."""
+        for target in ("smtp:127.0.0.5:25", "smtp:relay.test:25"):
+            routes = {"*": target}
+            pinned = self.route("x.test", routes=routes, credentials=None,
+                                tls_policies={"X.test": "verify"})
+            self.assertEqual(pinned.tls, "verify")
+            upgraded = self.route("x.test", routes=routes, tls_policies={"x.test": "opportunistic"})
+            self.assertEqual((upgraded.tls, upgraded.credentials), ("required", CREDENTIALS))
+            other = self.route("y.test", routes=routes, credentials=None,
+                               tls_policies={"x.test": "verify"})
+            self.assertEqual(other.tls, "opportunistic")
+
+    def test_a_routing_bug_is_the_deferreds_failure_never_raised(self) -> None:
+        """Routes known without DNS are answered at once; a bug on that path still fails the
+        Deferred (the courier defers that domain) as one on the DNS path does."""
+
+        class BrokenOrder:
+            def order(self, hosts: Sequence[Host]) -> tuple[Host, ...]:
+                raise ZeroDivisionError("failed-host memory bug")
+
+        for domain, routes in (("x.test", {"*": "smtp:127.0.0.5:25"}), ("[127.0.0.1]", {}),
+                               ("x.test", {"*": "smtp:relay.test:25"}), ("example.test", {})):
+            resolved = self.resolver(hosts=BrokenOrder(), routes=routes).resolve(domain)
+            self.failureResultOf(resolved, ZeroDivisionError)
 
 
 def refused(host: Host) -> HostFailure:
