@@ -106,11 +106,17 @@ class Courier:
                 ]
                 continue
             by_route.setdefault(route, []).extend(recipients)
-        groups = list(by_route.items())
-        results = await gatherResults(
-            [Deferred.fromCoroutine(self._hop(route, entry, rcpts, open_body))
-             for route, rcpts in groups]
-        )
+        if len(by_route) == 1:
+            # One next hop (nearly every message): its coroutine awaited as it is, with no
+            # Deferred of its own and no list gathering one result. _hop never fails, so no
+            # hop's failure can hide another's either way.
+            [(route, rcpts)] = by_route.items()
+            results = [await self._hop(route, entry, rcpts, open_body)]
+        else:
+            results = await gatherResults(
+                [Deferred.fromCoroutine(self._hop(route, entry, rcpts, open_body))
+                 for route, rcpts in by_route.items()]
+            )
         unreachable: list[HostFailure] = []
         for hop in results:
             outcomes += hop.outcomes

@@ -939,6 +939,32 @@ class CourierTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(Crash)), 1)
         self.assertEqual([o.result for o in outcomes], [DEFERRED, DELIVERED])
 
+    def test_an_agent_bug_with_one_next_hop_defers_every_recipient(self) -> None:
+        """One next hop is awaited without gathering: its crash is still a deferral of all of
+        its recipients, logged once."""
+        self.smtp.crash = True
+        outcomes = self.attempt("a@a.test", "b@b.test")
+        self.assertEqual(len(self.flushLoggedErrors(Crash)), 1)
+        self.assertEqual([(o.result, o.status) for o in outcomes], [(DEFERRED, "4.3.0")] * 2)
+
+    def test_one_next_hop_waits_for_its_agent(self) -> None:
+        answer: Deferred[None] = Deferred()
+        smtp = self.smtp
+
+        class SlowSMTP:
+            async def deliver(self, route: Route, envelope: Envelope, recipients: Any,
+                              open_body: Any, size: int) -> HopResult:
+                await answer
+                return await smtp.deliver(route, envelope, recipients, open_body, size)
+
+        envelope = Envelope(ALICE, (Recipient("a@a.test"),))
+        courier = Courier(self.resolve, SlowSMTP(), FakeMaildir, HostCache(Clock(), 60))
+        attempt = Deferred.fromCoroutine(
+            courier.attempt(QueueEntry.new(QueueId.new(T0), envelope, 10), _no_body)
+        )
+        self.assertNoResult(attempt)
+        answer.callback(None)
+        self.assertEqual([o.result for o in self.successResultOf(attempt).outcomes], [DELIVERED])
 
 async def _raise(e: Exception) -> Route:
     raise e
