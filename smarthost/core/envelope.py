@@ -6,6 +6,7 @@ stage (session, policy, spool, scheduler, outbound, bounce) can share it without
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -277,8 +278,10 @@ class QueueEntry:
     last_error: str = ""
     delay_warned: bool = False
 
-    @property
+    @functools.cached_property
     def pending(self) -> tuple[RecipientState, ...]:
+        """The recipients still to deliver to. Cached: the entry is frozen, and one attempt
+        asks this of the same entry about eight times (scheduler, courier, recording)."""
         return tuple(r for r in self.recipients if r.status == PENDING)
 
     def to_json(self) -> dict[str, Any]:

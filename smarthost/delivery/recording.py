@@ -46,9 +46,12 @@ class RetryPolicy:
         )
 
 
-def record(entry: QueueEntry, outcomes: Iterable[Outcome]) -> QueueEntry:
+def record(
+    entry: QueueEntry, outcomes: Iterable[Outcome], *, next_attempt: float | None = None
+) -> QueueEntry:
     """The entry after one attempt: each recipient's status and last reply, the attempt count
-    and the last error (what `queue list` shows)."""
+    and the last error (what `queue list` shows); with ``next_attempt`` when that is known
+    (one copy of the entry instead of two)."""
     by_address = {o.recipient.address: o for o in outcomes}
     states = []
     last_error = ""
@@ -69,8 +72,11 @@ def record(entry: QueueEntry, outcomes: Iterable[Outcome]) -> QueueEntry:
                 attempts=state.attempts + 1,
             )
         )
+    if next_attempt is None:
+        next_attempt = entry.next_attempt
     return attrs.evolve(
-        entry, recipients=tuple(states), attempts=entry.attempts + 1, last_error=last_error
+        entry, recipients=tuple(states), attempts=entry.attempts + 1, last_error=last_error,
+        next_attempt=next_attempt,
     )
 
 
@@ -89,7 +95,9 @@ def conclude(
     """Everything one attempt decides: the entry to save (results recorded, lifetime expiry,
     the delay warning, the next attempt), the reports due to the sender, and the recipients
     that expired now."""
-    after = record(entry, outcomes)
+    # Neither expiry nor the delay warning changes the attempt count the next attempt's
+    # delay depends on: it is known now, and set with the results.
+    after = record(entry, outcomes, next_attempt=now + policy.delay(entry.attempts + 1))
     if not outcomes:
         after = attrs.evolve(after, last_error="internal error during delivery")
     reports = attempt_reports(after, outcomes, now)
@@ -106,5 +114,5 @@ def conclude(
                        (ReportedRecipient.from_state(s, now) for s in after.pending),
                        retry_until=after.queued_at + policy.lifetime)
         after = attrs.evolve(after, delay_warned=True)
-    # With nothing pending this is when an owed report is tried again.
-    return attrs.evolve(after, next_attempt=now + policy.delay(after.attempts)), reports, expired
+    # With nothing pending next_attempt is when an owed report is tried again.
+    return after, reports, expired
