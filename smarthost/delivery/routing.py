@@ -115,6 +115,12 @@ class Target:
     host: str = ""  # SMTP: a host name or a bare IP address (no brackets)
     port: int = 0
     directory: str = ""  # MAILDIR
+    # The host is an IP address: no lookup. Worked out once here, not at every delivery.
+    host_is_ip: bool = attrs.field(init=False, eq=False, repr=False)
+
+    @host_is_ip.default
+    def _ip(self) -> bool:
+        return self.kind == SMTP and is_ip(self.host)
 
 
 def parse_target(text: str, *, kinds: Iterable[str] = (SMTP, MAILDIR)) -> Target:
@@ -235,7 +241,7 @@ class NextHopResolver:
             return self._literal(key) if key.startswith("[") and key.endswith("]") else None
         if target.kind == MAILDIR:
             return Route(MAILDIR, maildir=target.directory)
-        if not is_ip(target.host):
+        if not target.host_is_ip:
             return None
         return self._static_route(
             [Host(target.host, target.host, target.port)], target, self._credentials_for(key)
@@ -292,7 +298,7 @@ class NextHopResolver:
 
     async def _static(self, target: Target, credentials: Credentials | None) -> Route:
         """A configured host: its failures are the operator's to fix, so they never bounce."""
-        if is_ip(target.host):
+        if target.host_is_ip:
             hosts = [Host(target.host, target.host, target.port)]
         else:
             addresses = await self._dns.addresses(target.host)
