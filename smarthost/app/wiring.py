@@ -277,7 +277,8 @@ def _durable(
     # Recovery (which creates the directories) waits for startService, after twistd has
     # dropped to --uid/--gid, so the spool belongs to the user that runs the daemon.
     spool = Spool(config.queue.directory, clock=reactor, run_blocking=deferToThread,
-                  maillog=maillog, id_origin=workerspools.id_origin(config.queue.directory))
+                  maillog=maillog, id_origin=workerspools.id_origin(config.queue.directory),
+                  gather=True)
     policy = retry_policy(config)
     # The one memory of failed hosts, held no longer than the first retry interval: routing
     # orders by it, the courier defers suspended routes by it, the scheduler records each

@@ -107,6 +107,7 @@ class Spool:
         segment_bytes: int = SEGMENT_BYTES,
         maillog: MailLog | None = None,
         id_origin: str = "",
+        gather: bool = False,
     ) -> None:
         self._paths = SpoolPaths(os.path.abspath(os.fspath(directory)))
         self._id_origin = id_origin  # ends every id this spool makes (QueueId.new)
@@ -127,6 +128,10 @@ class Spool:
         self._compact_from = 0.0  # no compaction before this time (after a failed relocation)
         self._full = False  # the last batch failed with SpoolFull (logged once)
         self._syncing = False  # a batch's blocking job is running
+        # The daemon's: an operation arriving while idle starts its batch at the end of the
+        # reactor's turn (clock.callLater(0)), not at once (see _submit).
+        self._gather = gather
+        self._gathering = False  # a batch start is waiting for the end of this turn
         self.batches = 0  # blocking jobs started: for tests and the curious
         # What recovery read, served once by entries() (the scheduler's start) so start-up
         # parses each entry once; kept up to date by this process's changes until then.
@@ -151,11 +156,12 @@ class Spool:
         segment_bytes: int = SEGMENT_BYTES,
         maillog: MailLog | None = None,
         id_origin: str = "",
+        gather: bool = False,
     ) -> tuple[Spool, RecoveryReport]:
         """Daemon start-up: create the directories if needed, then recover."""
         spool = cls(
             directory, clock=clock, run_blocking=run_blocking, spill_threshold=spill_threshold,
-            segment_bytes=segment_bytes, maillog=maillog, id_origin=id_origin,
+            segment_bytes=segment_bytes, maillog=maillog, id_origin=id_origin, gather=gather,
         )
         return spool, spool.recover()
 
@@ -388,9 +394,25 @@ class Spool:
         except OSError as e:  # e.g. SpoolLocked: nothing was queued
             return fail(e)
         self._waiting.append(op)
-        if not self._syncing:
+        if self._syncing or self._gathering:
+            return op.deferred
+        if self._gather:
+            # The other sessions whose message ended in this turn of the reactor (one epoll
+            # wakeup often holds several) join this batch rather than wait for the next: one
+            # fdatasync and one thread hand-off fewer. No added wait: the call runs as soon as
+            # this turn's events are handled. Measured with bench/run (accept, 20 sessions,
+            # alternating runs): CPU per message 0.42/0.45 -> 0.39/0.37 ms with one process,
+            # 0.53/0.47 -> 0.44/0.45 ms with 2 workers.
+            self._gathering = True
+            self._clock.callLater(0, self._gathered)
+        else:
             self._start_batch()
         return op.deferred
+
+    def _gathered(self) -> None:
+        self._gathering = False
+        if not self._syncing and self._waiting:
+            self._start_batch()
 
     def _start_batch(self) -> None:
         writer = self._ensure_writer()

@@ -546,6 +546,24 @@ class GroupCommitTests(SpoolTestCase):
         self.assertEqual(set(spool.queue_ids()), {first.queue_id, *[m.queue_id for m in messages]})
         self.assertEqual(self.jobs.pending, [])
 
+    def test_the_daemon_gathers_one_turn_of_the_reactor_into_one_batch(self) -> None:
+        spool = self.reopen(self.jobs, gather=True)
+        first = [self.start(spool)[1] for _ in range(5)]  # five sessions' ends, one turn
+        self.assertEqual(spool.batches, 0)  # nothing starts before the turn ends
+        self.clock.advance(0)
+        self.assertEqual(spool.batches, 1)
+        later = [self.start(spool)[1] for _ in range(3)]  # while batch 1 syncs
+        self.clock.advance(0)
+        self.assertEqual(spool.batches, 1)  # they wait for batch 1, as without gathering
+        self.jobs.run_next()  # batch 1 ends and starts batch 2 at once (no extra turn)
+        self.assertEqual(spool.batches, 2)
+        self.jobs.run_next()
+        for d in first + later:
+            self.successResultOf(d)
+        self.assertEqual(self.events, ["fdatasync", "fdatasync"])
+        self.assertEqual(len(spool.queue_ids()), 8)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_batches_are_bounded_and_fewer_than_operations(self) -> None:
         spool = self.reopen(self.jobs)
         results = [self.start(spool)[1] for _ in range(300)]
