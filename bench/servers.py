@@ -224,6 +224,7 @@ class Smarthost:
 hostname = "smarthost.bench.test"
 [server]
 workers = {self.workers}
+cpu_affinity = true     # a dedicated node's setting: each worker on a core of its own
 [listen]
 submission = ["tcp:{self.port}:interface={LOOPBACK}:backlog=1024"]
 submissions = []

@@ -132,6 +132,7 @@ class LimitsConfig:
 class ServerConfig:
     workers: int = 1  # processes serving the listeners; 0 = one per CPU core
     drain: int = 0  # seconds SIGTERM keeps serving with /healthz at 503 (load balancers)
+    cpu_affinity: bool = False  # with workers: worker i runs on the i-th CPU only (app.worker)
 
 
 @attrs.frozen
@@ -428,7 +429,9 @@ class _Loader:
 
     def server(self, t: Table) -> ServerConfig:
         result = ServerConfig(workers=t.integer("workers", ServerConfig().workers),
-                              drain=t.integer("drain", ServerConfig().drain))
+                              drain=t.integer("drain", ServerConfig().drain),
+                              cpu_affinity=t.get("cpu_affinity", bool,
+                                                 ServerConfig().cpu_affinity))
         if result.workers > MAX_WORKERS:
             raise ConfigError("server.workers", f"must be at most {MAX_WORKERS}")
         if result.drain > MAX_DRAIN:

@@ -89,7 +89,7 @@ STABLE_AFTER = 30.0  # a worker that ran this long before it died is restarted a
 STOP_TIMEOUT = 60.0  # seconds a worker gets to stop on SIGTERM before SIGKILL
 SHARED_KINDS = ("tcp", "tcp6", "unix", "systemd")  # endpoints whose socket a worker adopts
 # Keys only a restart of the master applies (the workers never see them change).
-MASTER_KEYS = ("listen", "server.workers", "http", "queue.directory")
+MASTER_KEYS = ("listen", "server.workers", "server.cpu_affinity", "http", "queue.directory")
 
 
 def restart_delay(failures: int) -> float:

@@ -34,6 +34,7 @@ RESTART_KEYS = (
     "log.events",
     "hostname",
     "server.workers",  # the master spawned that many processes
+    "server.cpu_affinity",  # each worker was pinned when it started
 )
 
 

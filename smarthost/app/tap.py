@@ -107,6 +107,7 @@ def _master(options: Options, reactor: object, count: int) -> MultiService:
     command = workerproc.WorkerCommand(
         config_path=os.path.abspath(path) if path else None,
         auth=tuple(options.auth_descriptions), directory=config.queue.directory, count=count,
+        cpus=workerproc.usable_cpus() if config.server.cpu_affinity else (),
     )
     return master.make_master_service(
         config, reactor, count=count, command=command, load=options.load,

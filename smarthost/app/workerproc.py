@@ -24,6 +24,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
 from smarthost.app.notify import NOTIFY_FD_VARIABLE
+from smarthost.app.worker import CPU_VARIABLE
 from smarthost.app.workerconfig import SPEC_VARIABLE, WorkerSpec, listen_environment
 from smarthost.app.workerlog import LineRelay, Sink
 
@@ -135,6 +136,7 @@ class WorkerCommand:
     auth: Sequence[str]  # the master's --auth options, passed on
     directory: Path  # the master's [queue] directory
     count: int
+    cpus: tuple[int, ...] = ()  # [server] cpu_affinity: worker i runs on cpus[(i-1) % len]
 
     def argv(self, index: int) -> list[str]:
         args = [sys.executable, "-m", "smarthost.app.worker"]
@@ -153,4 +155,13 @@ class WorkerCommand:
         env.update(listen_environment(len(names), names))
         env[NOTIFY_FD_VARIABLE] = str(notify_fd)
         env[SPEC_VARIABLE] = spec.to_environment()
+        env.pop(CPU_VARIABLE, None)
+        if self.cpus:
+            env[CPU_VARIABLE] = str(self.cpus[(index - 1) % len(self.cpus)])
         return env
+
+
+def usable_cpus() -> tuple[int, ...]:
+    """The CPUs the master may run on (a cpuset or ``taskset`` narrows them), in order: what
+    ``[server] cpu_affinity`` deals out to the workers."""
+    return tuple(sorted(os.sched_getaffinity(0)))

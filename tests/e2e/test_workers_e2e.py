@@ -353,6 +353,28 @@ def test_sigterm_stops_every_process(tmp_path: Path, mx: MXPeer) -> None:
         d.stop()
 
 
+def allowed_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of ``pid``."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_cpu_affinity_gives_each_worker_its_own_cpu(tmp_path: Path, mx: MXPeer) -> None:
+    text = config(mx.port, workers=3).replace("[server]\n", "[server]\ncpu_affinity = true\n")
+    d = Daemon(tmp_path, text).start()
+    try:
+        cpus = sorted(os.sched_getaffinity(0))  # the master inherits ours
+        pids = worker_pids(d)
+        token = send(d.ports["submission"], "pinned")  # threads exist by the first message
+        wait_mx(mx, 1)
+        assert token and tokens(mx) == ["pinned"]
+        for index, pid in pids.items():  # round robin past the last CPU
+            assert allowed_cpus(pid) == {frozenset({cpus[(index - 1) % len(cpus)]})}, index
+        assert d.proc is not None
+        assert allowed_cpus(d.proc.pid) == {frozenset(cpus)}  # the master is not pinned
+    finally:
+        d.stop()
+
+
 def test_workers_end_with_a_master_killed_by_sigkill(tmp_path: Path, mx: MXPeer) -> None:
     d = Daemon(tmp_path, config(mx.port)).start()
     try:

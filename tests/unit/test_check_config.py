@@ -203,3 +203,9 @@ def test_workers_need_listeners_they_can_share(checked: Path) -> None:
     key, message = first_error('[server]\nworkers = 2\n' + text, checked)
     assert key == "listen.submissions[0]" and "workers share" in message
     assert not check('[server]\nworkers = 2\n', checked).errors  # the default listeners
+
+
+def test_cpu_affinity_is_a_boolean(checked: Path) -> None:
+    assert not check('[server]\nworkers = 2\ncpu_affinity = true\n', checked).errors
+    key, message = first_error('[server]\ncpu_affinity = "yes"\n', checked)
+    assert key == "server.cpu_affinity", message

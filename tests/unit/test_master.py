@@ -24,6 +24,7 @@ from smarthost.app.master import STABLE_AFTER, STOP_TIMEOUT, Supervisor, restart
 from smarthost.app.notify import NOTIFY_FD_VARIABLE, SystemdNotify
 from smarthost.app.services import ACCEPT_PAUSE, share_accepts
 from smarthost.app.textlog import BatchedLogFile
+from smarthost.app.worker import CPU_VARIABLE
 from smarthost.app.workerconfig import WorkerSpec, WorkerSpecError
 from smarthost.app.workerlog import FileSink, LineRelay, PublisherSink, worker_observer
 from smarthost.core.maillog import MailLog
@@ -279,6 +280,17 @@ def test_the_worker_command_line_and_environment(tmp_path: Path) -> None:
     assert env["LISTEN_FDS"] == "1" and env["LISTEN_FDNAMES"] == "listen.smtp[0]"
     assert env[NOTIFY_FD_VARIABLE] == "4" and env["PATH"] == "/bin"
     assert WorkerSpec.from_environment(env).index == 2
+    assert CPU_VARIABLE not in env  # [server] cpu_affinity off
+
+
+def test_cpu_affinity_deals_the_cpus_out_round_robin(tmp_path: Path) -> None:
+    command = workerproc.WorkerCommand(config_path=None, auth=(), directory=tmp_path, count=3,
+                                       cpus=(2, 5))
+    inherited = {CPU_VARIABLE: "7"}  # a master that is itself a pinned worker's child
+    assert [command.environment(i, {}, [], 4, inherited)[CPU_VARIABLE] for i in (1, 2, 3)] == [
+        "2", "5", "2"]
+    unpinned = workerproc.WorkerCommand(config_path=None, auth=(), directory=tmp_path, count=1)
+    assert CPU_VARIABLE not in unpinned.environment(1, {}, [], 4, inherited)
 
 
 # -- the worker's log and notifications ------------------------------------------------------
