@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 
+from smarthost.app import heap
 from smarthost.app.config import Config
 from smarthost.app.live import Generation, Live
 from smarthost.app.notify import SystemdNotify
@@ -125,6 +126,8 @@ class Reloader:
         self._live.swap(new)
         if new.dns is not old.dns:  # new name servers: the old client's timers end here
             close_resolver(old.dns)
+        del old, new  # this frame's hold on the replaced generation ends here
+        heap.settle()  # collected now if no session holds it, else at the next reload
         applied = [key for key in changed if not needs_restart(key)]
         self._log.notice(
             "reloaded the configuration: {changes}",

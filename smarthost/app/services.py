@@ -23,7 +23,7 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
-from smarthost.app import control, startup
+from smarthost.app import control, heap, startup
 from smarthost.app.live import Live
 from smarthost.app.recoverylog import log_recovery
 from smarthost.app.startup import Startup, running_as
@@ -249,6 +249,7 @@ class QueueService(Service):
             if collecting:
                 gc.enable()
         if started:
+            heap.settle()
             self._startup.done(self._steps[0])
             self._listen_control()
 

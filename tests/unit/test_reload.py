@@ -3,6 +3,8 @@ config leaves the running one, and the live adapters read the current generation
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from zope.interface import provider
 
+from smarthost.app import heap
 from smarthost.app.config import Config, parse_config
 from smarthost.app.live import Generation, Live, LiveSessionFactory
 from smarthost.app.notify import SystemdNotify
@@ -190,3 +193,42 @@ def test_new_connections_and_deliveries_use_the_current_generation() -> None:
     results: list[object] = []
     live.resolve("example.test").addCallback(results.append)
     assert results == [route]
+
+
+class Cyclic(Factory):
+    """A factory in a reference cycle, as real generations are (services and factories that
+    point back at each other): only the cyclic collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def frozen() -> Iterator[None]:
+    heap.settle()  # as the daemon's start-up leaves it
+    yield
+    gc.unfreeze()
+
+
+def test_a_reload_frees_the_generation_it_replaced_despite_the_freeze(frozen: None) -> None:
+    live = Live()
+    live.swap(generation(config(), role_factory=Cyclic()))
+    heap.settle()  # the first generation is frozen now, cycle and all
+    replaced = weakref.ref(live.current.factories[Role.SMTP])
+
+    def build(cfg: Config, previous: Generation | None) -> Generation:
+        return generation(cfg, certificate="CN=new", role_factory=Cyclic())
+
+    assert Reloader(lambda: config(), build, live, MailLog(Clock()), Recorder()).reload()
+    assert replaced() is None  # unfrozen, collected: a reload leaks no generation
+    assert gc.get_freeze_count() > 0  # and what lives on is frozen again
+
+
+def test_settle_leaves_the_survivors_out_of_later_collections(frozen: None) -> None:
+    survivor = Cyclic()
+    heap.settle()
+    assert gc.is_tracked(survivor) and gc.get_freeze_count() > 0
+    before = gc.get_freeze_count()
+    garbage = weakref.ref(Cyclic())  # made after the freeze: collected as usual
+    gc.collect()
+    assert garbage() is None and gc.get_freeze_count() == before
