@@ -12,9 +12,10 @@ no custom collectors, and the queue and connection gauges are collectors.
 
 A worker that does not answer within :data:`SCRAPE_TIMEOUT` is left out of that scrape and
 counted in ``smarthost_workers_scrape_failed``; ``smarthost_workers{state}`` says how many
-run, do not answer, or are down (being restarted). A restarted worker starts its counters
-at 0 again, so the sum drops: Prometheus' ``rate()`` reads that as a counter reset, as
-after a restart of a single process.
+run, do not answer, or are down (being restarted). Its counters still count, with the
+values it last answered; a restarted worker's start again at 0 on top of what its earlier
+processes had counted (:class:`smarthost.app.countercarry.CounterCarry`): the sums never go
+down, which Prometheus would read as a reset of the whole node's count.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from smarthost.app import control, workerspools
+from smarthost.app.countercarry import CounterCarry
 from smarthost.app.http import (
     HealthResource,
     MetricsPage,
@@ -271,9 +273,13 @@ class _Families(Collector):
         return iter(self._families)
 
 
-def exposition(scrapes: Sequence[Scrape], expected: int | None = None) -> bytes:
-    """The text Prometheus reads: the workers' metrics added up, then the workers' own."""
-    merged = merge(s.families for s in scrapes if s.families is not None)
+def exposition(scrapes: Sequence[Scrape], expected: int | None = None,
+               carry: CounterCarry | None = None, ticket: int = 0) -> bytes:
+    """The text Prometheus reads: the workers' metrics added up, their counters carried by
+    ``carry`` (taken at ``ticket``; a new one: as the master's first scrape), then the
+    workers' own."""
+    carry = CounterCarry() if carry is None else carry
+    merged = merge(carry.add(ticket, [(s.socket, s.families) for s in scrapes]))
     return generate_latest(_Families([*merged, *_workers_families(scrapes, expected)]))
 
 
@@ -303,6 +309,7 @@ class MasterHTTPService(SiteService):
 
     def __init__(self, reactor: Any, listen: Sequence[str], sources: MasterSources) -> None:
         self._sources = sources
+        self._carry = CounterCarry()
         root = Resource()  # type: ignore[no-untyped-call]
         root.putChild(b"", StatusPageResource(self.page, sources.maillog))
         root.putChild(b"healthz", HealthResource(self._health))
@@ -317,9 +324,11 @@ class MasterHTTPService(SiteService):
         return None if self._sources.expected is None else self._sources.expected()
 
     def metrics(self) -> Deferred[bytes]:
-        """Every running worker's metrics, added up (never fails: see :func:`scrape`)."""
+        """Every running worker's metrics, added up, their counters carried across restarts
+        and missed scrapes (never fails: see :func:`scrape`)."""
+        ticket = self._carry.ticket()
         d = scrape(self._reactor, list(self._sources.sockets()))
-        return d.addCallback(exposition, self._expected())
+        return d.addCallback(exposition, self._expected(), self._carry, ticket)
 
     def _metrics(self, accept: str) -> Deferred[tuple[str, bytes]]:
         # Always the Prometheus text: what the workers send is parsed in that format.
