@@ -54,10 +54,10 @@ class _Text(Resource):
 
     def __init__(self, text: bytes) -> None:
         super().__init__()
-        self._text = text
+        self.text = text  # what the next request gets
 
     def render_GET(self, request: Any) -> bytes:
-        return self._text
+        return self.text
 
 
 class _Never(Resource):
@@ -87,6 +87,7 @@ class MasterHTTPTests(TestCase):
 
     def setUp(self) -> None:
         self.root = scratch(self) / ("s" * 60) / ("p" * 40)
+        self.ports: dict[int, IListeningPort] = {}
 
     def worker_dir(self, i: int) -> Path:
         directory = self.root / f"worker-{i}"
@@ -101,6 +102,7 @@ class MasterHTTPTests(TestCase):
         port: IListeningPort = await control.listen_unix(reactor, str(directory), "http.sock",
                                                          site)
         self.addCleanup(port.stopListening)
+        self.ports[i] = port
         return directory / "http.sock"
 
     async def daemon_worker(self, i: int) -> Path:
@@ -181,6 +183,35 @@ class MasterHTTPTests(TestCase):
         self.assertEqual((health.code, health.body), (503, "starting\n"))
         page = await deferToThread(_fetch, f"http://127.0.0.1:{port}/")
         self.assertIn("not answering", page.body)
+
+    async def test_counters_do_not_go_down_when_a_worker_restarts_or_dies(self) -> None:
+        """Prometheus reads a lower counter as a reset: the master's sums carry a restarted
+        worker's earlier count and a dead worker's last one."""
+        first = _Text(metrics_text(3, 1))
+        second = _Text(metrics_text(2, 1))
+        sockets = [await self.serve(1, _put("metrics", first)),
+                   await self.serve(2, _put("metrics", second))]
+        port = await self.master(sockets, ready=True, expected=2)
+        url = f"http://127.0.0.1:{port}/metrics"
+        key = "smarthost_messages_accepted_total", (("listener", "smtp"),)
+        got = values((await deferToThread(_fetch, url)).body)
+        self.assertEqual(got[key], 5)
+        restarted = Metrics()  # worker 1 restarted: a new registry, 1 since
+        restarted.accepted("smtp")
+        restarted.watch(lambda: State({"queued": 4}, 0.0, {}, None))
+        first.text = generate_latest(restarted.registry)
+        stopped = self.ports[2].stopListening()  # worker 2 killed
+        assert stopped is not None
+        await stopped
+        got = values((await deferToThread(_fetch, url)).body)
+        self.assertEqual(got[key], 3 + 1 + 2)
+        # Gauges are not carried: the dead worker's queue is not counted.
+        self.assertEqual(got["smarthost_queue_messages", (("status", "queued"),)], 4)
+        self.assertEqual(got["smarthost_workers_scrape_failed", ()], 1)
+        restarted.accepted("smtp")
+        first.text = generate_latest(restarted.registry)
+        got = values((await deferToThread(_fetch, url)).body)
+        self.assertEqual(got[key], 3 + 2 + 2)
 
 
 def _put(name: str, child: Resource) -> Resource:
