@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_service_e2e import DirectoryWatch
 from test_systemd_socket_e2e import FAKE_SYSTEMD, SNIPPET
 
@@ -150,6 +151,41 @@ def test_the_master_serves_http_for_all_workers(two: Daemon) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
         metrics = answer.read().decode()
     assert 'smarthost_workers{state="running"} 2.0' in metrics, metrics
+
+
+def _accepted(port: int) -> tuple[float, str]:
+    """The master's count of accepted messages, every listener, and its whole text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text)
+               for s in family.samples if s.name == "smarthost_messages_accepted_total"), text
+
+
+def test_the_masters_counters_do_not_go_down_when_a_worker_is_killed(two: Daemon) -> None:
+    """Prometheus reads a lower counter as a reset (rate() would count the node's whole
+    total again): the restarted worker's count adds to what its killed process had."""
+    listening = re.compile(r"\[smarthost#info\] http listening on 127.0.0.1:(\d+)")
+    port = int(listening.search(two.wait_for(listening)).group(1))  # type: ignore[union-attr]
+    by_one = re.compile(r"\[worker-1 smarthost#info\] \w+: accepted from")
+    sent = 0
+    while not any(by_one.search(line) for line in two.log):
+        assert sent < 100, "the kernel gave worker-1 no connection"
+        sent += 1
+        send(two.ports["submission"], f"c{sent}")
+        two.wait_for(ACCEPTED, count=sent)
+    before, _ = _accepted(port)
+    assert before == sent
+    os.kill(worker_pids(two)[1], signal.SIGKILL)
+    two.wait_for(re.compile(r"worker-1 was killed by signal 9 \(SIGKILL\); restarting"))
+    two.wait_for("worker-1 is back")
+    after, text = _accepted(port)
+    assert after == sent, text
+    # The new process answered (its count, 0, is on top of the old one's), none was skipped.
+    assert 'smarthost_workers{state="running"} 2.0' in text, text
+    assert "smarthost_workers_scrape_failed 0.0" in text, text
+    send(two.ports["submission"], "one more")
+    two.wait_for(ACCEPTED, count=sent + 1)
+    assert _accepted(port)[0] == sent + 1
 
 
 def test_sighup_and_sigusr1_reach_every_worker(two: Daemon) -> None:
