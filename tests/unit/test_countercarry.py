@@ -179,3 +179,19 @@ def test_types_and_order_survive_the_carry() -> None:
     buckets = [line.split("le=")[1].split("}")[0] for line in text.splitlines()
                if line.startswith("smarthost_spool_commit_seconds_bucket")]
     assert buckets == ['"0.01"', '"0.1"', '"+Inf"']
+
+
+def test_a_lower_sum_alone_is_no_restart() -> None:
+    """A histogram's ``_sum`` may go down within a process (negative observations): only
+    ``_total``, ``_count`` and ``_bucket`` falling, or a new ``_created``, mean a restart."""
+    master = Master()
+    before = worker({"smtp": 2}, commits=(1, 1, 1))
+    master.scrape(scrape(1, before))
+    after = worker({"smtp": 2}, commits=(1, 1, 1))
+    [histogram] = [f for f in after if f.type == "histogram"]
+    histogram.samples = [s._replace(value=-1.0) if s.name.endswith("_sum") else s
+                         for s in histogram.samples]
+    got = master.scrape(scrape(1, after))
+    assert accepted(got) == 2
+    assert got["smarthost_spool_commit_seconds_count", ()] == 1
+    assert got["smarthost_spool_commit_seconds_sum", ()] == -1.0
