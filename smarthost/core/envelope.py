@@ -10,6 +10,7 @@ import functools
 import ipaddress
 import re
 import secrets
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -277,6 +278,11 @@ class QueueEntry:
     next_attempt: float = 0.0
     last_error: str = ""
     delay_warned: bool = False
+    # The reports the sender is owed and that are not queued yet (bounces, success reports,
+    # the delay warning), saved in the same write as the outcomes that made them due so a
+    # restart cannot lose one. Plain JSON data: smarthost.delivery.reporting reads and writes
+    # it. Absent in older spools and in the JSON while empty: nothing owed. Not hashed (dicts).
+    owed_reports: tuple[Mapping[str, Any], ...] = attrs.field(default=(), hash=False)
 
     @functools.cached_property
     def pending(self) -> tuple[RecipientState, ...]:
@@ -285,7 +291,7 @@ class QueueEntry:
         return tuple(r for r in self.recipients if r.status == PENDING)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "id": str(self.queue_id),
             "envelope": self.envelope.to_json(),
             "size": self.size,
@@ -305,6 +311,9 @@ class QueueEntry:
                 for r in self.recipients
             ],
         }
+        if self.owed_reports:
+            data["owed_reports"] = list(self.owed_reports)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QueueEntry:
@@ -330,6 +339,7 @@ class QueueEntry:
             next_attempt=data.get("next_attempt", 0.0),
             last_error=data.get("last_error", ""),
             delay_warned=data.get("delay_warned", False),
+            owed_reports=_owed_reports(owed) if (owed := data.get("owed_reports")) else (),
         )
 
     @classmethod
@@ -342,6 +352,14 @@ class QueueEntry:
             recipients=tuple(RecipientState(r) for r in envelope.recipients),
             next_attempt=envelope.received_at,
         )
+
+
+def _owed_reports(data: Any) -> tuple[Mapping[str, Any], ...]:
+    """A list of JSON objects, or the entry is unreadable (what each one holds is for the
+    delivery side to judge: it may not import it)."""
+    if not isinstance(data, list | tuple) or not all(isinstance(r, dict) for r in data):
+        raise ValueError("owed_reports is not a list of objects")
+    return tuple(data)
 
 
 # What one delivery attempt did for one recipient: DELIVERED, DEFERRED or BOUNCED.

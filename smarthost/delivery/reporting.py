@@ -1,22 +1,25 @@
 """What a message owes its sender after an attempt, and getting each report queued.
 
 An attempt's outcomes decide which reports are due (failure for a bounce, success where NOTIFY
-asks and the next hop did not take DSN, failure at lifetime expiry, one delay warning); the
-scheduler saves the outcomes first and only then hands the due reports to :class:`OwedReports`.
-A report that cannot be built or queued (a full spool, a bug) is logged and kept there, to be
-tried again at the message's next run: it never makes anyone receive the message again, and it
-is given up (logged as an error) once it has failed for a whole message lifetime.
+asks and the next hop did not take DSN, failure at lifetime expiry, one delay warning). They
+are owed in the message's own entry (:func:`owe`, ``QueueEntry.owed_reports``), which the
+scheduler saves with the outcomes in one write before :class:`OwedReports` queues any of them:
+a restart or crash in between finds them on disk and queues them then. A report that cannot be
+built or queued (a full spool, a bug) is logged and stays owed, to be tried again at the
+message's next run: it never makes anyone receive the message again, and it is given up
+(logged as an error) once it has failed for a whole message lifetime.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, get_args
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
 
 from smarthost.api import ISpool
-from smarthost.core.envelope import BOUNCED, DELIVERED, Outcome, QueueEntry, QueueId
+from smarthost.core.envelope import BOUNCED, DELIVERED, Outcome, QueueEntry, QueueId, Recipient
 from smarthost.core.maillog import MailLog
 from smarthost.delivery.bounce import Kind, build_report, report_envelope, wanted
 from smarthost.delivery.dsn import ReportedRecipient
@@ -31,6 +34,59 @@ class DueReport:
     recipients: tuple[ReportedRecipient, ...]
     retry_until: float | None = None
     failing_since: float | None = None
+
+
+def encode(report: DueReport) -> dict[str, Any]:
+    """``report`` as the JSON data ``QueueEntry.owed_reports`` holds (:func:`decode` reads
+    it back equal)."""
+    return {
+        "kind": report.kind,
+        "recipients": [
+            {
+                "address": r.recipient.address,
+                "notify": list(r.recipient.notify),
+                "orcpt": r.recipient.orcpt,
+                "status": r.status,
+                "remote_mta": r.remote_mta,
+                "diagnostic": r.diagnostic,
+                "last_attempt": r.last_attempt,
+                "relayed": r.relayed,
+            }
+            for r in report.recipients
+        ],
+        "retry_until": report.retry_until,
+        "failing_since": report.failing_since,
+    }
+
+
+def decode(data: Mapping[str, Any]) -> DueReport:
+    """The report :func:`encode` wrote; KeyError, TypeError or ValueError when ``data`` is
+    not one."""
+    kind = data["kind"]
+    if kind not in get_args(Kind):
+        raise ValueError(f"unknown report kind {kind!r}")
+    recipients = tuple(
+        ReportedRecipient(
+            recipient=Recipient(r["address"], tuple(r["notify"]), r["orcpt"]),
+            status=r["status"],
+            remote_mta=r["remote_mta"],
+            diagnostic=r["diagnostic"],
+            last_attempt=_time(r["last_attempt"]),
+            relayed=bool(r["relayed"]),
+        )
+        for r in data["recipients"]
+    )
+    return DueReport(kind, recipients, _time(data["retry_until"]), _time(data["failing_since"]))
+
+
+def _time(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def owe(entry: QueueEntry, reports: Iterable[DueReport]) -> QueueEntry:
+    """``entry`` owing ``reports`` too: saving it makes them durable."""
+    added = tuple(map(encode, reports))
+    return attrs.evolve(entry, owed_reports=entry.owed_reports + added) if added else entry
 
 
 def due(
@@ -110,10 +166,13 @@ class Reporter:
 
 
 class OwedReports:
-    """The reports each message still owes its sender, held until each one is queued.
+    """Queues the reports a message owes its sender; what is owed lives in the message's
+    entry (``QueueEntry.owed_reports``), so it is on disk as soon as the outcomes are.
 
-    Only memory: the outcomes they tell about are on disk already, so a restart in between
-    loses the report, never the delivery state (see :class:`~.scheduler.Scheduler`).
+    The scheduler saves the entry with its owed reports in the write that saves the outcomes
+    making them due, queues them here, and saves the entry without the ones queued. A crash
+    between the report's commit and that second write sends the report again after the
+    restart (at least once, as delivery itself); none is ever lost.
     """
 
     def __init__(
@@ -123,40 +182,38 @@ class OwedReports:
         self._clock = clock
         self._log = maillog
         self._give_up_after = give_up_after
-        self._owed: dict[QueueId, list[DueReport]] = {}
 
-    def owe(self, queue_id: QueueId, reports: Iterable[DueReport]) -> None:
-        added = list(reports)
-        if added:
-            self._owed.setdefault(queue_id, []).extend(added)
-
-    def owes(self, queue_id: QueueId) -> bool:
-        return bool(self._owed.get(queue_id))
-
-    def forget(self, queue_id: QueueId) -> None:
-        """The message was deleted: nothing is owed for it any more."""
-        self._owed.pop(queue_id, None)
-
-    async def send(self, entry: QueueEntry) -> list[QueueEntry]:
-        """Queue every report ``entry`` owes; returns the queued reports (to be scheduled).
-        One that fails stays owed, and is dropped with an error once it has failed for
-        ``give_up_after`` seconds."""
-        owed = self._owed.get(entry.queue_id, [])
+    async def send(self, entry: QueueEntry) -> tuple[QueueEntry, list[QueueEntry]]:
+        """Queue every report ``entry`` owes: the entry still owing those that failed, and
+        the queued reports (to be scheduled). One that fails stays owed, and is dropped with
+        an error once it has failed for ``give_up_after`` seconds."""
+        kept: list[DueReport] = []
         queued = []
-        for report in list(owed):
+        for report in self._read(entry):
             try:
                 sent = await self._reporter.send(
                     report.kind, entry, report.recipients, report.retry_until
                 )
             except Exception as e:
-                _replace(owed, report, self._failed(entry.queue_id, report, e))
+                failed = self._failed(entry.queue_id, report, e)
+                kept.extend([failed] if failed is not None else [])
                 continue
-            _replace(owed, report, None)
             if sent is not None:
                 queued.append(sent)
-        if not owed and self._owed.get(entry.queue_id) is owed:
-            del self._owed[entry.queue_id]
-        return queued
+        return attrs.evolve(entry, owed_reports=tuple(map(encode, kept))), queued
+
+    def _read(self, entry: QueueEntry) -> list[DueReport]:
+        """The reports ``entry`` owes; one that cannot be read (a damaged or hand-made
+        entry) is logged and dropped, since no retry could ever send it."""
+        reports = []
+        for data in entry.owed_reports:
+            try:
+                reports.append(decode(data))
+            except (KeyError, TypeError, ValueError) as e:
+                self._log.error("{queue_id}: an owed report to sender is unreadable and "
+                                "dropped: {error}", queue_id=str(entry.queue_id),
+                                error=f"{type(e).__name__}: {e}")
+        return reports
 
     def _failed(self, queue_id: QueueId, report: DueReport, e: Exception) -> DueReport | None:
         """Log the failure; the report to keep, or None when it is given up."""
@@ -175,14 +232,3 @@ class OwedReports:
         else:
             self._log.failure(text, queue_id=qid, kind=kind, error=error)
         return attrs.evolve(report, failing_since=since)
-
-
-def _replace(owed: list[DueReport], report: DueReport, by: DueReport | None) -> None:
-    """Put ``by`` in ``report``'s place (None: remove it), unless the message was forgotten
-    (deleted) meanwhile and ``owed`` no longer holds it."""
-    if report in owed:
-        index = owed.index(report)
-        if by is None:
-            del owed[index]
-        else:
-            owed[index] = by

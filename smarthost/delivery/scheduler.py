@@ -9,9 +9,10 @@ The retry schedule and what an attempt does to an entry are pure functions
 (:mod:`smarthost.delivery.recording`), so this module is only the machinery that applies
 them, tested in virtual time without a reactor.
 
-The delivery state is saved before any report is built, and whatever fails afterwards (a
-report, the write itself) is retried on its own without delivering to anyone again: see
-:meth:`Scheduler._run` for what is on disk at each step and the one at-least-once window.
+The delivery state, and the reports it makes due to the sender, are saved in one write before
+any report is built, and whatever fails afterwards (a report, the write itself) is retried on
+its own without delivering to anyone again: see :meth:`Scheduler._run` for what is on disk at
+each step and the at-least-once windows.
 
 The operator's hold and release go through here too (:meth:`Scheduler.hold`), because only
 the scheduler knows what an attempt in flight is about to write.
@@ -36,7 +37,7 @@ from smarthost.core.maillog import MailLog
 from smarthost.delivery.courier import AttemptResult
 from smarthost.delivery.hostcache import HostCache
 from smarthost.delivery.recording import EXPIRED_STATUS, RetryPolicy, conclude
-from smarthost.delivery.reporting import OwedReports, Reporter
+from smarthost.delivery.reporting import OwedReports, Reporter, owe
 
 
 class Attempt(Protocol):
@@ -75,7 +76,7 @@ class Scheduler:
         self._hosts = hosts  # records each attempt's unreachable hosts; a flush forgets them
         self._spool = spool
         self._attempt = attempt
-        # What each message still owes its sender: tried at each of its runs until queued.
+        # Queues what each message owes its sender (owed in its entry): at each of its runs.
         self._reports = OwedReports(reporter, clock, maillog, give_up_after=policy.lifetime)
         # Attempts whose results are not on disk yet: each run starts from here, so a failed
         # write never delivers anyone twice (see _run).
@@ -111,14 +112,20 @@ class Scheduler:
 
     def start(self, entries: Iterable[QueueEntry] | None = None) -> int:
         """Schedule everything in the spool (daemon start); returns how many. ``entries``:
-        what recovery already read, so a large queue is not parsed twice."""
+        what recovery already read, so a large queue is not parsed twice.
+
+        A message that owes its sender a report (saved with the outcomes, not queued before
+        the previous daemon stopped, or failing to be queued) runs at once: the report is
+        late already. Its pending recipients, if any, are then tried early, once per start."""
         self._running = True
         count = 0
+        now = self._clock.seconds()
         for entry in self._spool.entries() if entries is None else entries:
             count += 1
             if not entry.envelope.held:
                 self._note_destination(entry)
-                self._wait(entry.queue_id, entry.next_attempt)
+                when = min(entry.next_attempt, now) if entry.owed_reports else entry.next_attempt
+                self._wait(entry.queue_id, when)
         self._arm()
         return count
 
@@ -157,7 +164,6 @@ class Scheduler:
         self._unschedule(queue_id)
         self._held_in_flight.discard(queue_id)
         self._unsaved.pop(queue_id, None)
-        self._reports.forget(queue_id)
 
     async def hold(self, queue_id: QueueId) -> bool:
         """``smarthost queue hold``: keep the message queued but neither tried nor expired
@@ -166,7 +172,8 @@ class Scheduler:
         The hold is written on the newest entry this daemon knows (results not saved yet
         included), and an attempt in flight saves its results held and schedules nothing:
         the hold cannot be undone by a delivery in progress, nor the delivery's results by the
-        hold. Unsaved results and owed reports stay in memory for the message's next run.
+        hold. Unsaved results stay in memory for the message's next run; the reports owed are
+        in the entry, so the hold's write saves them too, and they are queued after release.
         """
         entry = self._newest(queue_id)
         if entry.envelope.held or queue_id in self._held_in_flight:
@@ -372,27 +379,33 @@ class Scheduler:
     async def _run(self, queue_id: QueueId) -> None:
         """Deliver to the pending recipients (if any), save what that did, then report.
 
-        What is on disk at each step, and why nobody gets the message twice:
+        What is on disk at each step, and why nobody gets the message twice and no report the
+        sender is owed is lost:
 
         1. The moment the attempt returns, its results (outcomes, lifetime expiry, the delay
-           warning, the next attempt: :func:`conclude`) and the reports they make due are
-           held in memory (``_unsaved``, :class:`OwedReports`). Nothing that can fail comes
-           first.
+           warning, the next attempt: :func:`conclude`) and the reports they make due (owed in
+           the entry: ``QueueEntry.owed_reports``) are held in memory (``_unsaved``). Nothing
+           that can fail comes first.
         2. They are saved with one ``spool.update`` (or ``spool.remove`` when nothing is
-           pending and nothing is owed). Until that write succeeds the memory is ahead of the
+           pending and nothing is owed): the outcomes and the reports they make due reach the
+           disk together or not at all. Until that write succeeds the memory is ahead of the
            disk and every later run starts from memory: a write that fails (a full spool, any
            OSError, a bug) is tried again at the next run, which attempts only the recipients
            still pending.
-        3. Only then are the reports built and queued. One that fails is logged and kept; the
-           next run tries it again and, again, delivers to nobody who is not pending.
+        3. Only then are the reports built and queued (:meth:`_report`), and the entry is
+           saved again without the ones queued (the removal when nothing is left). One that
+           fails is logged and stays owed; the next run tries it again and, again, delivers
+           to nobody who is not pending.
         4. The message is removed once nothing is pending and nothing is owed, so lifetime
            expiry ends delivery at once even when its report keeps failing.
 
-        The at-least-once window: a restart or crash before step 2 has succeeded loses the
+        The at-least-once windows: a restart or crash before step 2 has succeeded loses the
         memory. The disk then holds the entry as of its last successful write, so the
         recipients delivered (or bounced) since then are attempted once more after the restart:
         once per restart, never in a loop, which RFC 5321 6.1 prefers to losing mail. A restart
-        between steps 2 and 3 loses the reports still owed, never the delivery state.
+        between steps 2 and 3 loses nothing: the reports are owed on disk, and :meth:`start`
+        runs such a message at once. One after a report was queued but before the entry
+        without it was saved sends that report twice, never not at all.
         """
         entry = self._current(queue_id)
         if entry is None or entry.envelope.held:
@@ -402,16 +415,30 @@ class Scheduler:
             entry = await self._deliver(entry, now)
         if not await self._save(entry, now):
             return
-        if self._reports.owes(queue_id):
-            for report in await self._reports.send(entry):
-                self.enqueue(report)
-            if not (entry.pending or self._reports.owes(queue_id)):
-                await self._save(entry, now)  # the removal
+        if entry.owed_reports:
+            reported = await self._report(entry, now)
+            if reported is None:
                 return
+            entry = reported
         if entry.pending:
             self._later(entry, entry.next_attempt)
-        elif self._reports.owes(queue_id):  # a report alone: one retry interval from now
+        elif entry.owed_reports:  # a report alone: one retry interval from now
             self._later(entry, now + self._policy.delay(entry.attempts))
+
+    async def _report(self, entry: QueueEntry, now: float) -> QueueEntry | None:
+        """Queue the reports the saved ``entry`` owes and save it without those queued (or
+        given up); the entry as saved, or None when the run stops here (see :meth:`_save`).
+        Saved at once, so a restart does not send a queued report again."""
+        queue_id = entry.queue_id
+        after, queued = await self._reports.send(entry)
+        for report in queued:
+            self.enqueue(report)
+        if after.owed_reports == entry.owed_reports:
+            return entry  # each one failed again: nothing new to save
+        if queue_id in self._held_in_flight:  # the operator held it meanwhile
+            after = attrs.evolve(after, envelope=attrs.evolve(after.envelope, held=True))
+        self._unsaved[queue_id] = after
+        return after if await self._save(after, now) else None
 
     def _current(self, queue_id: QueueId) -> QueueEntry | None:
         """The entry as this daemon knows it: ahead of the disk when a write failed."""
@@ -446,8 +473,7 @@ class Scheduler:
         after, reports, expired = conclude(entry, outcomes, now, self._policy)
         if queue_id in self._held_in_flight:  # the operator held it during the attempt
             after = attrs.evolve(after, envelope=attrs.evolve(after.envelope, held=True))
-        self._unsaved[queue_id] = after
-        self._reports.owe(queue_id, reports)
+        self._unsaved[queue_id] = after = owe(after, reports)  # saved together
         # Remembered from the start of this attempt, so this message's next attempt (one
         # retry interval later at the earliest) finds the hold over and tries the host again.
         for failure in result.unreachable:
@@ -469,7 +495,7 @@ class Scheduler:
         and the message runs again after the next retry interval."""
         queue_id = entry.queue_id
         try:
-            if entry.pending or self._reports.owes(queue_id):
+            if entry.pending or entry.owed_reports:
                 if queue_id in self._unsaved:
                     await self._spool.update(entry)
             else:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
+from typing import Any
 
+import attrs
 from test_scheduler import ALICE, BOB, CAROL, SchedulerTestCase
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
@@ -33,7 +35,7 @@ from smarthost.core.maillog import MailLog
 from smarthost.delivery.bounce import Kind
 from smarthost.delivery.dsn import ReportedRecipient
 from smarthost.delivery.recording import RetryPolicy
-from smarthost.delivery.reporting import Reporter
+from smarthost.delivery.reporting import DueReport, Reporter, decode
 from smarthost.queue.spool import Spool
 
 DAVE = "dave@remote.test"
@@ -46,13 +48,19 @@ def disk_full() -> OSError:
 
 class FullSpool(Spool):
     """A spool whose next ``failing_updates`` updates and ``failing_removes`` removals fail
-    the way a full disk makes them fail (a failed Deferred; ``error`` to fail otherwise)."""
+    the way a full disk makes them fail (a failed Deferred; ``error`` to fail otherwise);
+    ``written`` is every entry it was asked to update, in order."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: list[QueueEntry] = []
 
     failing_updates = 0
     failing_removes = 0
     error: Exception = disk_full()
 
     def update(self, entry: QueueEntry) -> Deferred[None]:
+        self.written.append(entry)
         if self.failing_updates:
             self.failing_updates -= 1
             return fail(self.error)
@@ -67,7 +75,8 @@ class FullSpool(Spool):
 
 class WatchingReporter(Reporter):
     """Notes, for each report asked for, what the spool held for the message; fails the first
-    ``failures`` times with ``error`` (a builder that raises, a spool that is full)."""
+    ``failures`` times with ``error`` (a builder that raises, a spool that is full). With
+    ``stalled`` it never answers: the daemon dies before the report is queued."""
 
     def __init__(self, spool: Spool, clock: Clock) -> None:
         super().__init__(spool, "mx.smarthost.test", clock, MailLog(clock))
@@ -75,6 +84,7 @@ class WatchingReporter(Reporter):
         self.asked: list[tuple[Kind, tuple[Result, ...] | None]] = []
         self.failures = 0
         self.error: Exception = UNBUILDABLE
+        self.stalled = False
 
     async def send(self, kind: Kind, entry: QueueEntry,
                    recipients: Sequence[ReportedRecipient],
@@ -85,6 +95,8 @@ class WatchingReporter(Reporter):
         except KeyError:
             on_disk = None
         self.asked.append((kind, on_disk))
+        if self.stalled:
+            await Deferred()  # never fires: the "crash" is the restart that follows
         if self.failures:
             self.failures -= 1
             raise self.error
@@ -247,3 +259,115 @@ class FullSpoolTests(DeliveredOnceTestCase):
         self.assertEqual(self.tried(BOB), [0, 360])
         self.assertEqual(self.statuses(entry), [DELIVERED, PENDING])
         self.assertEqual(ALICE, self.state(entry).envelope.sender)
+
+
+class OwedReportsSurviveTests(DeliveredOnceTestCase):
+    """The reports an attempt makes due are saved in the write that saves its outcomes, so a
+    restart before they are queued (a crash, a full spool) sends them then: before, they
+    lived only in memory, and the restarted daemon removed the message as done, bounce unsent.
+    """
+
+    def owed(self, entry: QueueEntry) -> list[DueReport]:
+        return [decode(r) for r in self.state(entry).owed_reports]
+
+    def test_outcomes_and_the_reports_they_make_due_are_one_write(self) -> None:
+        self.full.failing_updates = 1
+        self.mx.results = {BOB: DELIVERED, CAROL: BOUNCED, DAVE: DEFERRED}
+        entry = self.submit(BOB, CAROL, DAVE)
+        self.assertEqual(self.statuses(entry), [PENDING] * 3)  # the write failed: neither
+        self.assertEqual(self.state(entry).owed_reports, ())
+        self.reporter.stalled = True
+        self.clock.advance(60)
+        # The failed write, then the next run's (DAVE tried again): each holds the bounce
+        # beside the outcome that made it due.
+        first, second = self.full.written
+        for written in (first, second):
+            self.assertEqual([s.status for s in written.recipients],
+                             [DELIVERED, BOUNCED, PENDING])
+            [report] = [decode(r) for r in written.owed_reports]
+            self.assertEqual((report.kind, [r.recipient.address for r in report.recipients]),
+                             ("failure", [CAROL]))
+        self.assertEqual(self.state(entry), second)
+        self.assertEqual(self.tried(DAVE), [0, 60])
+
+    def test_a_restart_before_the_bounce_is_queued_sends_it_once(self) -> None:
+        self.reporter.stalled = True
+        self.mx.results = {BOB: DELIVERED, CAROL: BOUNCED}
+        entry = self.submit(BOB, CAROL)
+        self.assertEqual(self.reporter.asked, [("failure", (DELIVERED, BOUNCED))])
+        self.assertEqual(self.mx.reports, [])
+        [owed] = self.owed(entry)
+        self.assertEqual([r.recipient.address for r in owed.recipients], [CAROL])
+        self.clock.advance(5)
+        self.restart()
+        self.clock.advance(0)  # owed already: run at start, not a retry interval later
+        [report] = self.mx.reports
+        self.assertEqual((report.kind, report.recipients()), ("failed", [CAROL]))
+        self.assertEqual(report.entry.envelope.recipients[0].address, ALICE)
+        self.assertEqual(self.queued(), [])
+        self.clock.pump([60] * 10)
+        self.assertEqual(len(self.mx.reports), 1)
+        self.assertEqual(self.tried(BOB), [0])
+
+    def test_a_queued_report_leaves_the_entry_at_once(self) -> None:
+        self.mx.results = {BOB: BOUNCED, CAROL: DEFERRED}
+        entry = self.submit(BOB, CAROL)
+        self.assertEqual(len(self.mx.reports), 1)
+        self.assertEqual(self.state(entry).owed_reports, ())  # not at the next attempt only
+        self.restart()
+        self.clock.pump([0, 60])
+        self.assertEqual(len(self.mx.reports), 1)
+        self.assertEqual(self.tried(CAROL), [0, 60])
+
+    def test_a_failing_report_survives_a_restart_and_is_retried(self) -> None:
+        self.reporter.failures = 1
+        self.reporter.error = disk_full()
+        self.mx.results = {BOB: BOUNCED}
+        entry = self.submit(BOB)
+        [owed] = self.owed(entry)
+        self.assertEqual(owed.failing_since, self.clock.seconds())
+        self.restart()
+        self.clock.advance(0)
+        self.assertEqual(len(self.reporter.asked), 1)  # the new daemon's reporter
+        [report] = self.mx.reports
+        self.assertEqual(report.recipients(), [BOB])
+        self.assertEqual(self.queued(), [])
+        self.assertEqual(self.tried(BOB), [0])
+
+    def test_a_restart_does_not_reset_the_give_up_time(self) -> None:
+        policy = RetryPolicy(delays=(60,), lifetime=600, delay_warning=0)
+        self.restart(policy)
+        self.reporter.failures = 1_000
+        self.mx.results = {BOB: BOUNCED}
+        entry = self.submit(BOB)
+        self.clock.pump([60] * 5)
+        self.restart(policy)
+        self.reporter.failures = 1_000
+        self.clock.pump([0] + [60] * 4 + [59])
+        self.assertEqual(self.now(), 599)
+        self.assertEqual(self.owed(entry)[0].failing_since, self.clock.seconds() - 599)
+        self.clock.advance(1)
+        self.assertEqual(self.queued(), [])  # given up one lifetime after the first failure
+        self.flushLoggedErrors(ValueError)
+
+    def test_pending_recipients_and_an_owed_report_run_at_start(self) -> None:
+        self.reporter.stalled = True
+        self.mx.results = {BOB: BOUNCED, CAROL: DEFERRED}
+        entry = self.submit(BOB, CAROL)
+        self.restart()
+        self.clock.advance(0)
+        self.assertEqual(self.tried(CAROL), [0, 0])
+        self.assertEqual([r.recipients() for r in self.mx.reports], [[BOB]])
+        self.assertEqual(self.state(entry).owed_reports, ())
+        self.assertEqual(self.state(entry).next_attempt, self.clock.seconds() + 300)
+
+    def test_an_unreadable_owed_report_is_logged_and_dropped(self) -> None:
+        self.reporter.stalled = True
+        self.mx.results = {BOB: BOUNCED}
+        entry = self.submit(BOB)
+        damaged = attrs.evolve(self.state(entry), owed_reports=({"kind": "gossip"},))
+        self.successResultOf(self.spool.update(damaged))
+        self.restart()
+        self.clock.advance(0)
+        self.assertEqual(self.reporter.asked, [])
+        self.assertEqual(self.queued(), [])
