@@ -21,6 +21,10 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SMARTHOST = str(Path(sys.executable).with_name("smarthost"))
@@ -256,3 +260,18 @@ connections_per_ip = 1000
 messages_per_user_per_hour = 100000000
 hold_user_after_per_hour = 100000000
 """
+
+
+T = TypeVar("T")
+
+
+def fired(d: Deferred[T]) -> T:
+    """The result of a Deferred that has already fired (a spool opened offline, with
+    ``run_blocking=maybeDeferred``, runs synchronously); its failure is raised."""
+    results: list[T | Failure] = []
+    d.addBoth(results.append)
+    result = results[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    assert not isinstance(result, Failure)
+    return result

@@ -16,14 +16,12 @@ from __future__ import annotations
 import email
 from email import policy
 from pathlib import Path
-from typing import TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
-from daemon import Daemon
+from daemon import Daemon, fired
 from smarthost.core.envelope import BOUNCED, Envelope, Outcome, QueueEntry, Recipient
 from smarthost.delivery.dsn import ReportedRecipient
 from smarthost.delivery.maildir import mailbox_path
@@ -32,19 +30,7 @@ from smarthost.queue.spool import Spool
 
 SENDER, BOUNCED_TO = "alice@example.test", "bob@remote.test"
 REPLY = "550 5.1.1 No such user here"
-T = TypeVar("T")
 BODY = b"From: alice@example.test\r\nTo: bob@remote.test\r\nSubject: lost?\r\n\r\nHello.\r\n"
-
-
-def _done(d: Deferred[T]) -> T:
-    """The result of a Deferred that has fired (the offline spool runs synchronously)."""
-    results: list[T | Failure] = []
-    d.addBoth(results.append)
-    result = results[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    assert not isinstance(result, Failure)
-    return result
 
 
 def _died_owing_a_bounce(directory: Path) -> str:
@@ -56,7 +42,7 @@ def _died_owing_a_bounce(directory: Path) -> str:
         spool.recover()
         incoming = spool.receive()
         incoming.write(BODY)
-        entry: QueueEntry = _done(incoming.commit(Envelope(
+        entry: QueueEntry = fired(incoming.commit(Envelope(
             sender=SENDER, recipients=(Recipient(BOUNCED_TO),), client_address="127.0.0.1",
             received_at=clock.seconds())))
         [state] = entry.recipients
@@ -65,7 +51,7 @@ def _died_owing_a_bounce(directory: Path) -> str:
             entry, attempts=1, next_attempt=clock.seconds() + 3600,
             recipients=(attrs.evolve(state, status=BOUNCED, last_reply=REPLY, attempts=1),))
         report = DueReport("failure", (ReportedRecipient.from_outcome(outcome, clock.seconds()),))
-        _done(spool.update(owe(after, [report])))
+        fired(spool.update(owe(after, [report])))
         return str(entry.queue_id)
     finally:
         spool.close()

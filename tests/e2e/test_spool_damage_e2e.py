@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 
-from daemon import Daemon
+from daemon import Daemon, fired
 from smarthost.app import salvaging
 from smarthost.queue.salvage import salvage
 from smarthost.queue.segment import MESSAGE, Record, scan
@@ -65,16 +64,6 @@ def _send(port: int, n: int, size: int = 200) -> tuple[int, bytes]:
 
 async def _in_admin(spool: Spool) -> list[str]:
     return salvaging.describe(await salvage(spool, maybeDeferred))
-
-
-def _done(d: Deferred[list[str]]) -> list[str]:
-    results: list[list[str] | Failure] = []
-    d.addBoth(results.append)
-    result = results[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    assert not isinstance(result, Failure)
-    return result
 
 
 def _queued(daemon: Daemon) -> list[str]:
@@ -123,7 +112,7 @@ def test_a_flipped_bit_keeps_the_rest_and_the_message_comes_back(
     # No daemon: the admin side salvages under the lock; the daemon finds it at its start.
     spool = Spool(tmp_path / "var" / "spool", clock=Clock(), run_blocking=maybeDeferred)
     try:
-        lines = _done(Deferred.fromCoroutine(_in_admin(spool)))
+        lines = fired(Deferred.fromCoroutine(_in_admin(spool)))
     finally:
         spool.close()
     assert lines[0].startswith(f"restored {ids[1]} from corrupt/"), lines
