@@ -138,6 +138,7 @@ def _entry_json(entry: QueueEntry) -> dict[str, Any]:
         "attempts": entry.attempts,
         "next_attempt": _iso(entry.next_attempt) if entry.next_attempt else None,
         "last_error": entry.last_error,
+        "owed_reports": len(entry.owed_reports),  # reports to the sender not queued yet
     }
 
 
@@ -187,6 +188,8 @@ def cmd_queue_show(args: argparse.Namespace, spools: Spools) -> int:
             line += f" last={json.dumps(r.last_reply)}"
         print(line)
     print(f"attempts: {entry.attempts}  next: {_iso(entry.next_attempt)}")
+    if entry.owed_reports:
+        print(f"reports owed to the sender: {len(entry.owed_reports)}")
     if entry.last_error:
         print(f"last error: {entry.last_error}")
     print()

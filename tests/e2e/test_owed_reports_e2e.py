@@ -14,6 +14,7 @@ queue, and a ``kill -9`` and another start send nothing more.
 from __future__ import annotations
 
 import email
+import json
 from email import policy
 from pathlib import Path
 
@@ -67,6 +68,9 @@ local = "maildir:var/maildir"
     daemon.start()  # makes var/spool
     daemon.stop()
     queue_id = _died_owing_a_bounce(tmp_path / "var" / "spool")
+    listed = daemon.admin("queue", "--config", str(daemon.config_path), "list", "--json")
+    [entry] = json.loads(listed.stdout)
+    assert entry["id"] == queue_id and entry["owed_reports"] == 1  # what the operator sees
     mailbox = mailbox_path(tmp_path / "var" / "maildir", SENDER) / "new"
     daemon.start()
     try:
