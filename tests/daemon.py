@@ -241,16 +241,17 @@ class AdoptedSMTP(smtplib.SMTP):
         return self._adopted
 
 
-def mx_config(mx_port: int, workers: int = 1) -> str:
-    """A daemon that relays everything to the test MX on ``mx_port``: retries after 1 s,
-    no limit in the way (the crash matrix and the workers' tests)."""
+def mx_config(mx_port: int, workers: int = 1, retry: int = 1) -> str:
+    """A daemon that relays everything to ``mx_port`` (the test MX, or a closed port to keep
+    the mail queued), retrying after ``retry`` seconds, no limit in the way (the crash matrix
+    and the workers' tests)."""
     return f"""
 [server]
 workers = {workers}
 [relay]
 trusted_networks = ["127.0.0.0/8"]
 [queue]
-retry = [1]
+retry = [{retry}]
 [delivery]
 nameservers = ["127.0.0.1:9"]
 [delivery.routes]

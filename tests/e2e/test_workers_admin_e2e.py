@@ -16,26 +16,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import AdoptedSMTP, Daemon, connect_burst
+from daemon import AdoptedSMTP, Daemon, connect_burst, mx_config
 
 ACCEPTED = re.compile(r"\[worker-(\d+) smarthost#info\] (\w+): accepted from")
 HTTP = re.compile(r"^(?!.*\[worker-).*http listening on 127\.0\.0\.1:(\d+)")  # the master's
 QUEUED_AS = re.compile(r"queued as (\w+)")
 
-CONFIG = """
-[server]
-workers = 2
-[relay]
-trusted_networks = ["127.0.0.0/8"]
-[queue]
-retry = [3600]
-[delivery]
-nameservers = ["127.0.0.1:9"]
-[delivery.routes]
-"*" = "smtp:127.0.0.1:9"
-[limits]
-connections_per_ip = 1000
-"""
+CONFIG = mx_config(9, workers=2, retry=3600)  # a closed next hop: the mail stays queued
 
 
 def send(port: int, n: int, sock: socket.socket | None = None) -> str:
